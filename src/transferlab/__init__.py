@@ -1,0 +1,9 @@
+"""transferlab: folder of labelled images → strong classifier, by transfer learning, offline-first."""
+
+__version__ = "0.1.0"
+
+from transferlab.api import demo, list_models, predict, train
+from transferlab.config import TrainConfig
+from transferlab.errors import TransferlabError
+
+__all__ = ["TrainConfig", "TransferlabError", "__version__", "demo", "list_models", "predict", "train"]

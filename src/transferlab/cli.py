@@ -1,0 +1,202 @@
+"""`transferlab` command line: a thin Typer skin over transferlab.api.
+
+    transferlab train path/to/images
+    transferlab train data/ --backbone efficientnet_lite0 --head mlp --epochs-frozen 16 --epochs-finetune 8 \\
+        --lr-head 1e-3 --lr-finetune 1e-4 --lr-decay exp:3 --augment standard --img-size 224 --out runs/ants
+    transferlab predict runs/ants img1.jpg more_images/ --top-k 3 --json
+    transferlab models --offline --search lite
+    transferlab demo
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from transferlab.errors import TransferlabError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Transfer learning for image classification: train, predict, explore backbones.")
+console = Console(stderr=True)
+out_console = Console()
+
+
+def _setup_logging(verbose: bool) -> None:
+    logger = logging.getLogger("transferlab")
+    if not any(isinstance(h, RichHandler) for h in logger.handlers):
+        handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _report_train(result) -> None:
+    s = result.summary
+    console.print(
+        f"[bold green]val accuracy {s['val_accuracy_best']:.4f}[/] (best, {s['best']['phase']} epoch "
+        f"{s['best']['epoch']}; final {s['val_accuracy_final']:.4f}) in {s['total_seconds']:.0f}s — "
+        f"run saved to [bold]{result.run_dir}[/]"
+    )
+    out_console.print(f"val_accuracy={s['val_accuracy_best']:.4f} run_dir={result.run_dir}")
+
+
+@app.command()
+def train(
+    data: Annotated[Path | None, typer.Argument(help="ImageFolder tree (train/ val/ [test/]), class folders, or a CSV of path,label")] = None,
+    backbone: Annotated[str, typer.Option(help="Backbone: efficientnet_lite0|1|2 (offline), any timm name, hf-hub:ID, or tv:NAME")] = "efficientnet_lite0",
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights")] = True,
+    head: Annotated[str, typer.Option(help="linear | mlp")] = "linear",
+    head_hidden: Annotated[int, typer.Option(help="MLP head hidden size")] = 512,
+    head_dropout: Annotated[float, typer.Option(help="Dropout before the head's last layer")] = 0.2,
+    strategy: Annotated[str, typer.Option(help="two-stage | head-only | full | scratch")] = "two-stage",
+    epochs_frozen: Annotated[int, typer.Option(help="Head epochs on cached frozen features")] = 16,
+    epochs_finetune: Annotated[int, typer.Option(help="Fine-tuning epochs")] = 4,
+    lr_head: Annotated[float, typer.Option(help="Head learning rate")] = 1e-3,
+    lr_finetune: Annotated[float, typer.Option(help="Peak fine-tuning learning rate (top block)")] = 1e-4,
+    lr_decay: Annotated[str, typer.Option(help="Per-block LR toward the input: none | exp:F | linear:LOW | layer:D")] = "exp:3",
+    unfreeze: Annotated[int | None, typer.Option(help="Unfreeze only the last K blocks (default: all)")] = None,
+    optimizer: Annotated[str, typer.Option(help="adamw | adam | sgd")] = "adamw",
+    weight_decay: Annotated[float, typer.Option(help="Weight decay (not on biases/norms)")] = 1e-2,
+    schedule: Annotated[str, typer.Option(help="onecycle | cosine | constant")] = "onecycle",
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing")] = 0.1,
+    early_stop: Annotated[int, typer.Option(help="Stop fine-tuning after N epochs without val-loss gain (0: off)")] = 3,
+    bn: Annotated[str, typer.Option(help="BatchNorm while fine-tuning: auto | eval | train")] = "auto",
+    augment: Annotated[str, typer.Option(help="none | light | standard | strong (train only)")] = "standard",
+    feature_views: Annotated[int, typer.Option(help="Extra augmented views cached for the head stage")] = 0,
+    img_size: Annotated[int | None, typer.Option(help="Input size (default: the backbone's)")] = None,
+    val_split: Annotated[float, typer.Option(help="Validation fraction when the data has no val/ folder")] = 0.2,
+    batch_size: Annotated[int, typer.Option(help="Batch size")] = 32,
+    num_workers: Annotated[int | None, typer.Option(help="Data-loader workers (default: by core count)")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed")] = 0,
+    precision: Annotated[str, typer.Option(help="auto | 32-true | bf16-mixed | 16-mixed")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
+    devices: Annotated[int, typer.Option(help="Number of devices")] = 1,
+    feature_cache: Annotated[str, typer.Option(help="disk | memory")] = "disk",
+    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache directory")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<time>-<backbone>)")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run directory")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Train a classifier from a folder of labelled images (two-stage transfer learning)."""
+    from transferlab import api
+
+    _setup_logging(verbose)
+    if resume is not None:
+        result = api.train(resume=resume)
+    else:
+        if data is None:
+            raise TransferlabError("Missing DATA: give a folder of images or a CSV file (or --resume RUN).")
+        result = api.train(
+            data, backbone=backbone, pretrained=pretrained, head=head, head_hidden=head_hidden,
+            head_dropout=head_dropout, strategy=strategy, epochs_frozen=epochs_frozen,
+            epochs_finetune=epochs_finetune, lr_head=lr_head, lr_finetune=lr_finetune, lr_decay=lr_decay,
+            unfreeze=unfreeze, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
+            label_smoothing=label_smoothing, early_stop=early_stop, bn=bn, augment=augment,
+            feature_views=feature_views, img_size=img_size, val_split=val_split, batch_size=batch_size,
+            num_workers=num_workers, seed=seed, precision=precision, device=device, devices=devices,
+            feature_cache=feature_cache, cache_dir=str(cache_dir) if cache_dir else None,
+            out=str(out) if out else None, progress=progress,
+        )
+    _report_train(result)
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run directory (or its model.safetensors)")],
+    inputs: Annotated[list[str], typer.Argument(help="Images, folders or glob patterns")],
+    top_k: Annotated[int, typer.Option(help="How many labels per image")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
+) -> None:
+    """Predict labels for images with a trained run."""
+    from transferlab import api
+
+    results = api.predict(run, inputs, top_k=top_k)
+    failed = sum("error" in r for r in results)
+    if as_json:
+        out_console.print_json(json.dumps(results))
+    else:
+        table = Table(title=f"predictions ({len(results) - failed} images, {failed} failed)")
+        table.add_column("image", overflow="fold")
+        table.add_column("top predictions")
+        for r in results:
+            text = r.get("error") and f"[red]error: {r['error']}[/]" or ", ".join(
+                f"{p['label']} {p['probability']:.3f}" for p in r["predictions"])
+            table.add_row(r["path"], text)
+        out_console.print(table)
+
+
+@app.command()
+def models(
+    search: Annotated[str | None, typer.Option(help="Substring or wildcard filter")] = None,
+    offline: Annotated[bool, typer.Option("--offline", help="Only backbones whose weights are usable now")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    limit: Annotated[int, typer.Option(help="Show at most N rows")] = 50,
+) -> None:
+    """List pretrained backbones and whether they work offline."""
+    from transferlab import api
+
+    rows = api.list_models(search, offline_only=offline)
+    if as_json:
+        out_console.print_json(json.dumps(rows))
+        return
+    table = Table(title=f"backbones ({len(rows)} match{'es' if len(rows) != 1 else ''})")
+    for col in ("name", "source", "input", "offline"):
+        table.add_column(col)
+    for r in rows[:limit]:
+        table.add_row(r["name"], r["source"], str(r.get("input_size", "")), "yes" if r.get("offline") else "no")
+    out_console.print(table)
+    if len(rows) > limit:
+        console.print(f"… {len(rows) - limit} more; narrow with --search or raise --limit")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path | None, typer.Option(help="Run directory")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """The main job on the embedded default: EfficientNet-Lite0 (offline weights) on scikit-learn's digits."""
+    from transferlab import api
+
+    _setup_logging(verbose)
+    console.print("[bold]demo:[/] EfficientNet-Lite0 (ImageNet weights shipped offline) on scikit-learn's "
+                  "handwritten digits (1 797 images, 10 classes)")
+    _report_train(api.demo(out=out))
+
+
+def main() -> None:
+    """Entry point: user errors print a clear message and exit non-zero, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except TransferlabError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/] — continue with `transferlab train --resume RUN_DIR`")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The resolved training configuration: one dataclass, written to the run directory as config.yaml."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STRATEGIES = ("two-stage", "head-only", "full", "scratch")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("onecycle", "cosine", "constant")
+BN_POLICIES = ("auto", "eval", "train")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a run. Defaults are the measured fastest recipe that keeps accuracy."""
+
+    data: str = ""
+    out: str | None = None
+    # model
+    backbone: str = "efficientnet_lite0"
+    pretrained: bool = True
+    head: str = "linear"
+    head_hidden: int = 512
+    head_dropout: float = 0.2
+    img_size: int | None = None
+    # schedule
+    strategy: str = "two-stage"
+    epochs_frozen: int = 16
+    epochs_finetune: int = 4
+    lr_head: float = 1e-3
+    lr_finetune: float = 1e-4
+    lr_decay: str = "exp:3"
+    unfreeze: int | None = None
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-2
+    schedule: str = "onecycle"
+    label_smoothing: float = 0.1
+    early_stop: int = 3
+    bn: str = "auto"
+    # data
+    augment: str = "standard"
+    feature_views: int = 0
+    val_split: float = 0.2
+    batch_size: int = 32
+    num_workers: int | None = None
+    # machinery
+    seed: int = 0
+    precision: str = "auto"
+    device: str = "auto"
+    devices: int = 1
+    feature_cache: str = "disk"
+    cache_dir: str | None = None
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Reject contradictory or impossible settings before any work starts."""
+        from transferlab.errors import TransferlabError
+
+        def bad(msg: str) -> None:
+            raise TransferlabError(f"Invalid configuration: {msg}")
+
+        if self.strategy not in STRATEGIES:
+            bad(f"strategy '{self.strategy}' is not one of {', '.join(STRATEGIES)}")
+        if self.optimizer not in OPTIMIZERS:
+            bad(f"optimizer '{self.optimizer}' is not one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            bad(f"schedule '{self.schedule}' is not one of {', '.join(SCHEDULES)}")
+        if self.bn not in BN_POLICIES:
+            bad(f"bn '{self.bn}' is not one of {', '.join(BN_POLICIES)}")
+        if self.head not in ("linear", "mlp"):
+            bad(f"head '{self.head}' must be 'linear' or 'mlp'")
+        if self.feature_cache not in ("disk", "memory"):
+            bad("feature_cache must be 'disk' or 'memory'")
+        if self.epochs_frozen < 0 or self.epochs_finetune < 0:
+            bad("epoch counts must be >= 0")
+        if self.strategy in ("two-stage", "head-only") and self.epochs_frozen == 0 and self.epochs_finetune == 0:
+            bad("nothing to train: both --epochs-frozen and --epochs-finetune are 0")
+        if self.strategy == "head-only" and self.epochs_frozen == 0:
+            bad("strategy head-only needs --epochs-frozen > 0")
+        if self.strategy in ("full", "scratch") and self.epochs_finetune == 0:
+            bad(f"strategy {self.strategy} needs --epochs-finetune > 0")
+        if not 0.0 < self.val_split < 1.0:
+            bad("val_split must be between 0 and 1")
+        if self.batch_size < 1:
+            bad("batch_size must be >= 1")
+        if self.img_size is not None and self.img_size < 16:
+            bad("img_size must be >= 16 pixels")
+        for name in ("lr_head", "lr_finetune"):
+            if getattr(self, name) <= 0:
+                bad(f"{name} must be > 0")
+        from transferlab.models.param_groups import parse_decay
+
+        try:
+            parse_decay(self.lr_decay)
+        except ValueError as exc:
+            bad(str(exc))
+
+    @property
+    def bn_mode(self) -> str:
+        """BatchNorm policy while fine-tuning. 'auto': frozen statistics (eval) for pretrained
+        backbones — measured: train-mode BN collapsed digits val accuracy 0.958 → 0.65 after one
+        epoch, eval-mode BN reached 0.989 — but trained statistics when learning from scratch."""
+        if self.bn != "auto":
+            return self.bn
+        return "train" if (self.strategy == "scratch" or not self.pretrained) else "eval"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        from transferlab.training.io import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            from transferlab.errors import TransferlabError
+
+            raise TransferlabError(f"Unknown configuration keys: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})

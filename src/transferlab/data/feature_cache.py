@@ -1,0 +1,152 @@
+"""Frozen-backbone features, computed once and reused.
+
+The classic recipe re-runs the frozen backbone over the whole train set every head epoch; the
+features never change, so we compute them once (optionally for K augmented views) and train the head
+on the cached tensors — head epochs then cost milliseconds. The disk cache is keyed by a hash of the
+backbone's actual weights, the preprocessing/augmentation and each file's content, so it is reused
+across runs and can never serve stale features; it is validated (shape, dtype, key) before use and
+rebuilt when corrupt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from transferlab.data.datasets import ImageDataset
+from transferlab.data.images import file_digest
+from transferlab.data.sources import Sample
+from transferlab.models.heads import features_only, head_slot
+from transferlab.training.io import load_tensors, save_tensors
+
+log = logging.getLogger("transferlab")
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("TRANSFERLAB_HOME") or Path.home() / ".cache" / "transferlab"
+    return Path(root) / "features"
+
+
+def backbone_fingerprint(model: nn.Module) -> str:
+    """Hash of every non-head parameter and buffer: exact identity of what the features depend on."""
+    slot_prefix = _slot_prefix(model)
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if slot_prefix and name.startswith(slot_prefix):
+            continue
+        h.update(name.encode())
+        t = tensor.detach().cpu().contiguous()
+        h.update(str(t.dtype).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:24]
+
+
+def _slot_prefix(model: nn.Module) -> str:
+    slot = head_slot(model)
+    for name, module in model.named_modules():
+        if module is slot:
+            return name + "."
+    return ""
+
+
+def feature_key(fingerprint: str, transform_tag: str, samples: Sequence[Sample]) -> str:
+    h = hashlib.sha256()
+    h.update(fingerprint.encode())
+    h.update(transform_tag.encode())
+    for s in samples:
+        h.update(file_digest(s.path).encode())
+    return h.hexdigest()[:32]
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    samples: Sequence[Sample],
+    transform: Callable,
+    *,
+    batch_size: int = 64,
+    device: str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    num_workers: int = 0,
+    generator_seed: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """One forward pass of the frozen backbone over `samples` → float32 [N, feature_dim]."""
+    was_training = model.training
+    model.eval()
+    dataset = ImageDataset(list(samples), transform)
+    generator = None
+    if generator_seed is not None:
+        generator = torch.Generator().manual_seed(generator_seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        generator=generator,
+        pin_memory=device == "cuda",
+        persistent_workers=False,
+    )
+    chunks = []
+    autocast = (
+        torch.autocast(device_type=device, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    try:
+        with features_only(model), autocast:
+            for images, _ in loader:
+                images = images.to(device, non_blocking=True)
+                chunks.append(model(images).float().cpu())
+                if progress is not None:
+                    progress(len(images))
+    finally:
+        model.train(was_training)
+    dim = head_slot(model).in_features
+    return torch.cat(chunks) if chunks else torch.empty(0, dim)
+
+
+def cached_features(
+    model: nn.Module,
+    samples: Sequence[Sample],
+    transform: Callable,
+    transform_tag: str,
+    *,
+    cache_dir: Path | None,
+    fingerprint: str | None = None,
+    **extract_kwargs,
+) -> tuple[torch.Tensor, bool]:
+    """Features from the disk cache when valid, else extracted (and stored). Returns (features, hit)."""
+    if cache_dir is None:
+        return extract_features(model, samples, transform, **extract_kwargs), False
+    fingerprint = fingerprint or backbone_fingerprint(model)
+    key = feature_key(fingerprint, transform_tag, samples)
+    path = Path(cache_dir) / f"{key}.safetensors"
+    dim = head_slot(model).in_features
+    if path.exists():
+        try:
+            data = load_tensors(path)
+            feats = data["features"]
+            stored_key = "".join(chr(int(c)) for c in data["key"].tolist())
+            if stored_key == key and feats.dtype == torch.float32 and tuple(feats.shape) == (len(samples), dim):
+                return feats, True
+            log.warning("feature cache %s is stale (key/shape mismatch); rebuilding", path.name)
+        except Exception as exc:  # noqa: BLE001 - any corrupt cache is rebuilt, never trusted
+            log.warning("feature cache %s is corrupt (%s); rebuilding", path.name, exc)
+    feats = extract_features(model, samples, transform, **extract_kwargs)
+    try:
+        key_tensor = torch.tensor([ord(c) for c in key], dtype=torch.uint8)
+        save_tensors(path, {"features": feats, "key": key_tensor},
+                     metadata={"info": json.dumps({"n": len(samples), "dim": dim, "tag": transform_tag})})
+    except OSError as exc:
+        log.warning("could not write feature cache to %s (%s); continuing without it", path, exc)
+    return feats, False

@@ -1,0 +1,243 @@
+"""Image files: decide what counts as a usable image and decode it to 8-bit RGB.
+
+Real-world folders contain zero-byte files, truncated downloads, HTML saved as ``.jpg``,
+16-bit scans, CMYK print files and decompression bombs. Everything that reads an image goes
+through this module so that all of them are handled the same way: either an RGB image
+comes out, or an :class:`ImageError` with a short human reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import threading
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_PIXELS",
+    "ImageError",
+    "file_digest",
+    "has_image_extension",
+    "load_image",
+    "probe_image",
+]
+
+MAX_PIXELS: int = 89_478_485
+"""PIL's default decompression-bomb limit; larger images are rejected before decoding."""
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+)
+"""Lower-case suffixes (with the dot) of files read as images; compare ``suffix.lower()``."""
+
+# What PIL's plugins raise on malformed files: each format reports damage its own way
+# (truncated streams, bad structure, impossible sizes, failed decompression...).
+_DECODE_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    LookupError,
+    TypeError,
+    ArithmeticError,
+    RuntimeError,
+    MemoryError,
+    struct.error,
+    zlib.error,
+)
+
+_DIGEST_CHUNK = 1 << 20
+_WHITE = (255, 255, 255, 255)
+
+# A truncated file must be reported, never silently padded with grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageError(Exception):
+    """A file that cannot be used as an image; ``reason`` is short and human-readable."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def has_image_extension(path: str | Path) -> bool:
+    """Whether the file name ends in a known image suffix (case-insensitive)."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+class _PilBombCheck:
+    """Switches PIL's own decompression-bomb check off while any of our opens is in flight.
+
+    PIL's check is a process-wide global that warns above its limit and raises above twice
+    the limit. We check ourselves (with a per-call limit and a clear reason), so the global
+    is disabled meanwhile; a refcount under a lock keeps this right with concurrent threads.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved: int | None = None
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                self._saved = Image.MAX_IMAGE_PIXELS
+                Image.MAX_IMAGE_PIXELS = None
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    Image.MAX_IMAGE_PIXELS = self._saved
+
+
+_pil_bomb_check = _PilBombCheck()
+
+
+@contextmanager
+def _open_checked(path: Path, max_pixels: int) -> Iterator[Image.Image]:
+    """Open the header only, rejecting empty files and oversized images before any decode."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ImageError(f"unreadable file: {exc.strerror or exc}") from exc
+    if size == 0:
+        raise ImageError("zero-byte file")
+    with _pil_bomb_check.disabled():
+        try:
+            image = Image.open(path)
+        except UnidentifiedImageError as exc:
+            raise ImageError("not an image (unrecognised file format)") from exc
+        except _DECODE_ERRORS as exc:
+            raise ImageError(f"truncated or corrupt image: {exc}") from exc
+        with image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"decompression bomb: {width}x{height} pixels exceeds limit {max_pixels}"
+                )
+            yield image
+
+
+def probe_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> None:
+    """Fully decode the file once so bad images are found up front, not mid-training.
+
+    Raises :class:`ImageError` for zero-byte, unreadable, non-image, oversized (checked from
+    the header, before decoding) and truncated or corrupt files.
+    """
+    with _open_checked(Path(path), max_pixels) as image:
+        try:
+            image.load()
+        except _DECODE_ERRORS as exc:
+            raise ImageError(f"truncated or corrupt image: {exc}") from exc
+
+
+def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode any supported image to 8-bit RGB, upright, with transparency on white.
+
+    Animated images yield their first frame. Raises :class:`ImageError` if unusable.
+    """
+    with _open_checked(Path(path), max_pixels) as image:
+        try:
+            image.load()
+        except _DECODE_ERRORS as exc:
+            raise ImageError(f"truncated or corrupt image: {exc}") from exc
+        upright = _upright(image)
+    convert = _TO_RGB.get(upright.mode, _convert_rgb)
+    try:
+        return convert(upright)
+    except ValueError as exc:
+        raise ImageError(f"unsupported colour mode {upright.mode!r}: {exc}") from exc
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-1 of the file's bytes: finds byte-identical duplicates and keys caches."""
+    digest = hashlib.sha1(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_DIGEST_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation (phone photos); a detached copy either way.
+
+    Malformed EXIF must not cost an otherwise good image (``probe_image`` accepted it), so
+    it is ignored rather than raised.
+    """
+    try:
+        return ImageOps.exif_transpose(image)
+    except _DECODE_ERRORS:
+        return image.copy()
+
+
+# --- colour-mode conversions -------------------------------------------------------------
+
+
+def _convert_rgb(image: Image.Image) -> Image.Image:
+    return image.convert("RGB")
+
+
+def _identity(image: Image.Image) -> Image.Image:
+    return image
+
+
+def _composite_on_white(image: Image.Image) -> Image.Image:
+    """Transparent pixels become white: black (PIL's default) would be a spurious cue."""
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, _WHITE)
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _palette(image: Image.Image) -> Image.Image:
+    if "transparency" in image.info:
+        return _composite_on_white(image)
+    return image.convert("RGB")
+
+
+def _gray_array_to_rgb(gray: np.ndarray) -> Image.Image:
+    return Image.fromarray(gray.astype(np.uint8)).convert("RGB")
+
+
+def _sixteen_bit(image: Image.Image) -> Image.Image:
+    """Scale 0..65535 to 0..255 (divide by 257); PIL's own convert clips, whitening the image."""
+    values = np.asarray(image).astype(np.int64)
+    return _gray_array_to_rgb(np.clip(values, 0, 65535) // 257)
+
+
+def _float(image: Image.Image) -> Image.Image:
+    """Float images in 0..1 are scaled to 0..255; anything else is clipped to 0..255."""
+    values = np.nan_to_num(
+        np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0
+    )
+    if values.size and values.min() >= 0.0 and values.max() <= 1.0:
+        values = values * 255.0
+    return _gray_array_to_rgb(np.clip(np.rint(values), 0, 255))
+
+
+_TO_RGB: dict[str, Callable[[Image.Image], Image.Image]] = {
+    "RGB": _identity,
+    "RGBA": _composite_on_white,
+    "RGBa": _composite_on_white,
+    "LA": _composite_on_white,
+    "PA": _composite_on_white,
+    "P": _palette,
+    "I": _sixteen_bit,
+    "I;16": _sixteen_bit,
+    "I;16L": _sixteen_bit,
+    "I;16B": _sixteen_bit,
+    "I;16N": _sixteen_bit,
+    "F": _float,
+}
+"""Mode-specific conversions; every other mode (L, 1, CMYK, YCbCr...) uses ``convert("RGB")``."""

@@ -1,0 +1,600 @@
+"""Turn what the user points at (a folder or a CSV) into validated train/val/test samples.
+
+Three layouts are accepted:
+
+* ``train/`` + ``val/`` (or ``valid/``, ``validation/``) + optional ``test/`` folders, each
+  holding one sub-folder per class (torchvision ImageFolder style);
+* a folder holding one sub-folder per class, split into train/val here (stratified, seeded);
+* a CSV file with a ``path,label`` header and an optional ``split`` column.
+
+Bad files never abort loading: they are listed in ``DataSplits.skipped`` with a reason.
+Anything that makes the data unusable as a whole raises :class:`DataError` saying what to do.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import random
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import track
+
+from transferlab.data.images import (
+    IMAGE_EXTENSIONS,
+    ImageError,
+    file_digest,
+    has_image_extension,
+    probe_image,
+)
+from transferlab.errors import DataError
+
+__all__ = [
+    "LAYOUT_CLASS_FOLDERS",
+    "LAYOUT_CSV",
+    "LAYOUT_SPLIT_FOLDERS",
+    "SPLITS",
+    "DataSplits",
+    "Sample",
+    "load_splits",
+]
+
+logger = logging.getLogger("transferlab")
+
+LAYOUT_SPLIT_FOLDERS = "train/val folders"
+LAYOUT_CLASS_FOLDERS = "class folders + val split"
+LAYOUT_CSV = "csv"
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+_SPLIT_ALIASES: dict[str, str] = {
+    "train": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+}
+_IGNORED_DIRS = frozenset({"__MACOSX"})  # resource forks left by macOS zip archives
+_PROGRESS_MIN_FILES = 200
+_MAX_DUPLICATE_WARNINGS = 20
+_MAX_WORKERS = 4
+
+_HOW_TO_LAYOUT: dict[str, str] = {
+    LAYOUT_SPLIT_FOLDERS: "put each class's images in train/<class>/ and val/<class>/",
+    LAYOUT_CLASS_FOLDERS: "put each class's images in its own sub-folder (cat/*.jpg, dog/*.jpg)",
+    LAYOUT_CSV: "list images of at least two labels, one path,label row per image",
+}
+_HOW_TO_FILL_VAL: dict[str, str] = {
+    LAYOUT_SPLIT_FOLDERS: "add images to val/<class>/, or remove val/ to split train/ for you",
+    LAYOUT_CLASS_FOLDERS: "add images: a class needs at least 2 images to contribute to validation",
+    LAYOUT_CSV: "mark some rows with split=val, or drop the split column to split automatically",
+}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image; ``label`` indexes ``DataSplits.classes``."""
+
+    path: Path
+    label: int
+
+
+@dataclass
+class DataSplits:
+    """The loaded dataset plus everything the user should know about how it was read."""
+
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+    skipped: list[dict[str, str]]  # {"path": str, "reason": str}
+    warnings: list[str]
+    layout: str  # LAYOUT_SPLIT_FOLDERS | LAYOUT_CLASS_FOLDERS | LAYOUT_CSV
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Images per class in each split (split -> class -> count, zeros included)."""
+        result: dict[str, dict[str, int]] = {}
+        for split in SPLITS:
+            per_label = Counter(sample.label for sample in getattr(self, split))
+            result[split] = {name: per_label[i] for i, name in enumerate(self.classes)}
+        return result
+
+    def to_summary(self) -> dict[str, Any]:
+        """JSON-ready description, saved with the run and shown by the CLI."""
+        return {
+            "layout": self.layout,
+            "classes": list(self.classes),
+            "counts": self.counts(),
+            "num_train": len(self.train),
+            "num_val": len(self.val),
+            "num_test": len(self.test),
+            "skipped": [dict(entry) for entry in self.skipped],
+            "warnings": list(self.warnings),
+        }
+
+
+@dataclass
+class _Found:
+    """Candidate files, before validation, as read from one layout."""
+
+    source: Path  # what the user passed (folder or CSV file), named in error messages
+    root: Path  # paths in warnings are shown relative to this
+    layout: str
+    files: dict[
+        str, list[tuple[Path, str]]
+    ]  # split -> [(path, class name)]; no "val" = split it
+    declared: list[str]  # class names declared for training (folders or CSV labels)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def skip(self, path: str | Path, reason: str) -> None:
+        logger.warning("Skipping %s: %s", path, reason)
+        self.skipped.append({"path": str(path), "reason": reason})
+
+
+def load_splits(
+    data: str | Path,
+    *,
+    val_split: float = 0.2,
+    seed: int = 0,
+    validate: bool = True,
+    progress: bool = True,
+) -> DataSplits:
+    """Read a dataset folder or CSV into train/val/test samples.
+
+    ``val_split`` is the fraction of each class held out when no validation split is given.
+    ``validate`` decodes every image once (bad ones are skipped, not fatal) and looks for
+    byte-identical duplicates; turn it off only for large, known-good datasets.
+    """
+    path = Path(data).expanduser().absolute()
+    if not path.exists():
+        raise DataError(
+            f"Data path does not exist: {path}. Pass a folder of class sub-folders, "
+            "a folder with train/ and val/ sub-folders, or a CSV file with a path,label header."
+        )
+    if path.is_file():
+        if path.suffix.lower() != ".csv":
+            raise DataError(
+                f"{path} is a file but not a .csv. Pass a folder of class sub-folders or a CSV "
+                "file with a path,label header."
+            )
+        found = _read_csv(path)
+    else:
+        found = _read_folder(path)
+    return _assemble(
+        found, val_split=val_split, seed=seed, validate=validate, progress=progress
+    )
+
+
+# --- reading layouts ---------------------------------------------------------------------
+
+
+def _is_ignored(name: str) -> bool:
+    return name.startswith(".") or name in _IGNORED_DIRS
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    try:
+        entries = list(folder.iterdir())
+    except OSError as exc:
+        raise DataError(
+            f"Cannot read folder {folder}: {exc.strerror or exc}. Check permissions."
+        ) from exc
+    return sorted(p for p in entries if not _is_ignored(p.name) and p.is_dir())
+
+
+def _loose_images(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if not _is_ignored(p.name) and has_image_extension(p) and not p.is_dir()
+    )
+
+
+def _walk_images(folder: Path, found: _Found) -> list[Path]:
+    """Image files below ``folder``, recursively; each real directory is visited once,
+    so symlink loops terminate and linked folders do not duplicate samples."""
+    images: list[Path] = []
+    visited: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:
+            dirnames[:] = []
+            continue
+        visited.add(real)
+        dirnames[:] = [name for name in dirnames if not _is_ignored(name)]
+        for name in filenames:
+            path = Path(dirpath, name)
+            if _is_ignored(name) or not has_image_extension(path):
+                continue
+            if not path.exists():
+                found.skip(path, "broken symlink")
+                continue
+            images.append(path)
+    return sorted(images)
+
+
+def _split_folders(subdirs: Sequence[Path]) -> dict[str, Path]:
+    """Split name -> folder for sub-folders named train, val/valid/validation or test."""
+    by_name = {p.name.lower(): p for p in subdirs}
+    result: dict[str, Path] = {}
+    for alias, split in _SPLIT_ALIASES.items():
+        if alias in by_name and split not in result:
+            result[split] = by_name[alias]
+    return result
+
+
+def _read_folder(root: Path) -> _Found:
+    subdirs = _subdirs(root)
+    split_dirs = _split_folders(subdirs)
+    if split_dirs and "train" not in split_dirs:
+        names = ", ".join(f"{p.name}/" for p in split_dirs.values())
+        raise DataError(
+            f"{root} has {names} but no train/ folder. Add train/<class>/ folders with the "
+            "training images (or rename the split folders if they are really classes)."
+        )
+    if split_dirs:
+        return _read_split_folders(root, split_dirs)
+
+    found = _Found(
+        source=root,
+        root=root,
+        layout=LAYOUT_CLASS_FOLDERS,
+        files={"train": []},
+        declared=[],
+    )
+    _read_class_folders(root, subdirs, "train", found)
+    return found
+
+
+def _read_class_folders(
+    folder: Path, class_dirs: Sequence[Path], split: str, found: _Found
+) -> None:
+    loose = _loose_images(folder)
+    if loose and not class_dirs:
+        raise DataError(
+            f"Found {len(loose)} image(s) directly in {folder} but no class sub-folders. "
+            f"Put each class's images in its own sub-folder, e.g. {folder / 'cat'}/ and "
+            f"{folder / 'dog'}/."
+        )
+    if loose:
+        found.warnings.append(
+            f"{len(loose)} image(s) directly in {_display(folder, found.root)} were ignored: "
+            "images must be inside a class sub-folder"
+        )
+    files = found.files.setdefault(split, [])
+    for class_dir in class_dirs:
+        files.extend((path, class_dir.name) for path in _walk_images(class_dir, found))
+    if split == "train":
+        found.declared = [class_dir.name for class_dir in class_dirs]
+
+
+def _read_split_folders(root: Path, split_dirs: dict[str, Path]) -> _Found:
+    found = _Found(
+        source=root, root=root, layout=LAYOUT_SPLIT_FOLDERS, files={}, declared=[]
+    )
+    for split, folder in split_dirs.items():
+        _read_class_folders(folder, _subdirs(folder), split, found)
+    if "val" not in split_dirs:
+        found.layout = LAYOUT_CLASS_FOLDERS
+        found.warnings.append(
+            "no val/ folder next to train/: holding out part of train/ for validation"
+        )
+    return found
+
+
+def _read_csv(csv_path: Path) -> _Found:
+    root = csv_path.parent
+    found = _Found(
+        source=csv_path, root=root, layout=LAYOUT_CSV, files={"train": []}, declared=[]
+    )
+    first_line: dict[Path, int] = {}
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = {
+                name.strip().lower(): name for name in reader.fieldnames or [] if name
+            }
+            if "path" not in columns or "label" not in columns:
+                raise DataError(
+                    f"{csv_path} must start with a header row containing 'path' and 'label' "
+                    f"columns (optionally 'split'); found: {', '.join(columns) or 'nothing'}."
+                )
+            if "split" in columns:
+                found.files = {split: [] for split in SPLITS}
+            for row in reader:
+                where = f"{csv_path.name}:{reader.line_num}"
+                _read_csv_row(
+                    row, columns, where, reader.line_num, root, first_line, found
+                )
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{csv_path} is not UTF-8 text ({exc.reason}). Save it as UTF-8 CSV."
+        ) from exc
+    except csv.Error as exc:
+        raise DataError(
+            f"{csv_path} is not valid CSV: {exc}. Fix the file and retry."
+        ) from exc
+    found.declared = sorted({label for _, label in found.files["train"]})
+    return found
+
+
+def _read_csv_row(
+    row: dict[str, str | None],
+    columns: dict[str, str],
+    where: str,
+    line: int,
+    root: Path,
+    first_line: dict[Path, int],
+    found: _Found,
+) -> None:
+    raw_path = (row.get(columns["path"]) or "").strip()
+    label = (row.get(columns["label"]) or "").strip()
+    if not raw_path:
+        found.skip(where, "missing path")
+        return
+    if not label:
+        found.skip(where, f"missing label for {raw_path}")
+        return
+    split = "train"
+    if "split" in columns:
+        raw_split = (row.get(columns["split"]) or "").strip().lower()
+        if raw_split not in _SPLIT_ALIASES:
+            found.skip(
+                where, f"unknown split {raw_split!r} (expected train, val or test)"
+            )
+            return
+        split = _SPLIT_ALIASES[raw_split]
+    path = Path(raw_path).expanduser()
+    path = path if path.is_absolute() else root / path
+    if path in first_line:
+        found.skip(where, f"{raw_path} listed again (first at line {first_line[path]})")
+        return
+    if not path.is_file():
+        found.skip(path, "file not found")
+        return
+    first_line[path] = line
+    found.files[split].append((path, label))
+
+
+# --- validation, splitting, checks --------------------------------------------------------
+
+
+def _inspect(path: Path) -> tuple[str | None, str | None]:
+    """(reason the file is unusable, or None; content digest when usable)."""
+    try:
+        probe_image(path)
+        return None, file_digest(path)
+    except ImageError as exc:
+        return exc.reason, None
+    except OSError as exc:
+        return f"unreadable file: {exc.strerror or exc}", None
+
+
+def _inspect_all(
+    paths: Sequence[Path], progress: bool
+) -> dict[Path, tuple[str | None, str | None]]:
+    """Decoding is mostly GIL-free C code, so a few threads speed this up."""
+    workers = max(1, min(_MAX_WORKERS, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results: Iterable[tuple[str | None, str | None]] = pool.map(_inspect, paths)
+        if progress and len(paths) > _PROGRESS_MIN_FILES:
+            results = _with_progress(results, len(paths))
+        return dict(zip(paths, results, strict=True))
+
+
+def _with_progress(items: Iterable[Any], total: int) -> Iterator[Any]:
+    yield from track(
+        items,
+        total=total,
+        description="Checking images",
+        console=Console(stderr=True),
+        transient=True,
+    )
+
+
+def _display(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _stratified_split(
+    train: list[tuple[Path, str]], val_split: float, seed: int, warnings: list[str]
+) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """Hold out ``val_split`` of every class, at least one image per class with >= 2.
+
+    Each class is shuffled by its own seeded RNG, so adding a class or an image elsewhere
+    does not reshuffle the others.
+    """
+    if not 0.0 < val_split < 1.0:
+        raise DataError(
+            f"val_split must be between 0 and 1 (exclusive), got {val_split}. "
+            "Use e.g. 0.2 to hold out 20% of each class for validation."
+        )
+    by_class: dict[str, list[Path]] = defaultdict(list)
+    for path, name in train:
+        by_class[name].append(path)
+    kept: list[tuple[Path, str]] = []
+    held_out: list[tuple[Path, str]] = []
+    for name, paths in by_class.items():
+        if len(paths) < 2:
+            warnings.append(
+                f"class {name!r} has only 1 image: used for training, none for validation"
+            )
+            kept.extend((path, name) for path in paths)
+            continue
+        n_val = min(len(paths) - 1, max(1, math.floor(len(paths) * val_split + 0.5)))
+        order = sorted(paths)
+        random.Random(f"{seed}/{name}").shuffle(order)
+        held_out.extend((path, name) for path in sorted(order[:n_val]))
+        kept.extend((path, name) for path in sorted(order[n_val:]))
+    return kept, held_out
+
+
+def _drop_unusable(found: _Found, validate: bool, progress: bool) -> dict[Path, str]:
+    """Remove undecodable files from ``found``; return digests of the usable ones."""
+    candidates = [path for files in found.files.values() for path, _ in files]
+    if not candidates and not found.skipped:
+        exts = " ".join(sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS))
+        raise DataError(
+            f"No images found in {found.source}: {_HOW_TO_LAYOUT[found.layout]} "
+            f"(image types: {exts})."
+        )
+    if not validate:
+        return {}
+    results = _inspect_all(list(dict.fromkeys(candidates)), progress)
+    for path, (reason, _) in results.items():
+        if reason is not None:
+            found.skip(path, reason)
+    for split, files in found.files.items():
+        found.files[split] = [
+            (path, name) for path, name in files if results[path][0] is None
+        ]
+    return {path: digest for path, (_, digest) in results.items() if digest is not None}
+
+
+def _training_classes(found: _Found, listed: Counter[str]) -> list[str]:
+    """Classes with at least one usable training image; empty ones are dropped with a warning.
+
+    ``listed`` counts the training files per class before unreadable ones were removed.
+    """
+    counts = Counter(name for _, name in found.files["train"])
+    if not counts:
+        examples = "; ".join(f"{e['path']}: {e['reason']}" for e in found.skipped[:3])
+        detail = (
+            f"{len(found.skipped)} file(s) or row(s) were skipped (e.g. {examples})"
+            if found.skipped
+            else "the training split is empty"
+        )
+        raise DataError(
+            f"No usable training images in {found.source}: {detail}. "
+            f"{_HOW_TO_LAYOUT[found.layout].capitalize()}."
+        )
+    for name in found.declared:
+        if listed[name] == 0:
+            found.warnings.append(
+                f"class folder {name!r} contains no images and was ignored"
+            )
+        elif counts[name] == 0:
+            found.warnings.append(
+                f"class {name!r} was dropped: all {listed[name]} of its training images are "
+                "unreadable (see skipped)"
+            )
+    classes = sorted(counts)
+    if len(classes) < 2:
+        raise DataError(
+            f"Only one class ({classes[0]!r}) has usable training images in {found.source}; a "
+            f"classifier needs at least two. {_HOW_TO_LAYOUT[found.layout].capitalize()}."
+        )
+    return classes
+
+
+def _check_known_classes(found: _Found, classes: list[str]) -> None:
+    known = set(classes)
+    for split in ("val", "test"):
+        unknown = sorted(
+            {name for _, name in found.files.get(split, []) if name not in known}
+        )
+        if unknown:
+            raise DataError(
+                f"The {split} split has images of class(es) with no usable training images: "
+                f"{', '.join(unknown)}. A model cannot learn a class it never sees: add training "
+                f"images for them or remove them from {split}."
+            )
+
+
+def _duplicate_warnings(
+    splits: dict[str, list[Sample]], digests: dict[Path, str], root: Path
+) -> list[str]:
+    """Identical files across splits inflate validation scores; within a split they over-weight."""
+    groups: dict[str, list[tuple[str, Sample]]] = defaultdict(list)
+    for split in SPLITS:
+        for sample in splits[split]:
+            groups[digests[sample.path]].append((split, sample))
+    across: list[str] = []
+    within: dict[str, list[list[tuple[str, Sample]]]] = defaultdict(list)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        split_names = list(dict.fromkeys(split for split, _ in members))
+        if len(split_names) > 1:
+            files = " == ".join(_display(sample.path, root) for _, sample in members)
+            across.append(f"duplicate across {'/'.join(split_names)}: {files}")
+        else:
+            within[split_names[0]].append(members)
+    warnings = across[:_MAX_DUPLICATE_WARNINGS]
+    if len(across) > _MAX_DUPLICATE_WARNINGS:
+        warnings.append(
+            f"and {len(across) - _MAX_DUPLICATE_WARNINGS} more duplicates across splits"
+        )
+    for split, split_groups in within.items():
+        extra = sum(len(members) - 1 for members in split_groups)
+        conflicting = sum(
+            1 for members in split_groups if len({s.label for _, s in members}) > 1
+        )
+        example = " == ".join(
+            _display(sample.path, root) for _, sample in split_groups[0]
+        )
+        line = (
+            f"{extra} byte-identical duplicate file(s) within {split} in {len(split_groups)} "
+            f"group(s), e.g. {example}; remove copies so they do not count several times"
+        )
+        if conflicting:
+            line += f" ({conflicting} group(s) carry different labels)"
+        warnings.append(line)
+    return warnings
+
+
+def _assemble(
+    found: _Found, *, val_split: float, seed: int, validate: bool, progress: bool
+) -> DataSplits:
+    listed = Counter(name for _, name in found.files["train"])
+    digests = _drop_unusable(found, validate, progress)
+    classes = _training_classes(found, listed)
+    _check_known_classes(found, classes)
+    if "val" not in found.files:
+        found.files["train"], found.files["val"] = _stratified_split(
+            found.files["train"], val_split, seed, found.warnings
+        )
+    elif found.files["val"]:
+        with_val = {name for _, name in found.files["val"]}
+        for name in classes:
+            if name not in with_val:
+                found.warnings.append(
+                    f"class {name!r} has no validation images; its accuracy is not measured"
+                )
+    if not found.files["val"]:
+        raise DataError(
+            f"The validation split of {found.source} is empty: {_HOW_TO_FILL_VAL[found.layout]}."
+        )
+
+    label_of = {name: index for index, name in enumerate(classes)}
+    splits = {
+        split: sorted(
+            (Sample(path, label_of[name]) for path, name in found.files.get(split, [])),
+            key=lambda s: (s.label, s.path),
+        )
+        for split in SPLITS
+    }
+    if digests:
+        found.warnings.extend(_duplicate_warnings(splits, digests, found.root))
+    for message in found.warnings:
+        logger.info("Data: %s", message)
+    return DataSplits(
+        classes=classes,
+        train=splits["train"],
+        val=splits["val"],
+        test=splits["test"],
+        skipped=found.skipped,
+        warnings=found.warnings,
+        layout=found.layout,
+    )

@@ -1,0 +1,183 @@
+"""Image -> tensor pipelines: one deterministic eval transform and named augmentation presets.
+
+The preprocessing a model was trained with is recorded as a :class:`Preprocessing` and saved
+with the run, so prediction and export reproduce it exactly. Built on torchvision
+``transforms.v2``; augmentation happens on the PIL image, before tensor conversion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+__all__ = [
+    "AUGMENT_PRESETS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "INTERPOLATIONS",
+    "Preprocessing",
+    "Transform",
+    "eval_transform",
+    "train_transform",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+INTERPOLATIONS: dict[str, v2.InterpolationMode] = {
+    "nearest": v2.InterpolationMode.NEAREST,
+    "bilinear": v2.InterpolationMode.BILINEAR,
+    "bicubic": v2.InterpolationMode.BICUBIC,
+}
+CROP_MODES: tuple[str, ...] = ("center", "squash")
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images are resized and normalised for one backbone; saved with each run."""
+
+    input_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+    crop_mode: str = "center"  # "center" | "squash"
+
+    def __post_init__(self) -> None:
+        if self.input_size < 1:
+            raise ValueError(
+                f"input_size must be a positive integer, got {self.input_size}"
+            )
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"Unknown interpolation {self.interpolation!r}; valid: {', '.join(INTERPOLATIONS)}"
+            )
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(
+                f"Unknown crop_mode {self.crop_mode!r}; valid: {', '.join(CROP_MODES)}"
+            )
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError("mean and std must have three (RGB) values each")
+        # JSON round-trips give lists; keep the dataclass hashable and comparable.
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, stored in the run directory."""
+        data = asdict(self)
+        data["mean"] = list(self.mean)
+        data["std"] = list(self.std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Preprocessing:
+        """Inverse of :meth:`to_dict`; missing keys take defaults, unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown preprocessing field(s): {', '.join(unknown)}")
+        return cls(**dict(data))
+
+    def with_size(self, size: int) -> Preprocessing:
+        """Same preprocessing at another input resolution (e.g. fine-tuning at higher res)."""
+        return replace(self, input_size=size)
+
+
+def _to_normalized_tensor(pre: Preprocessing) -> list[v2.Transform]:
+    return [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(pre.mean), std=list(pre.std)),
+    ]
+
+
+def _resize(pre: Preprocessing) -> list[v2.Transform]:
+    interpolation = INTERPOLATIONS[pre.interpolation]
+    size = pre.input_size
+    if pre.crop_mode == "squash":
+        return [v2.Resize((size, size), interpolation=interpolation)]
+    return [
+        v2.Resize(int(size / pre.crop_pct), interpolation=interpolation),
+        v2.CenterCrop(size),
+    ]
+
+
+def eval_transform(pre: Preprocessing) -> Transform:
+    """Deterministic resize/crop + normalise: used for validation, test, prediction, export."""
+    return v2.Compose([*_resize(pre), *_to_normalized_tensor(pre), v2.ToPureTensor()])
+
+
+def _random_crop_flip(pre: Preprocessing, min_scale: float) -> list[v2.Transform]:
+    return [
+        v2.RandomResizedCrop(
+            pre.input_size,
+            scale=(min_scale, 1.0),
+            interpolation=INTERPOLATIONS[pre.interpolation],
+        ),
+        v2.RandomHorizontalFlip(),
+    ]
+
+
+def _light(pre: Preprocessing) -> Transform:
+    return v2.Compose(
+        [*_random_crop_flip(pre, 0.6), *_to_normalized_tensor(pre), v2.ToPureTensor()]
+    )
+
+
+def _standard_geometry_and_colour(pre: Preprocessing) -> list[v2.Transform]:
+    return [
+        *_random_crop_flip(pre, 0.35),
+        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05),
+        v2.RandomAffine(degrees=15, shear=10),
+    ]
+
+
+def _standard(pre: Preprocessing) -> Transform:
+    return v2.Compose(
+        [
+            *_standard_geometry_and_colour(pre),
+            *_to_normalized_tensor(pre),
+            v2.ToPureTensor(),
+        ]
+    )
+
+
+def _strong(pre: Preprocessing) -> Transform:
+    return v2.Compose(
+        [
+            *_standard_geometry_and_colour(pre),
+            v2.TrivialAugmentWide(interpolation=INTERPOLATIONS[pre.interpolation]),
+            *_to_normalized_tensor(pre),
+            v2.RandomErasing(p=0.25),
+            v2.ToPureTensor(),
+        ]
+    )
+
+
+AUGMENT_PRESETS: dict[str, Callable[[Preprocessing], Transform]] = {
+    "none": eval_transform,
+    "light": _light,
+    "standard": _standard,
+    "strong": _strong,
+}
+"""Training augmentation by name; small datasets overfit less with stronger presets."""
+
+
+def train_transform(pre: Preprocessing, preset: str = "standard") -> Transform:
+    """Training pipeline for ``preset``; validation data always uses :func:`eval_transform`."""
+    try:
+        build = AUGMENT_PRESETS[preset]
+    except KeyError:
+        raise ValueError(
+            f"Unknown augmentation preset {preset!r}; valid: {', '.join(AUGMENT_PRESETS)}"
+        ) from None
+    return build(pre)

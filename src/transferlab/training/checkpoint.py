@@ -1,0 +1,88 @@
+"""Resumable training state as safetensors + JSON (no pickle anywhere).
+
+An optimizer/scheduler state dict is a tree of numbers, lists and tensors: tensors go to the
+safetensors file under a flat key, and the tree keeps a {"__tensor__": key} placeholder.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from transferlab.training.io import atomic_write_json, load_tensors, read_json, save_tensors
+
+
+def split_tensors(tree: Any, prefix: str, out: dict[str, torch.Tensor]) -> Any:
+    """Replace tensors in a nested structure by placeholders, collecting them in `out`."""
+    if isinstance(tree, torch.Tensor):
+        out[prefix] = tree
+        return {"__tensor__": prefix}
+    if isinstance(tree, dict):
+        return {str(k): split_tensors(v, f"{prefix}.{k}", out) for k, v in tree.items()} | (
+            {"__int_keys__": True} if tree and all(isinstance(k, int) for k in tree) else {}
+        )
+    if isinstance(tree, (list, tuple)):
+        return [split_tensors(v, f"{prefix}.{i}", out) for i, v in enumerate(tree)]
+    return tree
+
+
+def join_tensors(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(tree, dict):
+        if set(tree) == {"__tensor__"}:
+            return tensors[tree["__tensor__"]]
+        int_keys = tree.get("__int_keys__", False)
+        return {
+            (int(k) if int_keys else k): join_tensors(v, tensors)
+            for k, v in tree.items()
+            if k != "__int_keys__"
+        }
+    if isinstance(tree, list):
+        return [join_tensors(v, tensors) for v in tree]
+    return tree
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    np_state = np.random.get_state()
+    meta = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    v, state, gauss = meta["python"]
+    random.setstate((v, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_training_state(path: Path, model_state: dict[str, torch.Tensor], trees: dict[str, Any], info: dict[str, Any]) -> None:
+    """`path`.safetensors holds tensors, `path`.json the rest; the JSON is written last and is the
+    commit point: a state whose JSON is missing or names tensors that are absent is not resumable."""
+    tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model_state.items()}
+    skeleton = {name: split_tensors(tree, name, tensors) for name, tree in trees.items()}
+    rng_tensors, rng_meta = rng_state()
+    tensors.update(rng_tensors)
+    save_tensors(path.with_suffix(".safetensors"), tensors)
+    atomic_write_json(path.with_suffix(".json"), {"info": info, "trees": skeleton, "rng": rng_meta,
+                                                  "num_tensors": len(tensors)})
+
+
+def load_training_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any], dict]:
+    """→ (model_state, trees, info, rng) ; raises FileNotFoundError/RunDirError when absent/corrupt."""
+    meta = read_json(path.with_suffix(".json"))
+    tensors = load_tensors(path.with_suffix(".safetensors"))
+    if len(tensors) != meta.get("num_tensors"):
+        from transferlab.errors import RunDirError
+
+        raise RunDirError(f"{path} is incomplete (tensor count mismatch); it cannot be resumed from")
+    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    trees = {name: join_tensors(tree, tensors) for name, tree in meta["trees"].items()}
+    return model_state, trees, meta["info"], {"tensors": tensors, "meta": meta["rng"]}

@@ -1,0 +1,163 @@
+"""Fine-tuning stage on Lightning: the whole network (or its top blocks) with discriminative LRs.
+
+Lightning gives progress bars, precision (bf16 autocast on CPUs/GPUs that have it), devices and
+DDP/multi-node for free; the run-directory bookkeeping (metrics rows, safetensors checkpoints,
+best model) lives in a callback owned by the caller.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from transferlab.errors import TransferlabError
+
+
+class TrainingDiverged(TransferlabError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+def build_optimizer(name: str, param_groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
+    factories = {
+        "adamw": lambda: torch.optim.AdamW(param_groups, weight_decay=weight_decay),
+        "adam": lambda: torch.optim.Adam(param_groups),
+        "sgd": lambda: torch.optim.SGD(param_groups, momentum=0.9, nesterov=True, weight_decay=weight_decay),
+    }
+    return factories[name]()
+
+
+def build_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: int):
+    """Per-step schedule. One-cycle warms up for 30 % then anneals: fewer, better epochs."""
+    total_steps = max(1, total_steps)
+    factories = {
+        "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=[g["lr"] for g in optimizer.param_groups],
+            total_steps=total_steps,
+            pct_start=0.3 if total_steps > 3 else 0.5,
+            div_factor=10.0,
+            final_div_factor=100.0,
+            cycle_momentum=False,
+        ),
+        "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps),
+        "constant": lambda: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+    }
+    return factories[name]()
+
+
+class FineTuneModule(L.LightningModule):
+    """Cross-entropy classifier training with a BatchNorm policy and frozen-block handling."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        param_groups: list[dict],
+        *,
+        optimizer: str = "adamw",
+        weight_decay: float = 0.0,
+        schedule: str = "onecycle",
+        total_steps: int = 1,
+        label_smoothing: float = 0.0,
+        bn_mode: str = "eval",
+        restore: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self._param_groups = param_groups
+        self.optimizer_name = optimizer
+        self.weight_decay = weight_decay
+        self.schedule = schedule
+        self.total_steps = total_steps
+        self.label_smoothing = label_smoothing
+        self.bn_mode = bn_mode
+        self.restore = restore or {}
+        trainable = {id(p) for g in param_groups for p in g["params"]}
+        # Modules whose parameters are all frozen stay in eval mode (dropout off, BN statistics fixed).
+        self._frozen_modules = [
+            m for m in model.modules()
+            if any(True for _ in m.parameters(recurse=False))
+            and not any(id(p) in trainable for p in m.parameters(recurse=False))
+        ]
+        self.reset_epoch_stats()
+
+    def reset_epoch_stats(self) -> None:
+        self.stats = {"train_loss": 0.0, "train_correct": 0, "train_n": 0,
+                      "val_loss": 0.0, "val_correct": 0, "val_n": 0}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            self.apply_mode_policy()
+        return self
+
+    def apply_mode_policy(self) -> None:
+        """Frozen modules and (policy 'eval') BatchNorm layers stay in eval mode while training.
+        Lightning restores per-module modes around validation rather than calling train(), so
+        this also runs at the start of every training epoch."""
+        for m in self._frozen_modules:
+            m.eval()
+        if self.bn_mode == "eval":
+            for m in self.model.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+
+    def on_train_epoch_start(self) -> None:
+        self.model.train()
+        self.apply_mode_policy()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"Training diverged: the loss became {loss.item()} at epoch {self.current_epoch + 1}, "
+                f"batch {batch_idx}. The last good checkpoint is kept; try a lower --lr-finetune."
+            )
+        n = len(y)
+        self.stats["train_loss"] += loss.detach().item() * n
+        self.stats["train_correct"] += (logits.argmax(1) == y).sum().item()
+        self.stats["train_n"] += n
+        self.log("train_loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x).float()
+        loss = F.cross_entropy(logits, y, reduction="sum")
+        self.stats["val_loss"] += loss.item()
+        self.stats["val_correct"] += (logits.argmax(1) == y).sum().item()
+        self.stats["val_n"] += len(y)
+
+    def on_validation_epoch_end(self) -> None:
+        n = max(1, self.stats["val_n"])
+        val_loss = self.stats["val_loss"] / n
+        self.log("val_loss", val_loss if math.isfinite(val_loss) else 1e9, prog_bar=True, sync_dist=True)
+        self.log("val_acc", self.stats["val_correct"] / n, prog_bar=True, sync_dist=True)
+
+    def epoch_metrics(self) -> dict[str, float]:
+        s = self.stats
+        return {
+            "train_loss": s["train_loss"] / max(1, s["train_n"]),
+            "train_accuracy": s["train_correct"] / max(1, s["train_n"]),
+            "val_loss": s["val_loss"] / s["val_n"] if s["val_n"] else float("nan"),
+            "val_accuracy": s["val_correct"] / s["val_n"] if s["val_n"] else float("nan"),
+        }
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.optimizer_name, self._param_groups, self.weight_decay)
+        scheduler = build_scheduler(self.schedule, optimizer, self.total_steps)
+        if "optimizer" in self.restore:
+            optimizer.load_state_dict(self.restore["optimizer"])
+        if "scheduler" in self.restore:
+            scheduler.load_state_dict(self.restore["scheduler"])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,89 @@
+"""Feature-extraction stage: train the new head on cached frozen features.
+
+Plain tensors, no data loader and no Lightning: an epoch is a few small matrix products, so any
+framework overhead would dominate. The best head (by val accuracy, then val loss) is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@torch.no_grad()
+def evaluate_logits(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of `module` on features x."""
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    was_training = module.training
+    module.eval()
+    loss, correct = 0.0, 0
+    for i in range(0, len(x), batch_size):
+        logits = module(x[i : i + batch_size])
+        loss += F.cross_entropy(logits, y[i : i + batch_size], reduction="sum").item()
+        correct += (logits.argmax(1) == y[i : i + batch_size]).sum().item()
+    module.train(was_training)
+    return loss / len(x), correct / len(x)
+
+
+def train_head(
+    head: nn.Module,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    label_smoothing: float = 0.0,
+    batch_size: int = 32,
+    seed: int = 0,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Adam(W) on the head, cosine-decayed; returns per-epoch records and the best head state."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = max(1, -(-len(train_x) // batch_size))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch))
+    records: list[dict] = []
+    best_state = copy.deepcopy(head.state_dict())
+    best = (-1.0, float("inf"))
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        head.train()
+        order = torch.randperm(len(train_x), generator=generator)
+        total, correct, seen = 0.0, 0, 0
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            logits = head(train_x[idx])
+            loss = F.cross_entropy(logits, train_y[idx], label_smoothing=label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(idx)
+            correct += (logits.argmax(1) == train_y[idx]).sum().item()
+            seen += len(idx)
+        val_loss, val_acc = evaluate_logits(head, val_x, val_y)
+        record = {
+            "epoch": epoch,
+            "train_loss": total / max(1, seen),
+            "train_accuracy": correct / max(1, seen),
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+            "lr": optimizer.param_groups[0]["lr"],
+            "epoch_seconds": time.perf_counter() - start,
+        }
+        records.append(record)
+        if (val_acc, -val_loss) > (best[0], -best[1]):
+            best = (val_acc, val_loss)
+            best_state = copy.deepcopy(head.state_dict())
+        if on_epoch is not None:
+            on_epoch(record)
+    return records, best_state

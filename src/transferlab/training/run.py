@@ -1,0 +1,509 @@
+"""The two-stage schedule end to end: data → backbone → cached-feature head → fine-tuning → run dir.
+
+Strategies:
+  two-stage  feature extraction (head on cached frozen features), then fine-tuning (default)
+  head-only  feature extraction only
+  full       fine-tune everything from the start (new head at --lr-head, body at --lr-finetune)
+  scratch    same network, random init, every parameter at --lr-head, BatchNorm trained
+
+Every stage leaves the run directory consistent: metrics.csv, state.json and the best model are
+rewritten atomically after each epoch, so `--resume RUN` continues from the last finished epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from transferlab import _runtime
+from transferlab.config import TrainConfig
+from transferlab.data.datasets import ImageDataset
+from transferlab.data.feature_cache import backbone_fingerprint, cached_features, default_cache_dir
+from transferlab.data.sources import DataSplits, load_splits
+from transferlab.data.transforms import eval_transform, train_transform
+from transferlab.errors import RunDirError, TransferlabError
+from transferlab.models.heads import HeadConfig, build_classifier, head_slot
+from transferlab.models.param_groups import discriminative_param_groups, freeze_backbone, unfreeze
+from transferlab.models.registry import BackboneSpec, resolve_backbone
+from transferlab.reporting.curves import plot_curves
+from transferlab.training.checkpoint import load_training_state, save_training_state, set_rng_state
+from transferlab.training.finetune import FineTuneModule
+from transferlab.training.head_stage import train_head
+from transferlab.training.io import (
+    atomic_write_json,
+    atomic_write_text,
+    ensure_writable_dir,
+    load_tensors,
+    read_json,
+    save_tensors,
+)
+
+log = logging.getLogger("transferlab")
+
+METRIC_COLUMNS = [
+    "phase", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+    "lr", "epoch_seconds", "elapsed_seconds",
+]
+MODEL_FORMAT = "transferlab.model/1"
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns: where the run went and its headline numbers."""
+
+    run_dir: Path
+    summary: dict[str, Any]
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def val_accuracy_best(self) -> float:
+        return self.summary["val_accuracy_best"]
+
+    @property
+    def val_accuracy_final(self) -> float:
+        return self.summary["val_accuracy_final"]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.summary["classes"]
+
+    def predict(self, inputs, top_k: int = 3) -> list[dict]:
+        from transferlab.evaluation.predict import predict
+
+        return predict(self.run_dir, inputs, top_k=top_k)
+
+
+class RunState:
+    """state.json: which phases are done, the metrics rows and the best model so far."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "state.json"
+        self.data: dict[str, Any] = {"frozen_done": False, "finetune_epochs_done": 0, "rows": [],
+                                     "best": None, "phase_seconds": {}, "status": "running"}
+        if self.path.exists():
+            self.data.update(read_json(self.path))
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+    @property
+    def rows(self) -> list[dict]:
+        return self.data["rows"]
+
+
+def default_run_dir(backbone: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", backbone).strip("-")
+    return Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{slug}"
+
+
+def _setup_file_log(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
+    return handler
+
+
+def write_metrics(run_dir: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_text(run_dir / "metrics.csv", buf.getvalue())
+
+
+def model_metadata(spec: BackboneSpec, head: HeadConfig, classes: list[str], extra: dict) -> dict:
+    return {
+        "format": MODEL_FORMAT,
+        "classes": classes,
+        "num_classes": len(classes),
+        "backbone": spec.to_dict(),
+        "head": head.to_dict(),
+        "preprocessing": spec.preprocessing.to_dict(),
+        **extra,
+    }
+
+
+def save_model(run_dir: Path, model: torch.nn.Module, meta: dict) -> None:
+    """The best model: model.safetensors first, then model.json (the commit point, read first)."""
+    save_tensors(run_dir / "model.safetensors", model.state_dict(), metadata={"format": MODEL_FORMAT})
+    atomic_write_json(run_dir / "model.json", meta)
+
+
+def _num_workers(cfg: TrainConfig) -> int:
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    # On a 2-core machine a loader process steals a core from the forward pass: measured faster in-line.
+    cores = _runtime.physical_cores()
+    return 0 if cores <= 2 else min(8, cores // 2)
+
+
+def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> TrainResult:
+    """Run (or resume) one training run; returns its result. Raises TransferlabError on bad input."""
+    _runtime.setup_torch()
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").exists():
+            raise RunDirError(f"Cannot resume: '{run_dir}' is not a run directory (no config.yaml).")
+        cfg = TrainConfig.load(run_dir / "config.yaml")
+    cfg.validate()
+    start = time.perf_counter()
+
+    pretrained = cfg.pretrained and cfg.strategy != "scratch"
+    # Resolve the backbone before touching the data: offline, a missing download fails at once.
+    spec = resolve_backbone(cfg.backbone, pretrained=pretrained, img_size=cfg.img_size)
+
+    run_dir = Path(resume) if resume is not None else Path(cfg.out or default_run_dir(cfg.backbone))
+    ensure_writable_dir(run_dir)
+    handler = _setup_file_log(run_dir)
+    try:
+        return _train_in(run_dir, cfg, spec, start, resuming=resume is not None)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float, *, resuming: bool) -> TrainResult:
+    state = RunState(run_dir)
+    if not resuming and state.rows:
+        raise RunDirError(
+            f"Output directory '{run_dir}' already holds a run. Use --resume {run_dir} to continue it, "
+            "or choose another --out."
+        )
+    elapsed_before = state.data.get("elapsed_seconds", 0.0)
+
+    accelerator = _runtime.resolve_accelerator(cfg.device)
+    precision = _runtime.resolve_precision(cfg.precision, accelerator)
+    log.info("run directory: %s", run_dir)
+    log.info("backbone %s (%s), %s on %s", spec.name, spec.source, precision, accelerator)
+
+    # ---- data
+    t0 = time.perf_counter()
+    splits = load_splits(cfg.data, val_split=cfg.val_split, seed=cfg.seed, progress=cfg.progress)
+    for w in splits.warnings:
+        log.warning(w)
+    for s in splits.skipped:
+        log.warning("skipped %s: %s", s["path"], s["reason"])
+    if cfg.img_size is None:
+        cfg.img_size = spec.preprocessing.input_size
+    if cfg.num_workers is None:
+        cfg.num_workers = _num_workers(cfg)
+    if not resuming:
+        cfg.save(run_dir / "config.yaml")
+    atomic_write_json(run_dir / "data.json", splits.to_summary())
+    log.info("data: %d train / %d val images, %d classes, %d skipped (%.1fs)",
+             len(splits.train), len(splits.val), len(splits.classes), len(splits.skipped), time.perf_counter() - t0)
+    state.data["phase_seconds"]["data"] = state.data["phase_seconds"].get("data", 0.0) + time.perf_counter() - t0
+
+    head_cfg = HeadConfig(kind=cfg.head, hidden=cfg.head_hidden, dropout=cfg.head_dropout)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model = build_classifier(spec, len(splits.classes), head_cfg)
+    autocast = _runtime.autocast_dtype(precision)
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - start
+
+    def record(phase: str, rec: dict) -> None:
+        row = {"phase": phase, **rec, "elapsed_seconds": elapsed()}
+        state.rows.append(row)
+        state.data["elapsed_seconds"] = row["elapsed_seconds"]
+        _print_epoch(row)
+
+    def maybe_save_best(phase: str, epoch: int, val_acc: float, val_loss: float) -> None:
+        best = state.data["best"]
+        score = (val_acc if math.isfinite(val_acc) else -1.0, -(val_loss if math.isfinite(val_loss) else 1e9))
+        if best is None or score > (best["val_accuracy"], -best["val_loss"]):
+            state.data["best"] = {"phase": phase, "epoch": epoch, "val_accuracy": score[0], "val_loss": -score[1]}
+            save_model(run_dir, model, model_metadata(spec, head_cfg, splits.classes, {"best": state.data["best"]}))
+
+    checkpoints = run_dir / "checkpoints"
+
+    # ---- stage 1: feature extraction
+    if cfg.strategy in ("two-stage", "head-only") and cfg.epochs_frozen > 0:
+        if state.data["frozen_done"]:
+            model.load_state_dict(load_tensors(checkpoints / "stage1.safetensors"))
+        else:
+            t1 = time.perf_counter()
+            freeze_backbone(model)
+            train_x, train_y, val_x, val_y = _features(model, splits, cfg, spec, accelerator, autocast)
+            extract_seconds = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            slot = head_slot(model)
+            head = slot.head
+            records, best_state = train_head(
+                head, train_x, train_y, val_x, val_y,
+                epochs=cfg.epochs_frozen, lr=cfg.lr_head, weight_decay=cfg.weight_decay,
+                label_smoothing=cfg.label_smoothing, batch_size=cfg.batch_size, seed=cfg.seed,
+                on_epoch=lambda rec: record("frozen", rec),
+            )
+            head.load_state_dict(best_state)
+            best_rec = max(records, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
+            maybe_save_best("frozen", best_rec["epoch"], best_rec["val_accuracy"], best_rec["val_loss"])
+            save_tensors(checkpoints / "stage1.safetensors", model.state_dict())
+            state.data["phase_seconds"]["feature_extraction"] = extract_seconds
+            state.data["phase_seconds"]["head_training"] = time.perf_counter() - t2
+            state.data["frozen_done"] = True
+            state.save()
+            write_metrics(run_dir, state.rows)
+
+    # ---- stage 2: fine-tuning
+    if cfg.strategy in ("two-stage", "full", "scratch") and cfg.epochs_finetune > 0:
+        _finetune(model, splits, cfg, spec, state, run_dir, accelerator, precision, record, maybe_save_best)
+
+    # ---- final outputs
+    if state.data["best"] is None:
+        raise TransferlabError("Training produced no evaluated epoch; nothing to save.")
+    rows = state.rows
+    summary = {
+        "backbone": spec.name,
+        "backbone_source": spec.source,
+        "pretrained": spec.pretrained,
+        "strategy": cfg.strategy,
+        "classes": splits.classes,
+        "num_classes": len(splits.classes),
+        "num_train": len(splits.train),
+        "num_val": len(splits.val),
+        "num_test": len(splits.test),
+        "val_accuracy_best": state.data["best"]["val_accuracy"],
+        "val_accuracy_final": rows[-1]["val_accuracy"],
+        "best": state.data["best"],
+        "phase_seconds": {k: round(v, 3) for k, v in state.data["phase_seconds"].items()},
+        "total_seconds": round(elapsed(), 3),
+        "skipped_files": splits.skipped,
+        "warnings": splits.warnings,
+        "img_size": cfg.img_size,
+        "precision": precision,
+        "accelerator": accelerator,
+        "threads": torch.get_num_threads(),
+        "allocator_tuned": _runtime.tune_allocator(),
+        "bn_mode": cfg.bn_mode,
+        "seed": cfg.seed,
+        "versions": {"torch": torch.__version__, "lightning": L.__version__, "python": sys.version.split()[0]},
+    }
+    state.data["status"] = "finished"
+    state.save()
+    write_metrics(run_dir, rows)
+    plot_curves(rows, run_dir / "curves.png", title=f"{spec.name} — {cfg.strategy}")
+    atomic_write_json(run_dir / "summary.json", summary)
+    log.info("best val accuracy %.4f (%s epoch %d); run saved to %s", summary["val_accuracy_best"],
+             state.data["best"]["phase"], state.data["best"]["epoch"], run_dir)
+    return TrainResult(run_dir=run_dir, summary=summary, rows=rows)
+
+
+def _print_epoch(row: dict) -> None:
+    log.info("%-8s epoch %2d  train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1fs",
+             row["phase"], row["epoch"], row["train_loss"], row["train_accuracy"],
+             row["val_loss"], row["val_accuracy"], row["epoch_seconds"])
+
+
+def _features(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneSpec, accelerator: str, autocast):
+    """Train features (plain + K augmented views) and val features, from the cache when valid."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    device = accelerator
+    model.to(device)
+    cache_dir = None
+    if cfg.feature_cache == "disk":
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.warning("feature cache dir %s unusable (%s); keeping features in memory", cache_dir, exc)
+            cache_dir = None
+    fingerprint = backbone_fingerprint(model) if cache_dir is not None else None
+    cfg_pre = spec.preprocessing.with_size(cfg.img_size)
+    jobs = [("train", splits.train, eval_transform(cfg_pre), f"eval:{json.dumps(cfg_pre.to_dict(), sort_keys=True)}", None)]
+    for v in range(1, cfg.feature_views + 1):
+        tag = f"aug:{cfg.augment}:view{v}:seed{cfg.seed}:{json.dumps(cfg_pre.to_dict(), sort_keys=True)}"
+        jobs.append(("train", splits.train, train_transform(cfg_pre, cfg.augment), tag, cfg.seed * 1000 + v))
+    jobs.append(("val", splits.val, eval_transform(cfg_pre), jobs[0][3], None))
+
+    results: dict[str, list[torch.Tensor]] = {"train": [], "val": []}
+    total = sum(len(j[1]) for j in jobs)
+    with Progress(TextColumn("[bold]extracting features"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), disable=not cfg.progress, transient=True) as bar:
+        task = bar.add_task("features", total=total)
+        for split, samples, transform, tag, seed in jobs:
+            if seed is not None:
+                torch.manual_seed(seed)
+            feats, hit = cached_features(
+                model, samples, transform, tag, cache_dir=cache_dir, fingerprint=fingerprint,
+                batch_size=max(cfg.batch_size, 64), device=device, autocast_dtype=autocast,
+                num_workers=cfg.num_workers, generator_seed=seed,
+                progress=lambda n: bar.advance(task, n),
+            )
+            if hit:
+                bar.advance(task, len(samples))
+                log.info("%s features: cache hit (%d images)", split, len(samples))
+            results[split].append(feats)
+    model.to("cpu")
+    train_y = torch.tensor([s.label for s in splits.train])
+    train_x = torch.cat(results["train"])
+    train_y = train_y.repeat(len(results["train"]))
+    val_x = results["val"][0]
+    val_y = torch.tensor([s.label for s in splits.val])
+    return train_x, train_y, val_x, val_y
+
+
+def _finetune(model, splits, cfg, spec, state, run_dir, accelerator, precision, record, maybe_save_best) -> None:
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    checkpoints = run_dir / "checkpoints"
+    last = checkpoints / "last"
+    done = state.data["finetune_epochs_done"]
+    restore: dict[str, Any] = {}
+    early_state = None
+    if done > 0:
+        model_state, trees, _info, rng = load_training_state(last)
+        model.load_state_dict(model_state)
+        restore = {"optimizer": trees["optimizer"], "scheduler": trees["scheduler"]}
+        early_state = trees.get("early_stopping")
+        rng_to_restore = rng
+        log.info("resuming fine-tuning after epoch %d", done)
+    else:
+        rng_to_restore = None
+    if cfg.epochs_finetune - done <= 0 or state.data.get("finetune_stopped_early"):
+        return
+
+    unfreeze(model, cfg.unfreeze)
+    if cfg.strategy == "scratch":
+        groups = discriminative_param_groups(model, cfg.lr_head, "none", weight_decay=cfg.weight_decay)
+    else:
+        groups = discriminative_param_groups(model, cfg.lr_finetune, cfg.lr_decay,
+                                             weight_decay=cfg.weight_decay, last_k=cfg.unfreeze)
+        if cfg.strategy == "full" or not state.data["frozen_done"]:
+            head_params = {id(p) for p in head_slot(model).parameters()}
+            for g in groups:
+                if all(id(p) in head_params for p in g["params"]):
+                    g["lr"] = cfg.lr_head  # a fresh head needs the head LR, not the body's
+    pre = spec.preprocessing.with_size(cfg.img_size)
+    train_ds = ImageDataset(splits.train, train_transform(pre, cfg.augment))
+    val_ds = ImageDataset(splits.val, eval_transform(pre))
+    drop_last = len(train_ds) > cfg.batch_size
+    sampler = EpochSeededSampler(len(train_ds), seed=cfg.seed, start_epoch=done)
+    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last,
+                              num_workers=cfg.num_workers,
+                              pin_memory=accelerator == "cuda", persistent_workers=cfg.num_workers > 0)
+    val_loader = DataLoader(val_ds, batch_size=max(cfg.batch_size, 64), shuffle=False,
+                            num_workers=cfg.num_workers, pin_memory=accelerator == "cuda",
+                            persistent_workers=cfg.num_workers > 0)
+    steps_per_epoch = len(train_loader)
+    module = FineTuneModule(
+        model, groups, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
+        total_steps=steps_per_epoch * cfg.epochs_finetune, label_smoothing=cfg.label_smoothing,
+        bn_mode=cfg.bn_mode, restore=restore,
+    )
+    early = EarlyStopping(monitor="val_loss", patience=max(1, cfg.early_stop), mode="min") if cfg.early_stop > 0 else None
+    if early is not None and early_state is not None:
+        early.load_state_dict(early_state)
+    callback = _RunCallback(state, run_dir, record, maybe_save_best, start_epoch=done, early=early)
+    callbacks = [callback] + ([early] if early is not None else [])
+    progress = cfg.progress and sys.stderr.isatty()
+    if progress:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        callbacks.append(RichProgressBar(leave=False))
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=cfg.devices,
+        precision=precision,
+        max_epochs=cfg.epochs_finetune - done,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        deterministic=accelerator == "cpu",
+        log_every_n_steps=max(1, min(50, steps_per_epoch)),
+    )
+    if rng_to_restore is not None:
+        set_rng_state(rng_to_restore["tensors"], rng_to_restore["meta"])
+    t0 = time.perf_counter()
+    try:
+        trainer.fit(module, train_loader, val_loader)
+    except SystemExit as exc:
+        # Lightning turns Ctrl+C into sys.exit(1) after its graceful shutdown; API callers should
+        # see an interrupt instead (the last finished epoch is saved: `--resume` continues it).
+        if trainer.interrupted:
+            raise KeyboardInterrupt from exc
+        raise
+    state.data["phase_seconds"]["finetune"] = state.data["phase_seconds"].get("finetune", 0.0) + time.perf_counter() - t0
+    if trainer.should_stop and state.data["finetune_epochs_done"] < cfg.epochs_finetune:
+        state.data["finetune_stopped_early"] = True
+        log.info("early stop: val loss did not improve for %d epochs", cfg.early_stop)
+    state.save()
+    model.to("cpu")
+
+
+class EpochSeededSampler(torch.utils.data.Sampler[int]):
+    """Shuffles with a seed derived from (seed, epoch) and seeds torch's RNG at the start of each
+    epoch's data, so augmentation and dropout too depend only on the epoch — a resumed run replays
+    exactly the epochs an uninterrupted one would have, whatever happened before."""
+
+    def __init__(self, n: int, seed: int, start_epoch: int = 0) -> None:
+        self.n, self.seed, self.epoch = n, seed, start_epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        self.epoch += 1
+        epoch_seed = self.seed * 100_003 + self.epoch
+        torch.manual_seed(epoch_seed)
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch_seed))
+        return iter(order.tolist())
+
+
+class _RunCallback(L.Callback):
+    """After each fine-tuning epoch: a metrics row, the best model, and a resumable checkpoint."""
+
+    def __init__(self, state: RunState, run_dir: Path, record, maybe_save_best, start_epoch: int, early) -> None:
+        self.state, self.run_dir, self.record, self.maybe_save_best = state, run_dir, record, maybe_save_best
+        self.start_epoch = start_epoch
+        self.early = early
+        self.t0 = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.t0 = time.perf_counter()
+        pl_module.reset_epoch_stats()
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        s = pl_module.stats
+        s["val_loss"], s["val_correct"], s["val_n"] = 0.0, 0, 0
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        epoch = self.start_epoch + trainer.current_epoch + 1
+        metrics = pl_module.epoch_metrics()
+        lr = trainer.optimizers[0].param_groups[-1]["lr"]
+        self.record("finetune", {"epoch": epoch, **metrics, "lr": lr, "epoch_seconds": time.perf_counter() - self.t0})
+        self.maybe_save_best("finetune", epoch, metrics["val_accuracy"], metrics["val_loss"])
+        trees = {
+            "optimizer": trainer.optimizers[0].state_dict(),
+            "scheduler": trainer.lr_scheduler_configs[0].scheduler.state_dict(),
+        }
+        if self.early is not None:
+            trees["early_stopping"] = dict(self.early.state_dict())
+        save_training_state(self.run_dir / "checkpoints" / "last", pl_module.model.state_dict(), trees,
+                            {"epoch": epoch})
+        self.state.data["finetune_epochs_done"] = epoch
+        self.state.save()
+        write_metrics(self.run_dir, self.state.rows)

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny generated image datasets and an isolated transferlab home (no network)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
+
+
+def make_image(path: Path, colour: tuple[int, int, int], rng: np.random.Generator, size: int = 40) -> Path:
+    """A noisy image tinted with `colour`: trivially separable classes, cheap to decode."""
+    base = np.array(colour, dtype=np.float32)[None, None, :]
+    noise = rng.normal(0, 30, size=(size, size, 3))
+    arr = np.clip(base + noise, 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def make_image_folder(root: Path, classes=("red", "blue"), per_class=(12, 6), seed: int = 0, splits=("train", "val")) -> Path:
+    """root/{train,val}/<class>/*.png with per_class[i] images in split i."""
+    rng = np.random.default_rng(seed)
+    for split, n in zip(splits, per_class):
+        for c in classes:
+            for i in range(n):
+                make_image(root / split / c / f"{c}_{i}.png", COLOURS[c], rng)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path_factory, monkeypatch):
+    """Caches go to a temp dir; network lookups are off so nothing ever waits on a socket."""
+    home = tmp_path_factory.mktemp("tlhome")
+    monkeypatch.setenv("TRANSFERLAB_HOME", str(home))
+    monkeypatch.setenv("TRANSFERLAB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield home
+    logger = logging.getLogger("transferlab")
+    for h in list(logger.handlers):
+        if isinstance(h, logging.FileHandler):
+            logger.removeHandler(h)
+            h.close()
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "data")
+
+
+# A run small enough for a test: random-init timm test model, 32 px, a few epochs.
+TINY = {
+    "backbone": "test_efficientnet",
+    "pretrained": False,
+    "img_size": 32,
+    "epochs_frozen": 3,
+    "epochs_finetune": 2,
+    "batch_size": 8,
+    "num_workers": 0,
+    "progress": False,
+    "early_stop": 0,
+    "lr_head": 0.05,
+}

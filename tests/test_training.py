@@ -1,0 +1,190 @@
+"""The spine end to end on tiny generated data: run directory, strategies, cache, BN policy, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import TINY
+from safetensors.torch import load_file
+
+import transferlab
+from transferlab.config import TrainConfig
+from transferlab.data import feature_cache
+from transferlab.training import run as run_module
+
+
+def read_metrics(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_stage_run_writes_complete_run_directory(tiny_data, tmp_path):
+    result = transferlab.train(tiny_data, out=str(tmp_path / "run"), **TINY)
+    run = result.run_dir
+    for name in ("config.yaml", "metrics.csv", "summary.json", "curves.png", "model.safetensors",
+                 "model.json", "train.log", "data.json"):
+        assert (run / name).is_file(), name
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("backbone", "classes", "num_train", "num_val", "val_accuracy_best", "val_accuracy_final",
+                "phase_seconds", "total_seconds", "skipped_files"):
+        assert key in summary
+    assert summary["classes"] == ["blue", "red"]
+    assert summary["num_train"] == 24 and summary["num_val"] == 12
+    assert {"feature_extraction", "head_training", "finetune"} <= set(summary["phase_seconds"])
+    rows = read_metrics(run)
+    assert [r["phase"] for r in rows] == ["frozen"] * 3 + ["finetune"] * 2
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 1, 2]
+    elapsed = [float(r["elapsed_seconds"]) for r in rows]
+    assert elapsed == sorted(elapsed)
+    assert summary["val_accuracy_best"] == max(float(r["val_accuracy"]) for r in rows)
+    # tinted squares are trivially separable: anything near chance means the loop is broken
+    assert summary["val_accuracy_best"] >= 0.9
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["classes"] == ["blue", "red"]
+    assert meta["backbone"]["name"] == "test_efficientnet"
+    assert meta["preprocessing"]["input_size"] == 32
+    state = load_file(run / "model.safetensors")
+    assert any("head" in k for k in state)
+
+
+@pytest.mark.parametrize(
+    "strategy, phases",
+    [("head-only", {"frozen"}), ("full", {"finetune"}), ("scratch", {"finetune"})],
+)
+def test_each_strategy_runs_its_phases(tiny_data, tmp_path, strategy, phases):
+    result = transferlab.train(tiny_data, out=str(tmp_path / strategy), strategy=strategy, **TINY)
+    assert {r["phase"] for r in read_metrics(result.run_dir)} == phases
+
+
+def test_frozen_stage_runs_the_backbone_once_per_image(tiny_data, tmp_path, monkeypatch):
+    calls = []
+    real = feature_cache.extract_features
+
+    def counting(model, samples, *a, **k):
+        calls.append(len(samples))
+        return real(model, samples, *a, **k)
+
+    monkeypatch.setattr(feature_cache, "extract_features", counting)
+    opts = {**TINY, "epochs_frozen": 10}
+    transferlab.train(tiny_data, out=str(tmp_path / "r"), strategy="head-only", **opts)
+    # 10 head epochs, yet one pass over train (24) and one over val (12)
+    assert sorted(calls) == [12, 24]
+
+
+def test_feature_cache_is_reused_across_runs(tiny_data, tmp_path, monkeypatch):
+    opts = {**TINY, "strategy": "head-only"}
+    transferlab.train(tiny_data, out=str(tmp_path / "a"), **opts)
+    calls = []
+    monkeypatch.setattr(feature_cache, "extract_features", lambda *a, **k: calls.append(1))
+    result = transferlab.train(tiny_data, out=str(tmp_path / "b"), **opts)
+    assert calls == []
+    assert result.val_accuracy_best >= 0.9
+
+
+def test_corrupt_feature_cache_is_rebuilt(tiny_data, tmp_path):
+    opts = {**TINY, "strategy": "head-only"}
+    first = transferlab.train(tiny_data, out=str(tmp_path / "a"), **opts)
+    cache_files = list(feature_cache.default_cache_dir().glob("*.safetensors"))
+    assert cache_files
+    for f in cache_files:
+        f.write_bytes(b"garbage")
+    second = transferlab.train(tiny_data, out=str(tmp_path / "b"), **opts)
+    assert second.val_accuracy_best == first.val_accuracy_best
+
+
+def test_same_seed_gives_identical_metrics(tiny_data, tmp_path):
+    def metrics(name):
+        r = transferlab.train(tiny_data, out=str(tmp_path / name), seed=3, feature_cache="memory", **TINY)
+        return [{k: v for k, v in row.items() if "seconds" not in k} for row in read_metrics(r.run_dir)]
+
+    assert metrics("a") == metrics("b")
+
+
+def _bn_stats(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running_mean" in k}
+
+
+@pytest.mark.parametrize("bn, should_change", [("eval", False), ("train", True)])
+def test_batchnorm_policy_is_applied_while_fine_tuning(tiny_data, tmp_path, bn, should_change):
+    opts = {**TINY, "strategy": "two-stage"}
+    r = transferlab.train(tiny_data, out=str(tmp_path / bn), bn=bn, **opts)
+    stage1 = load_file(r.run_dir / "checkpoints" / "stage1.safetensors")
+    last = load_file(r.run_dir / "checkpoints" / "last.safetensors")
+    changed = any(not torch.equal(stage1[k], last["model." + k]) for k in stage1 if "running_mean" in k)
+    assert changed is should_change
+
+
+def test_mlp_head_and_partial_unfreeze(tiny_data, tmp_path):
+    r = transferlab.train(tiny_data, out=str(tmp_path / "mlp"), head="mlp", head_hidden=16, unfreeze=1, **TINY)
+    meta = json.loads((r.run_dir / "model.json").read_text())
+    assert meta["head"]["kind"] == "mlp" and meta["head"]["hidden"] == 16
+    stage1 = load_file(r.run_dir / "checkpoints" / "stage1.safetensors")
+    last = load_file(r.run_dir / "checkpoints" / "last.safetensors")
+    # the stem is below the last block: frozen, so byte-identical after fine-tuning
+    stem = [k for k in stage1 if k.startswith("conv_stem")]
+    assert stem and all(torch.equal(stage1[k], last["model." + k]) for k in stem)
+
+
+def test_resume_continues_an_interrupted_fine_tuning(tiny_data, tmp_path, monkeypatch):
+    opts = {**TINY, "epochs_finetune": 3, "feature_cache": "memory"}
+    full = transferlab.train(tiny_data, out=str(tmp_path / "full"), **opts)
+
+    real_end = run_module._RunCallback.on_train_epoch_end
+
+    def interrupt_after_second(self, trainer, pl_module):
+        real_end(self, trainer, pl_module)
+        if self.state.data["finetune_epochs_done"] == 2:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(run_module._RunCallback, "on_train_epoch_end", interrupt_after_second)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        transferlab.train(tiny_data, out=str(tmp_path / "cut"), **opts)
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    monkeypatch.setattr(run_module._RunCallback, "on_train_epoch_end", real_end)
+    resumed = transferlab.train(resume=tmp_path / "cut")
+    strip = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+    assert strip(read_metrics(resumed.run_dir)) == strip(read_metrics(full.run_dir))
+
+
+def test_refuses_to_overwrite_an_existing_run(tiny_data, tmp_path):
+    opts = {**TINY, "strategy": "head-only"}
+    transferlab.train(tiny_data, out=str(tmp_path / "r"), **opts)
+    with pytest.raises(transferlab.TransferlabError, match="--resume"):
+        transferlab.train(tiny_data, out=str(tmp_path / "r"), **opts)
+
+
+def test_invalid_configuration_is_rejected_before_work():
+    with pytest.raises(transferlab.TransferlabError, match="strategy"):
+        TrainConfig(data="x", strategy="magic").validate()
+    with pytest.raises(transferlab.TransferlabError, match="lr_decay|decay"):
+        TrainConfig(data="x", lr_decay="exp:").validate()
+
+
+def test_predict_returns_top_k_and_reports_bad_files(tiny_data, tmp_path):
+    r = transferlab.train(tiny_data, out=str(tmp_path / "r"), strategy="head-only", **TINY)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image at all")
+    red = tiny_data / "val" / "red"
+    results = transferlab.predict(r.run_dir, [red, bad, tmp_path / "missing.png"], top_k=2)
+    assert len(results) == 6 + 2
+    good = [x for x in results if "predictions" in x]
+    assert len(good) == 6
+    for x in good:
+        assert len(x["predictions"]) == 2
+        probs = [p["probability"] for p in x["predictions"]]
+        assert probs == sorted(probs, reverse=True) and 0.99 <= sum(probs) <= 1.0001
+    assert sum(x["predictions"][0]["label"] == "red" for x in good) >= 5
+    errors = {x["path"]: x["error"] for x in results if "error" in x}
+    assert str(bad) in errors and str(tmp_path / "missing.png") in errors
+
+
+def test_demo_trains_lite0_on_the_digits(tmp_path):
+    r = transferlab.demo(out=tmp_path / "demo", img_size=32, strategy="head-only", epochs_frozen=2,
+                         progress=False)
+    assert r.summary["backbone"] == "efficientnet_lite0" and r.summary["pretrained"]
+    assert r.summary["num_train"] + r.summary["num_val"] == 1797
+    assert len(r.classes) == 10
+    assert r.val_accuracy_best > 0.5  # real ImageNet features separate digits even at 32 px
