@@ -256,6 +256,11 @@ def limited_indices(targets: list[int], limit: int | None, seed: int) -> list[in
     return sorted(out)
 
 
+def class_names(data: Path) -> list[str]:
+    """The class folders of data/train, in ImageFolder's (sorted) order."""
+    return datasets.folder.find_classes(str(data / "train"))[0]
+
+
 def make_loaders(
     data: Path,
     p: Preprocess,

@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--transferlab-args", default="",
                    help='extra CLI arguments for `transferlab train`, one string, e.g. "--backbone efficientnet_lite0"')
     p.add_argument("--keep-run", action="store_true", help="keep transferlab's run directory (printed)")
+    p.add_argument("--transferlab-cache", choices=["cold", "warm"], default="cold",
+                   help="cold: run transferlab with an empty TRANSFERLAB_HOME, so its on-disk feature cache "
+                        "starts empty as on a first run; warm: use the user's cache (~/.cache/transferlab)")
     p.add_argument("--classic-best", type=float, default=None,
                    help="classic best val accuracy (0-1), when classic is not run")
     p.add_argument("--classic-seconds", type=float, default=None,
@@ -82,6 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fastai-epochs", type=int, default=5, help="fastai unfrozen epochs")
     p.add_argument("--limit-train", type=int, default=None, metavar="N",
                    help="use a seeded, class-balanced subsample of N train images (all contenders)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # argparse takes a value that starts with "-" for an option; glue it: --transferlab-args="--x y"
+    for i, a in enumerate(argv[:-1]):
+        if a == "--transferlab-args":
+            argv[i:i + 2] = [f"{a}={argv[i + 1]}"]
+            break
     args = p.parse_args(argv)
 
     args.data = (args.data if args.data is not None else REPO / "../shared/data/hymenoptera_data").resolve()
@@ -111,6 +120,10 @@ def fmt_s(x: float | None) -> str:
     return "never" if x is None else f"{x:.1f}s"
 
 
+def fmt_acc(x: float | None) -> str:
+    return "none" if x is None else f"{x:.4f}"
+
+
 def first_reach(records: list[dict], target: float | None, tol: float) -> float | None:
     """elapsed_s of the first epoch whose val_acc >= target (within tol), else None."""
     if target is None:
@@ -132,12 +145,13 @@ def epoch_line(name: str, r: dict, n_epochs: int) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _record(name, phase, epoch, clock, t_epoch, tr, ev) -> dict:
+def _record(name, phase, epoch, clock, t_epoch, tr, ev, f0) -> dict:
     return {
         "contender": name, "phase": phase, "epoch": epoch,
         "train_loss": tr[0], "train_acc": tr[1],
         "val_loss": ev[0], "val_acc": ev[1], "val_correct": ev[2], "val_total": ev[3],
         "epoch_s": clock() - t_epoch, "elapsed_s": clock(),
+        "minflt_since_start": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0,
     }
 
 
@@ -150,12 +164,10 @@ def run_classic(args) -> dict:
     f0, w0 = C.minor_faults(), C.minor_faults(resource.RUSAGE_CHILDREN)
     clock = C.Clock()  # from here: scanning the folders, loading weights, training, evaluating
     g = C.seed_everything(args.seed)
-    _, pp = C.load_backbone(args.backbone, 2)  # for the preprocessing only
-    train_dl, val_dl, classes = C.make_loaders(
+    model, pp = C.load_backbone(args.backbone, len(C.class_names(args.data)))
+    train_dl, val_dl, _ = C.make_loaders(
         args.data, pp, batch_size=args.batch_size, num_workers=args.num_workers, generator=g,
         limit_train=args.limit_train, seed=args.seed)
-    torch.manual_seed(args.seed)
-    model, _ = C.load_backbone(args.backbone, len(classes))
     criterion = nn.CrossEntropyLoss()
     records = []
 
@@ -170,7 +182,7 @@ def run_classic(args) -> dict:
         t = clock()
         model.eval()  # frozen body: BN uses its ImageNet statistics, dropout off
         tr = C.train_one_epoch(model, train_dl, opt, criterion)
-        r = _record("classic", "frozen", ep, clock, t, tr, C.evaluate(model, val_dl, criterion))
+        r = _record("classic", "frozen", ep, clock, t, tr, C.evaluate(model, val_dl, criterion), f0)
         records.append(r)
         print(epoch_line("classic", r, args.epochs_frozen), flush=True)
 
@@ -182,7 +194,7 @@ def run_classic(args) -> dict:
         t = clock()
         model.train()
         tr = C.train_one_epoch(model, train_dl, opt, criterion)
-        r = _record("classic", "finetune", ep, clock, t, tr, C.evaluate(model, val_dl, criterion))
+        r = _record("classic", "finetune", ep, clock, t, tr, C.evaluate(model, val_dl, criterion), f0)
         records.append(r)
         print(epoch_line("classic", r, args.epochs_finetune), flush=True)
 
@@ -211,13 +223,11 @@ def run_fastai(args) -> dict:
     f0, w0 = C.minor_faults(), C.minor_faults(resource.RUSAGE_CHILDREN)
     clock = C.Clock()
     g = C.seed_everything(args.seed)
-    _, pp = C.load_backbone(args.backbone, 2)
+    model, pp = C.load_backbone(args.backbone, len(C.class_names(args.data)))
     # fastai's train DataLoader drops the last partial batch
-    train_dl, val_dl, classes = C.make_loaders(
+    train_dl, val_dl, _ = C.make_loaders(
         args.data, pp, batch_size=args.batch_size, num_workers=args.num_workers, generator=g,
         limit_train=args.limit_train, seed=args.seed, drop_last=True)
-    torch.manual_seed(args.seed)
-    model, _ = C.load_backbone(args.backbone, len(classes))
     criterion = nn.CrossEntropyLoss()
     head = list(model.classifier.parameters())
     head_ids = {id(q) for q in head}
@@ -244,7 +254,7 @@ def run_fastai(args) -> dict:
         t = clock()
         model.eval()
         tr = C.train_one_epoch(model, train_dl, opt, criterion, sched)
-        r = _record("fastai", "frozen", ep, clock, t, tr, C.evaluate(model, val_dl, criterion))
+        r = _record("fastai", "frozen", ep, clock, t, tr, C.evaluate(model, val_dl, criterion), f0)
         records.append(r)
         print(epoch_line("fastai", r, n_frozen), flush=True)
 
@@ -256,7 +266,7 @@ def run_fastai(args) -> dict:
         t = clock()
         model.train()
         tr = C.train_one_epoch(model, train_dl, opt, criterion, sched)
-        r = _record("fastai", "finetune", ep, clock, t, tr, C.evaluate(model, val_dl, criterion))
+        r = _record("fastai", "finetune", ep, clock, t, tr, C.evaluate(model, val_dl, criterion), f0)
         records.append(r)
         print(epoch_line("fastai", r, n_unfrozen), flush=True)
 
@@ -309,6 +319,7 @@ def _num(v) -> float | None:
 def run_transferlab(args) -> dict:
     """The package's CLI in a subprocess; wall time from the outside, epochs from its metrics.csv."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("COLUMNS", "160")  # rich wraps its log lines at 80 columns when piped
     result: dict = {"records": [], "wall_s": None, "minflt": None, "ok": False}
 
     # Is there a CLI at all? (A separate tiny process, outside the timing.)
@@ -323,12 +334,18 @@ def run_transferlab(args) -> dict:
         return result
 
     tmp = Path(tempfile.mkdtemp(prefix="tl-bench-"))
+    if args.transferlab_cache == "cold":
+        # transferlab keeps backbone features on disk under $TRANSFERLAB_HOME (default ~/.cache/transferlab);
+        # earlier runs (tests, other benchmarks) would otherwise hand it features it never paid for.
+        env["TRANSFERLAB_HOME"] = str(tmp / "home")
+    result["cache"] = args.transferlab_cache
     data = _limited_data_dir(args, tmp) if args.limit_train is not None else args.data
     run = tmp / "run"
     cmd = [sys.executable, "-m", "transferlab", "train", str(data), "--out", str(run), "--seed", str(args.seed),
            *shlex.split(args.transferlab_args)]
     result["cmd"] = shlex.join(cmd)
-    print(f"  $ {result['cmd']}", flush=True)
+    print(f"  $ {result['cmd']}" + (f"   (TRANSFERLAB_HOME={env['TRANSFERLAB_HOME']}: cold feature cache)"
+                                    if args.transferlab_cache == "cold" else "   (warm feature cache)"), flush=True)
     log_path = args.out / "transferlab_stdout.txt"
     tail: deque[str] = deque(maxlen=25)
     c0 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
@@ -460,17 +477,17 @@ def main(argv: list[str] | None = None) -> int:
             startup = (res["wall_s"] - internal) if internal is not None else None
             reach_ext = f" (~{reach + startup:.1f}s incl. {startup:.1f}s process start-up)" if (
                 reach is not None and startup is not None) else ""
-            line = (f"[{name}] best_val_acc={best:.4f}  wall_s={res['wall_s']:.1f} (external, incl. start-up)  "
-                    f"internal_s={internal:.1f}  first_reach_classic_best={fmt_s(reach)}{reach_ext}  "
+            line = (f"[{name}] best_val_acc={fmt_acc(best)}  wall_s={res['wall_s']:.1f} (external, incl. start-up)  "
+                    f"internal_s={'?' if internal is None else f'{internal:.1f}'}  first_reach_classic_best={fmt_s(reach)}{reach_ext}  "
                     f"minflt={res['minflt']} (RUSAGE_CHILDREN delta)  other_cpu_s={load['other_cpu_s']}")
         else:
             target = "n/a (no classic figure)" if classic_best is None else fmt_s(reach)
-            line = (f"[{name}] best_val_acc={best:.4f}  wall_s={res['wall_s']:.1f}  "
+            line = (f"[{name}] best_val_acc={fmt_acc(best)}  wall_s={res['wall_s']:.1f}  "
                     f"first_reach_classic_best={target}  minflt={res['minflt']} (RUSAGE_SELF delta"
                     + (f"; workers {res['minflt_workers']}" if args.num_workers else "")
                     + f")  other_cpu_s={load['other_cpu_s']}")
         print(line, flush=True)
-        summary_lines.append(line)
+        summary_lines.append(line.split("\n", 1)[0] + (" [its output is above]" if "\n" in line else ""))
         if load["other_cpu_s"] is not None and load["other_cpu_s"] > 0.05 * load["wall_s"] * cores:
             warn = (f"  WARNING: other processes used {load['other_cpu_s']:.0f} CPU-s of the "
                     f"{load['wall_s'] * cores:.0f} available during {name} (load avg {load['loadavg1_start']:.1f}"

@@ -64,4 +64,5 @@ TINY = {
     "progress": False,
     "early_stop": 0,
     "lr_head": 0.05,
+    "report": False,
 }

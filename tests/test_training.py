@@ -22,10 +22,10 @@ def read_metrics(run_dir):
 
 
 def test_two_stage_run_writes_complete_run_directory(tiny_data, tmp_path):
-    result = transferlab.train(tiny_data, out=str(tmp_path / "run"), **TINY)
+    result = transferlab.train(tiny_data, out=str(tmp_path / "run"), **{**TINY, "report": True})
     run = result.run_dir
     for name in ("config.yaml", "metrics.csv", "summary.json", "curves.png", "model.safetensors",
-                 "model.json", "train.log", "data.json"):
+                 "model.json", "train.log", "data.json", "report.html", "eval-val.json"):
         assert (run / name).is_file(), name
     summary = json.loads((run / "summary.json").read_text())
     for key in ("backbone", "classes", "num_train", "num_val", "val_accuracy_best", "val_accuracy_final",
@@ -188,3 +188,18 @@ def test_demo_trains_lite0_on_the_digits(tmp_path):
     assert r.summary["num_train"] + r.summary["num_val"] == 1797
     assert len(r.classes) == 10
     assert r.val_accuracy_best > 0.5  # real ImageNet features separate digits even at 32 px
+
+
+def test_augmented_feature_views_multiply_the_cached_train_set(tiny_data, tmp_path, monkeypatch):
+    seen = {}
+    real = run_module.train_head
+
+    def spy(head, train_x, train_y, val_x, val_y, **kw):
+        seen["train"], seen["val"] = tuple(train_x.shape), tuple(val_x.shape)
+        seen["labels"] = train_y.tolist()
+        return real(head, train_x, train_y, val_x, val_y, **kw)
+
+    monkeypatch.setattr(run_module, "train_head", spy)
+    transferlab.train(tiny_data, out=str(tmp_path / "r"), strategy="head-only", feature_views=2, **TINY)
+    assert seen["train"][0] == 3 * 24 and seen["val"][0] == 12
+    assert seen["labels"][:24] == seen["labels"][24:48] == seen["labels"][48:]

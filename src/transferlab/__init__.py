@@ -2,8 +2,10 @@
 
 __version__ = "0.1.0"
 
-from transferlab.api import demo, list_models, predict, train
+from transferlab.api import demo, evaluate, list_models, predict, report, train
 from transferlab.config import TrainConfig
 from transferlab.errors import TransferlabError
 
-__all__ = ["TrainConfig", "TransferlabError", "__version__", "demo", "list_models", "predict", "train"]
+__all__ = [
+    "TrainConfig", "TransferlabError", "__version__", "demo", "evaluate", "list_models", "predict", "report", "train",
+]

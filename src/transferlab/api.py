@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transferlab.config import TrainConfig
 from transferlab.errors import TransferlabError
-from transferlab.training.run import TrainResult
-from transferlab.training.run import train as _train
+
+if TYPE_CHECKING:  # the heavy stack (torch, Lightning) loads only when a command needs it
+    from transferlab.evaluation.evaluate import EvalResult
+    from transferlab.training.run import TrainResult
 
 # The demo: the embedded default backbone on a real dataset that an installed package ships
 # (scikit-learn's 1 797 handwritten digits, upsampled). 96 px keeps it well inside 5 minutes on
@@ -33,6 +35,8 @@ DEMO_OVERRIDES: dict[str, Any] = {
 def train(data: str | Path | None = None, *, resume: str | Path | None = None, **options: Any) -> TrainResult:
     """Train a classifier on `data` (ImageFolder tree, class folders, or CSV). `options` are
     TrainConfig fields (backbone, head, epochs_frozen, lr_decay, ...); `resume` continues a run."""
+    from transferlab.training.run import train as _train
+
     if resume is not None:
         return _train(TrainConfig(), resume=resume)
     if data is None:
@@ -66,3 +70,35 @@ def demo(out: str | Path | None = None, **overrides: Any) -> TrainResult:
     data = materialize_digits()
     options = {**DEMO_OVERRIDES, **overrides}
     return train(data, out=str(out) if out else None, **options)
+
+
+def evaluate(
+    run: str | Path,
+    data: str | Path | None = None,
+    *,
+    split: str = "val",
+    tta: bool = False,
+    top_losses: int = 16,
+    batch_size: int = 64,
+    plots: bool = True,
+    progress: bool = True,
+) -> EvalResult:
+    """Metrics and interpretation of a run on its own `split` (as in training) or on labelled `data`.
+    Writes <run>/eval-<name>.json and, with `plots`, PNGs in <run>/eval-<name>/; returns an EvalResult."""
+    from transferlab.evaluation.evaluate import evaluate_run
+    from transferlab.reporting.plots import eval_plots
+
+    result = evaluate_run(run, data, split=split, tta=tta, top_losses=top_losses, batch_size=batch_size,
+                          progress=progress)
+    if plots:
+        result.plots = eval_plots(result.to_dict(), result.run_dir / f"eval-{result.name}")
+    return result
+
+
+def report(runs: str | Path | Iterable[str | Path], out: str | Path | None = None, *, progress: bool = True) -> Path:
+    """One self-contained HTML page for one run or comparing several; evaluates runs not yet evaluated.
+    Default output: <run>/report.html for one run, ./report.html for several."""
+    from transferlab.reporting.html import write_report
+
+    run_dirs = [runs] if isinstance(runs, (str, Path)) else list(runs)
+    return write_report(run_dirs, out, progress=progress)

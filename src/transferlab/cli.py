@@ -87,6 +87,7 @@ def train(
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<time>-<backbone>)")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run directory")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html at the end")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train a classifier from a folder of labelled images (two-stage transfer learning)."""
@@ -107,7 +108,7 @@ def train(
             feature_views=feature_views, img_size=img_size, val_split=val_split, batch_size=batch_size,
             num_workers=num_workers, seed=seed, precision=precision, device=device, devices=devices,
             feature_cache=feature_cache, cache_dir=str(cache_dir) if cache_dir else None,
-            out=str(out) if out else None, progress=progress,
+            out=str(out) if out else None, progress=progress, report=report,
         )
     _report_train(result)
 
@@ -173,6 +174,112 @@ def demo(
     console.print("[bold]demo:[/] EfficientNet-Lite0 (ImageNet weights shipped offline) on scikit-learn's "
                   "handwritten digits (1 797 images, 10 classes)")
     _report_train(api.demo(out=out))
+
+
+PER_CLASS_ROWS = 40  # above this many classes the terminal shows the worst ones; the JSON has all
+
+
+def _eval_tables(result) -> list[Table]:
+    from rich.markup import escape
+
+    m, t = result.metrics, result.tta_metrics
+    overall = Table(title=f"{escape(result.name)}: {m['n']} images, {len(result.skipped)} skipped")
+    overall.add_column("metric")
+    overall.add_column("value", justify="right")
+    if t:
+        overall.add_column("with TTA", justify="right")
+    rows = [("accuracy", "accuracy"), (f"top-{m['top_k']} accuracy", "top_k_accuracy"),
+            ("balanced accuracy", "balanced_accuracy"), ("log loss", "log_loss"), ("ECE (15 bins)", "ece")]
+    for label, key in rows:
+        overall.add_row(label, f"{m[key]:.4f}", *([f"{t[key]:.4f}"] if t else []))
+    for avg in ("macro", "weighted"):
+        overall.add_row(f"{avg} F1", f"{m[avg]['f1']:.4f}", *([f"{t[avg]['f1']:.4f}"] if t else []))
+
+    per_class = m["per_class"]
+    shown = per_class if len(per_class) <= PER_CLASS_ROWS else sorted(per_class, key=lambda r: r["f1"])[:PER_CLASS_ROWS]
+    title = "per class" if shown is per_class else f"per class: the {PER_CLASS_ROWS} lowest F1 of {len(per_class)}"
+    table = Table(title=title)
+    for col in ("class", "precision", "recall", "F1", "support"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    if t:
+        table.add_column("recall with TTA", justify="right")
+    tta_rows = {r["class"]: r for r in t["per_class"]} if t else {}
+    for r in shown:
+        table.add_row(escape(r["class"]), f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}",
+                      str(r["support"]), *([f"{tta_rows[r['class']]['recall']:.3f}"] if t else []))
+    tables = [overall, table]
+    confused = result.interpretation["most_confused"][:5]
+    if confused:
+        pairs = Table(title="most confused")
+        for col in ("true", "predicted as", "images"):
+            pairs.add_column(col, justify="right" if col == "images" else "left")
+        for c in confused:
+            pairs.add_row(escape(c["true"]), escape(c["predicted"]), str(c["count"]))
+        tables.append(pairs)
+    return tables
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run directory")],
+    data: Annotated[Path | None, typer.Argument(help="Labelled images: ImageFolder tree, class folders or CSV (default: the run's own data, split as in training)")] = None,
+    split: Annotated[str, typer.Option(help="val | test | train: split of the run's data, or DATA's train/ val/ test/ folder")] = "val",
+    tta: Annotated[bool, typer.Option("--tta", help="Also score with test-time augmentation (flip × full/centre crop)")] = False,
+    top_losses: Annotated[int, typer.Option(help="How many worst-predicted images to keep")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Batch size")] = 64,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the evaluation JSON instead of tables")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Metrics, calibration and worst errors of a trained run on labelled data (saved as eval-<name>.json).
+
+    transferlab evaluate runs/ants                          # the val split the run was trained with
+    transferlab evaluate runs/ants new_photos/ --tta        # any labelled folder or CSV
+    transferlab evaluate runs/ants data/ --split test --top-losses 32
+    """
+    from rich.markup import escape
+
+    from transferlab import api
+
+    _setup_logging(verbose)
+    result = api.evaluate(run, data, split=split, tta=tta, top_losses=top_losses, batch_size=batch_size,
+                          progress=progress)
+    if as_json:
+        out_console.print_json(json.dumps(result.to_dict()))
+        return
+    for table in _eval_tables(result):
+        out_console.print(table)
+    for s in result.skipped[:10]:
+        console.print(f"[yellow]skipped[/] {escape(s['path'])}: {escape(s['reason'])}")
+    if len(result.skipped) > 10:
+        console.print(f"[yellow]… {len(result.skipped) - 10} more skipped files (see the JSON)[/]")
+    plots_dir = result.run_dir / f"eval-{result.name}"
+    console.print(f"metrics → [bold]{escape(str(result.json_path))}[/]; plots → [bold]{escape(str(plots_dir))}/[/]")
+    tta_part = f" tta_accuracy={result.tta_metrics['accuracy']:.4f}" if result.tta_metrics else ""
+    out_console.print(f"accuracy={result.accuracy:.4f}{tta_part} json={result.json_path}", markup=False,
+                      highlight=False, soft_wrap=True)
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="One or more run directories (several: a comparison)")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="HTML file (default: RUN/report.html for one run, ./report.html for several)")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """One self-contained HTML page (images inline, no scripts) for one run or comparing several.
+
+    transferlab report runs/ants
+    transferlab report runs/ants runs/ants-mlp runs/ants-full -o compare.html
+    """
+    from rich.markup import escape
+
+    from transferlab import api
+
+    _setup_logging(verbose)
+    path = api.report(runs, out, progress=progress)
+    console.print(f"report → [bold]{escape(str(path))}[/]")
+    out_console.print(f"report={path}", markup=False, highlight=False, soft_wrap=True)
 
 
 def main() -> None:

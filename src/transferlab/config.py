@@ -56,6 +56,7 @@ class TrainConfig:
     feature_cache: str = "disk"
     cache_dir: str | None = None
     progress: bool = True
+    report: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:

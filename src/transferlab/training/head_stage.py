@@ -47,6 +47,19 @@ def train_head(
     on_epoch: Callable[[dict], None] | None = None,
 ) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Adam(W) on the head, cosine-decayed; returns per-epoch records and the best head state."""
+    # The head's matrices are tiny: one thread is as fast as two on an idle machine (0.82 vs 0.91 s
+    # for 16 epochs of 1 438 x 1 280 features) and immune to OpenMP stalls when the cores are busy.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_head(head, train_x, train_y, val_x, val_y, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                           label_smoothing=label_smoothing, batch_size=batch_size, seed=seed, on_epoch=on_epoch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_head(head, train_x, train_y, val_x, val_y, *, epochs, lr, weight_decay, label_smoothing, batch_size,
+                seed, on_epoch):
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = max(1, -(-len(train_x) // batch_size))

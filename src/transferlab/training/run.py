@@ -20,6 +20,7 @@ import math
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -172,9 +173,16 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> TrainResult:
     run_dir = Path(resume) if resume is not None else Path(cfg.out or default_run_dir(cfg.backbone))
     ensure_writable_dir(run_dir)
     handler = _setup_file_log(run_dir)
+    # Lightning's start-up chatter (GPU/TPU availability, tips) says nothing a user of ours needs.
+    quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.WARNING)
     try:
         return _train_in(run_dir, cfg, spec, start, resuming=resume is not None)
     finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
         log.removeHandler(handler)
         handler.close()
 
@@ -189,9 +197,11 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
     elapsed_before = state.data.get("elapsed_seconds", 0.0)
 
     accelerator = _runtime.resolve_accelerator(cfg.device)
-    precision = _runtime.resolve_precision(cfg.precision, accelerator)
+    precision = _runtime.resolve_precision(cfg.precision, accelerator, training=True)
+    extract_precision = _runtime.resolve_precision(cfg.precision, accelerator, training=False)
     log.info("run directory: %s", run_dir)
-    log.info("backbone %s (%s), %s on %s", spec.name, spec.source, precision, accelerator)
+    log.info("backbone %s (%s) on %s: features in %s, training in %s",
+             spec.name, spec.source, accelerator, extract_precision, precision)
 
     # ---- data
     t0 = time.perf_counter()
@@ -214,7 +224,7 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
     head_cfg = HeadConfig(kind=cfg.head, hidden=cfg.head_hidden, dropout=cfg.head_dropout)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_classifier(spec, len(splits.classes), head_cfg)
-    autocast = _runtime.autocast_dtype(precision)
+    autocast = _runtime.autocast_dtype(extract_precision)
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - start
@@ -288,7 +298,7 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
         "skipped_files": splits.skipped,
         "warnings": splits.warnings,
         "img_size": cfg.img_size,
-        "precision": precision,
+        "precision": {"features": extract_precision, "training": precision},
         "accelerator": accelerator,
         "threads": torch.get_num_threads(),
         "allocator_tuned": _runtime.tune_allocator(),
@@ -301,9 +311,23 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
     write_metrics(run_dir, rows)
     plot_curves(rows, run_dir / "curves.png", title=f"{spec.name} — {cfg.strategy}")
     atomic_write_json(run_dir / "summary.json", summary)
+    if cfg.report:
+        _write_report(run_dir, cfg.progress)
     log.info("best val accuracy %.4f (%s epoch %d); run saved to %s", summary["val_accuracy_best"],
              state.data["best"]["phase"], state.data["best"]["epoch"], run_dir)
     return TrainResult(run_dir=run_dir, summary=summary, rows=rows)
+
+
+def _write_report(run_dir: Path, progress: bool) -> None:
+    """The HTML report (evaluates the val split first). A failure here never costs the trained run."""
+    from transferlab.reporting.html import write_report
+
+    try:
+        path = write_report([run_dir], progress=progress)
+        log.info("report: %s", path)
+    except (TransferlabError, OSError, ValueError, RuntimeError) as exc:
+        log.warning("could not write the report (%s); the run itself is complete — "
+                    "retry with `transferlab report %s`", exc, run_dir)
 
 
 def _print_epoch(row: dict) -> None:
@@ -436,6 +460,7 @@ def _finetune(model, splits, cfg, spec, state, run_dir, accelerator, precision, 
     if rng_to_restore is not None:
         set_rng_state(rng_to_restore["tensors"], rng_to_restore["meta"])
     t0 = time.perf_counter()
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning vs torch 2.15, harmless
     try:
         trainer.fit(module, train_loader, val_loader)
     except SystemExit as exc:

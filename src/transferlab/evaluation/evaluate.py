@@ -1,0 +1,209 @@
+"""Score a trained run on labelled data: one EvalResult (metrics, probabilities, interpretation) that
+the CLI prints and the report renders, saved as ``eval-<name>.json`` in the run directory.
+
+    result = evaluate_run("runs/ants")                           # the run's own val split
+    result = evaluate_run("runs/ants", "new_photos/", tta=True)  # any labelled folder or CSV
+
+Images go through the run's own eval transform (model.json's preprocessing) in full precision; an
+image that cannot be decoded is skipped and listed, never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from transferlab import _runtime
+from transferlab.data.images import ImageError, load_image
+from transferlab.data.sources import Sample
+from transferlab.data.transforms import Preprocessing, Transform, eval_transform
+from transferlab.errors import DataError, TransferlabError
+from transferlab.evaluation.interpret import interpret
+from transferlab.evaluation.metrics import classification_metrics
+from transferlab.evaluation.predict import load_run_model
+from transferlab.evaluation.samples import eval_data
+from transferlab.evaluation.tta import TTA_VIEWS, tta_probabilities
+from transferlab.training.io import atomic_write_json, read_json
+
+__all__ = ["EVAL_FORMAT", "EvalResult", "eval_json_paths", "evaluate_run", "load_eval"]
+
+log = logging.getLogger("transferlab")
+
+EVAL_FORMAT = "transferlab.eval/1"
+
+
+@dataclass
+class EvalResult:
+    """Everything one evaluation produced. ``to_dict()`` is the JSON form (without the per-image
+    probabilities, which can be large); the report renders that form."""
+
+    run_dir: Path
+    name: str  # eval-<name>.json
+    split: str
+    data: str
+    classes: list[str]
+    metrics: dict[str, Any]
+    probabilities: np.ndarray  # (N, C), plain (no TTA)
+    targets: np.ndarray  # (N,)
+    paths: list[str]
+    interpretation: dict[str, Any]
+    tta_metrics: dict[str, Any] | None = None
+    tta_probabilities: np.ndarray | None = None
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    json_path: Path | None = None
+    plots: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float:
+        return self.metrics["accuracy"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": EVAL_FORMAT,
+            "run_dir": str(self.run_dir),
+            "name": self.name,
+            "split": self.split,
+            "data": self.data,
+            "classes": list(self.classes),
+            "metrics": self.metrics,
+            "tta": None if self.tta_metrics is None else {"views": list(TTA_VIEWS), "metrics": self.tta_metrics},
+            "interpretation": self.interpretation,
+            "skipped": self.skipped,
+            "warnings": self.warnings,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def eval_json_paths(run_dir: Path) -> list[Path]:
+    """The run's saved evaluations, the val split first."""
+    found = sorted(Path(run_dir).glob("eval-*.json"))
+    return sorted(found, key=lambda p: p.name != "eval-val.json")
+
+
+def load_eval(path: Path) -> dict[str, Any]:
+    """A saved evaluation (the ``to_dict()`` form)."""
+    data = read_json(path)
+    if not isinstance(data, dict) or data.get("format") != EVAL_FORMAT:
+        raise TransferlabError(f"{path} is not a transferlab evaluation ({EVAL_FORMAT}); re-run `transferlab evaluate`.")
+    return data
+
+
+class _Images(Dataset):
+    """(tensor, reason) per sample; reason is "" when the image decoded, else why it did not."""
+
+    def __init__(self, samples: list[Sample], transform: Transform, size: int) -> None:
+        self.samples, self.transform, self.size = samples, transform, size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        try:
+            return self.transform(load_image(self.samples[i].path)), ""
+        except ImageError as exc:
+            return torch.zeros(3, self.size, self.size), exc.reason
+
+
+@torch.no_grad()
+def evaluate_run(
+    run_dir: str | Path,
+    data: str | Path | None = None,
+    *,
+    split: str = "val",
+    tta: bool = False,
+    batch_size: int = 64,
+    top_losses: int = 16,
+    device: str = "auto",
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluate a run on its own `split` (as in training) or on `data`; writes eval-<name>.json."""
+    _runtime.setup_torch()
+    start = time.perf_counter()
+    model, meta = load_run_model(run_dir)
+    run_dir = Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent
+    classes = list(meta["classes"])
+    chosen = eval_data(run_dir, classes, data, split, progress=progress)
+    pre = Preprocessing.from_dict(meta["preprocessing"])
+    if batch_size < 1:
+        raise TransferlabError("--batch-size must be at least 1")
+    if num_workers is None:
+        # as in training: on 2 cores a loader process steals a core from the forward pass
+        cores = _runtime.physical_cores()
+        num_workers = 0 if cores <= 2 else min(8, cores // 2)
+    accelerator = _runtime.resolve_accelerator(device)
+    model.to(accelerator)
+    loader = DataLoader(_Images(chosen.samples, eval_transform(pre), pre.input_size), batch_size=batch_size,
+                        num_workers=num_workers, shuffle=False)
+    plain, averaged, kept = [], [], []
+    skipped = list(chosen.skipped)
+    with _progress_bar(len(chosen.samples), enabled=progress) as advance:
+        offset = 0
+        for batch, reasons in loader:
+            ok = [i for i, r in enumerate(reasons) if not r]
+            for i, reason in enumerate(reasons):
+                if reason:
+                    path = str(chosen.samples[offset + i].path)
+                    log.warning("skipped %s: %s", path, reason)
+                    skipped.append({"path": path, "reason": reason})
+            if ok:
+                x = batch[ok].to(accelerator)
+                if tta:
+                    p, q = tta_probabilities(model, x)
+                    averaged.append(q.cpu())
+                else:
+                    p = model(x).float().softmax(dim=1)
+                plain.append(p.cpu())
+                kept.extend(offset + i for i in ok)
+            offset += len(reasons)
+            advance(len(reasons))
+    model.to("cpu")
+    if not kept:
+        raise DataError(f"None of the {len(chosen.samples)} images in {chosen.source} could be read "
+                        f"(e.g. {skipped[-1]['path']}: {skipped[-1]['reason']}).")
+
+    probs = torch.cat(plain).double().numpy()
+    targets = np.array([chosen.samples[i].label for i in kept], dtype=np.int64)
+    paths = [str(chosen.samples[i].path) for i in kept]
+    metrics = classification_metrics(probs, targets, classes)
+    tta_probs = torch.cat(averaged).double().numpy() if tta else None
+    result = EvalResult(
+        run_dir=run_dir, name=chosen.name, split=chosen.split, data=chosen.source, classes=classes,
+        metrics=metrics, probabilities=probs, targets=targets, paths=paths,
+        # interpretation is of the plain model: what `predict` and an exported model will do
+        interpretation=interpret(probs, targets, paths, classes, metrics["confusion_matrix"], top_losses),
+        tta_metrics=classification_metrics(tta_probs, targets, classes) if tta_probs is not None else None,
+        tta_probabilities=tta_probs, skipped=skipped, warnings=chosen.warnings,
+        seconds=time.perf_counter() - start,
+    )
+    result.json_path = run_dir / f"eval-{chosen.name}.json"
+    atomic_write_json(result.json_path, result.to_dict())
+    log.info("%s: accuracy %.4f on %d images (%d skipped) -> %s", chosen.name, metrics["accuracy"],
+             len(kept), len(skipped), result.json_path)
+    return result
+
+
+@contextmanager
+def _progress_bar(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A transient rich bar on stderr; yields advance(n). Disabled: a no-op."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]evaluating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("eval", total=total)
+        yield lambda n: bar.advance(task, n)
