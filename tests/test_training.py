@@ -182,8 +182,8 @@ def test_predict_returns_top_k_and_reports_bad_files(tiny_data, tmp_path):
 
 
 def test_demo_trains_lite0_on_the_digits(tmp_path):
-    r = transferlab.demo(out=tmp_path / "demo", img_size=32, strategy="head-only", epochs_frozen=2,
-                         progress=False)
+    r = transferlab.demo(out=tmp_path / "demo", img_size=32, strategy="head-only", epochs_frozen=4,
+                         progress=False, report=False)
     assert r.summary["backbone"] == "efficientnet_lite0" and r.summary["pretrained"]
     assert r.summary["num_train"] + r.summary["num_val"] == 1797
     assert len(r.classes) == 10

@@ -2,10 +2,11 @@
 
 __version__ = "0.1.0"
 
-from transferlab.api import demo, evaluate, list_models, predict, report, train
+from transferlab.api import compare, demo, evaluate, list_models, predict, report, select, train
 from transferlab.config import TrainConfig
 from transferlab.errors import TransferlabError
 
 __all__ = [
-    "TrainConfig", "TransferlabError", "__version__", "demo", "evaluate", "list_models", "predict", "report", "train",
+    "TrainConfig", "TransferlabError", "__version__", "compare", "demo", "evaluate", "list_models", "predict", "report",
+    "select", "train",
 ]

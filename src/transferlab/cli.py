@@ -5,6 +5,9 @@
         --lr-head 1e-3 --lr-finetune 1e-4 --lr-decay exp:3 --augment standard --img-size 224 --out runs/ants
     transferlab predict runs/ants img1.jpg more_images/ --top-k 3 --json
     transferlab models --offline --search lite
+    transferlab models --search convnext --max-params 30M
+    transferlab select data/ --backbones efficientnet_lite0,efficientnet_lite1,efficientnet_lite2 --budget-ms 20
+    transferlab compare data/ --backbones efficientnet_lite0,efficientnet_lite2 --strategies head-only,two-stage,full --out runs/cmp
     transferlab demo
 """
 
@@ -142,24 +145,39 @@ def predict(
 def models(
     search: Annotated[str | None, typer.Option(help="Substring or wildcard filter")] = None,
     offline: Annotated[bool, typer.Option("--offline", help="Only backbones whose weights are usable now")] = False,
+    max_params: Annotated[str | None, typer.Option(help="At most this many parameters: 30M, 5e6, 500k")] = None,
+    max_gflops: Annotated[float | None, typer.Option(help="At most this many GFLOPs (multiply-adds) at the input size")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     limit: Annotated[int, typer.Option(help="Show at most N rows")] = 50,
 ) -> None:
-    """List pretrained backbones and whether they work offline."""
-    from transferlab import api
+    """List pretrained backbones: size, GFLOPs, input, head, feature dim, ImageNet top-1, offline use.
 
-    rows = api.list_models(search, offline_only=offline)
+    transferlab models --offline
+    transferlab models --search convnext --max-params 30M
+    transferlab models --search "tv:*" --max-gflops 1 --json
+    """
+    from transferlab import api
+    from transferlab.models.catalog import format_count
+
+    _setup_logging(False)
+    rows = api.list_models(search, offline_only=offline, max_params=max_params, max_gflops=max_gflops)
     if as_json:
         out_console.print_json(json.dumps(rows))
         return
     table = Table(title=f"backbones ({len(rows)} match{'es' if len(rows) != 1 else ''})")
-    for col in ("name", "source", "input", "offline"):
-        table.add_column(col)
+    for col in ("name", "source", "params", "GFLOPs", "input", "head", "feat dim", "top-1", "offline"):
+        table.add_column(col, justify="right" if col in ("params", "GFLOPs", "input", "feat dim", "top-1") else "left")
     for r in rows[:limit]:
-        table.add_row(r["name"], r["source"], str(r.get("input_size", "")), "yes" if r.get("offline") else "no")
+        table.add_row(r["name"], r["source"], format_count(r["params"]),
+                      "" if r["gflops"] is None else f"{r['gflops']:.2f}", str(r.get("input_size", "")),
+                      r["head"] or "", "" if r["feature_dim"] is None else str(r["feature_dim"]),
+                      "" if r["top1"] is None else f"{r['top1']:.2f}", "yes" if r.get("offline") else "no")
     out_console.print(table)
     if len(rows) > limit:
         console.print(f"… {len(rows) - limit} more; narrow with --search or raise --limit")
+    if any(r["params"] is None for r in rows[:limit]):
+        console.print("[dim]blank params/GFLOPs: not published and not measured for this many rows; "
+                      "narrow with --search to measure them (cached afterwards)[/]")
 
 
 @app.command()
@@ -282,27 +300,150 @@ def report(
     out_console.print(f"report={path}", markup=False, highlight=False, soft_wrap=True)
 
 
+def _selection_table(result) -> Table:
+    from rich.markup import escape
+
+    from transferlab.models.catalog import format_count
+
+    budget = f", budget {result.budget_ms:g} ms" if result.budget_ms is not None else ""
+    table = Table(title=f"backbone selection: linear probe on frozen features{budget}")
+    columns = ("#", "backbone", "probe val acc", "CV acc", "C", "ms b1", "ms b32", "img/s b32", "peak MiB",
+               "params", "GFLOPs", "extract s", "pareto", "budget")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("backbone", "pareto", "budget") else "right")
+    for r in result.rows:
+        name = escape(r["backbone"]) + (" ★" if r["recommended"] else "")
+        table.add_row(
+            str(r["rank"]), f"[bold]{name}[/]" if r["recommended"] else name, f"{r['probe_accuracy']:.4f}",
+            "—" if r["cv_accuracy"] is None else f"{r['cv_accuracy']:.4f}", f"{r['probe_c']:g}",
+            f"{r['latency_ms_b1']:.1f}", f"{r['latency_ms_b32']:.1f}", f"{r['images_per_second']:.1f}",
+            f"{r['peak_mem_mb']:.0f}", format_count(r["params"]), f"{r['gflops']:.2f}",
+            f"{r['extract_seconds']:.1f}" + (" (cache)" if r["features_cached"] else ""),
+            "yes" if r["pareto"] else "", "ok" if r["within_budget"] else "over")
+    return table
+
+
+@app.command()
+def select(
+    data: Annotated[Path, typer.Argument(help="ImageFolder tree (train/ val/ [test/]), class folders, or a CSV of path,label")],
+    backbones: Annotated[str | None, typer.Option(help="Comma-separated candidates, e.g. efficientnet_lite0,efficientnet_lite1")] = None,
+    max_params: Annotated[str | None, typer.Option(help="Candidates from the catalog with at most this many parameters (30M, 5e6)")] = None,
+    search: Annotated[str | None, typer.Option(help="Candidates from the catalog matching this substring or wildcard")] = None,
+    budget_ms: Annotated[float | None, typer.Option(help="Latency budget at batch 1 (ms) for the recommendation")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default runs/select-<time>)")] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights")] = True,
+    img_size: Annotated[int | None, typer.Option(help="Input size (default: each backbone's)")] = None,
+    val_split: Annotated[float, typer.Option(help="Validation fraction when the data has no val/ folder")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Random seed")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print selection.json instead of the table")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Rank backbones on your data by a linear probe on frozen features (one forward pass per image, cached
+    for training), with latency and memory on this machine; recommend the best within a latency budget.
+
+    transferlab select data/ --backbones efficientnet_lite0,efficientnet_lite1,efficientnet_lite2 --budget-ms 20
+    transferlab select data/ --max-params 30M --search convnext --out runs/choose
+    """
+    from rich.markup import escape
+
+    from transferlab import api
+
+    _setup_logging(verbose)
+    result = api.select(data, backbones, max_params=max_params, search=search, budget_ms=budget_ms, out=out,
+                        pretrained=pretrained, img_size=img_size, val_split=val_split, seed=seed, device=device,
+                        progress=progress)
+    if as_json:
+        out_console.print_json(result.files["json"].read_text(encoding="utf-8"))
+        return
+    out_console.print(_selection_table(result))
+    s = result.seconds
+    out_console.print(f"recommended: {escape(result.reason)}", highlight=False)
+    if s["ratio"] is None:
+        out_console.print(f"select took {s['total']:.1f} s; every feature came from the cache (no forward pass "
+                          "over the images)", highlight=False)
+    else:
+        out_console.print(
+            f"select took {s['total']:.1f} s = {s['ratio']:.2f} × its feature extraction ({s['feature_extraction']:.1f} s, "
+            f"one forward pass per image per backbone); probes {s['probes']:.1f} s, latency/memory benchmark "
+            f"{s['benchmark']:.1f} s", highlight=False)
+    console.print(f"files → [bold]{escape(str(result.out_dir))}[/] (selection.csv, selection.json, selection.png, "
+                  "learning_curve.png)")
+
+
+def _compare_table(result) -> Table:
+    from rich.markup import escape
+
+    from transferlab.models.catalog import format_count
+
+    def num(value, fmt: str) -> str:
+        return "—" if value is None else format(value, fmt)
+
+    best = result.best
+    table = Table(title=f"comparison: {len(result.rows)} runs")
+    columns = ("backbone", "strategy", "acc after FE", "acc after FT", "best", "train s", "ms b1", "peak train MiB",
+               "peak infer MiB", "params", "this time")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("backbone", "strategy", "this time") else "right")
+    for r in result.rows:
+        mark = "[bold green]" if r is best else ""
+        table.add_row(escape(r["backbone"]), r["strategy"], num(r["val_accuracy_feature_extraction"], ".4f"),
+                      num(r["val_accuracy_finetune"], ".4f"), f"{mark}{r['val_accuracy_best']:.4f}",
+                      num(r["train_seconds"], ".1f"), num(r["latency_ms_b1"], ".1f"), num(r["peak_train_mem_mb"], ".0f"),
+                      num(r["peak_infer_mem_mb"], ".0f"), format_count(r["params"]), r["status"])
+    return table
+
+
+@app.command()
+def compare(
+    data: Annotated[Path, typer.Argument(help="ImageFolder tree (train/ val/ [test/]), class folders, or a CSV of path,label")],
+    backbones: Annotated[str, typer.Option(help="Comma-separated backbones, e.g. efficientnet_lite0,efficientnet_lite2")],
+    strategies: Annotated[str, typer.Option(help="Comma-separated: head-only,two-stage,full,scratch")] = "head-only,two-stage",
+    out: Annotated[Path | None, typer.Option(help="Output folder; re-run with the same one to skip finished runs and resume interrupted ones (default runs/compare-<time>)")] = None,
+    epochs_frozen: Annotated[int | None, typer.Option(help="Head epochs on cached frozen features")] = None,
+    epochs_finetune: Annotated[int | None, typer.Option(help="Fine-tuning epochs")] = None,
+    img_size: Annotated[int | None, typer.Option(help="Input size (default: each backbone's)")] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights")] = True,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Train every backbone × strategy and compare them: one table, plots and a self-contained compare.html.
+
+    transferlab compare data/ --backbones efficientnet_lite0,efficientnet_lite2 --strategies head-only,two-stage,full --out runs/cmp
+    transferlab compare data/ --backbones efficientnet_lite0 --strategies two-stage,scratch --epochs-finetune 8 --out runs/cmp
+    """
+    from rich.markup import escape
+
+    from transferlab import api
+
+    _setup_logging(verbose)
+    given = {"epochs_frozen": epochs_frozen, "epochs_finetune": epochs_finetune, "img_size": img_size,
+             "batch_size": batch_size, "seed": seed}
+    options = {k: v for k, v in given.items() if v is not None}
+    result = api.compare(data, backbones, strategies, out=out, pretrained=pretrained, device=device,
+                         progress=progress, **options)
+    out_console.print(_compare_table(result))
+    console.print(f"compare.html, compare.csv, compare.json → [bold]{escape(str(result.out_dir))}[/]")
+    out_console.print(f"best={result.best['backbone']}×{result.best['strategy']} "
+                      f"val_accuracy={result.best['val_accuracy_best']:.4f} html={result.files['html']}",
+                      markup=False, highlight=False, soft_wrap=True)
+
+
 def main() -> None:
-    """Entry point: user errors print a clear message and exit non-zero, never a traceback."""
+    """Entry point: user errors print a clear message and exit non-zero, never a traceback.
+    Usage errors (unknown option, missing argument) are reported by Typer's standalone mode."""
     try:
-        app(standalone_mode=False)
+        app()
     except TransferlabError as exc:
         console.print(f"[bold red]error:[/] {exc}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/] — continue with `transferlab train --resume RUN_DIR`")
         sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        raise
 
 
 if __name__ == "__main__":
