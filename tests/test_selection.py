@@ -53,7 +53,7 @@ def test_ranking_without_budget_takes_the_most_accurate_and_an_impossible_budget
     assert recommended is None and not any(r["within_budget"] or r["recommended"] for r in ordered)
 
 
-@pytest.mark.parametrize("counts, sizes", [([124, 121], [1, 2, 5, 10, 20, 124]), ([12, 6], [1, 2, 5, 12]),
+@pytest.mark.parametrize("counts, sizes", [([124, 121], [1, 2, 5, 10, 20, 124]), ([12, 6], [1, 2, 5, 10, 12]),
                                            ([3, 3], [1, 2, 3]), ([1, 1], [1]), ([20, 4], [1, 2, 5, 10, 20])])
 def test_learning_curve_sizes_are_the_steps_below_the_largest_class_then_all(counts, sizes):
     assert learning_curve_sizes(counts) == sizes
@@ -70,9 +70,9 @@ def test_learning_curve_fits_each_size_per_class_on_cached_features():
     x, y = _blobs([12, 6])
     vx, vy = _blobs([5, 5], seed=1)
     points = learning_curve(x, y, vx, vy, c=1.0)
-    assert [p["per_class"] for p in points] == [1, 2, 5, 12]
-    assert [p["images"] for p in points] == [2, 4, 10, 18]  # the smaller class gives all it has
-    assert [p["all"] for p in points] == [False, False, False, True]
+    assert [p["per_class"] for p in points] == [1, 2, 5, 10, 12]
+    assert [p["images"] for p in points] == [2, 4, 10, 16, 18]  # the smaller class gives all it has
+    assert [p["all"] for p in points] == [False, False, False, False, True]
     assert points[-1]["accuracy"] == 1.0  # well-separated blobs
 
 
@@ -118,7 +118,7 @@ def test_select_runs_one_forward_pass_per_image_per_backbone_and_shares_the_trai
     saved = json.loads((out / "selection.json").read_text())
     assert saved["recommended"] == result.recommended["backbone"] == result.rows[0]["backbone"]
     assert set(saved["learning_curves"]) == {"test_efficientnet", "test_resnet"}
-    assert [p["per_class"] for p in saved["learning_curves"]["test_resnet"]] == [1, 2, 5, 12]
+    assert [p["per_class"] for p in saved["learning_curves"]["test_resnet"]] == [1, 2, 5, 10, 12]
     row = result.rows[0]
     assert row["probe_accuracy"] >= 0.9  # tinted squares: anything near chance means the probe is broken
     assert row["latency_ms_b1"] > 0 and row["latency_ms_b32"] > 0 and row["peak_mem_mb"] >= row["weights_mb"] > 0

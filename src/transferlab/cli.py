@@ -367,7 +367,8 @@ def select(
         out_console.print(
             f"select took {s['total']:.1f} s = {s['ratio']:.2f} × its feature extraction ({s['feature_extraction']:.1f} s, "
             f"one forward pass per image per backbone); probes {s['probes']:.1f} s, latency/memory benchmark "
-            f"{s['benchmark']:.1f} s", highlight=False)
+            f"{s['benchmark']:.1f} s, other {s['other']:.1f} s (imports, image checks, model builds, plots)",
+            highlight=False)
     console.print(f"files → [bold]{escape(str(result.out_dir))}[/] (selection.csv, selection.json, selection.png, "
                   "learning_curve.png)")
 

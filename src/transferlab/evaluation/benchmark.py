@@ -23,7 +23,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import nn
@@ -80,7 +80,7 @@ class PeakMemory:
         self.mb = 0.0
         self.exact = True
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> Self:
         if self.device == "cuda":
             torch.cuda.synchronize()
             self._base = torch.cuda.memory_allocated()
@@ -92,7 +92,7 @@ class PeakMemory:
         self._base = rss if self.exact else _maxrss_kb()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.device == "cuda":
             torch.cuda.synchronize()
             self.mb = (torch.cuda.max_memory_allocated() - self._base) / MB

@@ -111,6 +111,6 @@ def learning_curve(train_x, train_y, val_x, val_y, *, c: float, sizes: Sequence[
         draws = 1 if size >= top else repeats
         subsets = [_subsample(y, size, rng) for _ in range(draws)]
         accs = [_fit_score(c, x[idx], y[idx], vx, vy) for idx in subsets]
-        points.append({"per_class": int(size), "images": int(len(subsets[0])), "all": size >= top,
+        points.append({"per_class": int(size), "images": len(subsets[0]), "all": size >= top,
                        "accuracy": float(np.mean(accs)), "std": float(np.std(accs))})
     return points

@@ -50,7 +50,7 @@ _SUFFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
 # ------------------------------------------------------------------------------------------ units
 
 
-def parse_count(value: str | float | int) -> float:
+def parse_count(value: str | float) -> float:
     """'30M', '5e6', '1.5B', '500k', 25_000_000 -> a plain number (for --max-params)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)

@@ -104,13 +104,13 @@ def write_compare_html(rows: Sequence[Mapping[str, Any]], files: Mapping[str, Pa
                                        _Html(f"<span class=path>{_esc(r['run_dir'])}</span>")] for r in rows])
     body = [
         "<h1>transferlab comparison</h1>",
-        f"<p class=muted>generated {datetime.now():%Y-%m-%d %H:%M} by transferlab {_esc(__version__)} — data "
-        f"<span class=path>{_esc(data)}</span></p>",
+        (f"<p class=muted>generated {datetime.now():%Y-%m-%d %H:%M} by transferlab {_esc(__version__)} — data "
+         f"<span class=path>{_esc(data)}</span></p>"),
         "<h2>Results</h2>",
         _table([h for _, h in _HEADERS], table_rows, row_class=["best" if i == best else "" for i in range(len(rows))]),
-        "<p class=muted>FE: feature extraction (head on frozen features); FT: fine-tuning. Latency: median of a "
-        "batch-1 forward pass of the trained model on this machine. Peak train memory: increase of the process's "
-        "peak memory while the cell trained (blank for cells trained before this was recorded).</p>",
+        ("<p class=muted>FE: feature extraction (head on frozen features); FT: fine-tuning. Latency: median of a "
+         "batch-1 forward pass of the trained model on this machine. Peak train memory: increase of the process's "
+         "peak memory while the cell trained (blank when it was not recorded).</p>"),
         "<div class=grid>",
         f"<div><h3>Accuracy per stage</h3>{_img(files['accuracy_plot'], 'accuracy per stage')}</div>",
         f"<div><h3>Accuracy per epoch</h3>{_img(files['curves_plot'], 'accuracy per epoch')}</div>",

@@ -50,7 +50,7 @@ def plot_selection(rows: Sequence[Mapping[str, Any]], path: Path, *, front: Sequ
     ax.set_ylabel("linear-probe val accuracy")
     ax.set_title("accuracy vs latency")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     return _save(fig, path)
 
 
