@@ -28,8 +28,9 @@ from transferlab.errors import TransferlabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Transfer learning for image classification: train, predict, explore backbones.")
-console = Console(stderr=True)
-out_console = Console()
+# Piped output (CI logs, `| less`) would otherwise be cut to 80 columns and truncate table cells.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+out_console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def _setup_logging(verbose: bool) -> None:
