@@ -32,8 +32,11 @@ __all__ = ["PeakMemory", "inference_cost", "measure_latency", "weights_mb"]
 
 MB = 1024 * 1024
 # Timed runs: at least MIN_RUNS, then more until MIN_SECONDS have passed or MAX_RUNS: batch 1 on a
-# small model gets ~20 samples for a stable median, a 1-second batch 32 costs only 3.
-MIN_RUNS, MAX_RUNS, MIN_SECONDS = 3, 20, 0.5
+# small model gets ~20 samples for a stable median; a big batch (hundreds of ms each, its spread a
+# few %) gets 2, so that measuring latency stays small beside the one feature-extraction pass that
+# `select` is allowed to cost.
+MIN_RUNS, MAX_RUNS, MIN_SECONDS = 3, 20, 0.25
+MIN_RUNS_LARGE_BATCH = 2
 WARMUP = {1: 3}  # batch size -> warm-up runs; bigger batches warm up once
 _STATUS = Path("/proc/self/status")
 
@@ -106,13 +109,13 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _median_ms(run: Callable[[], Any], device: str, warmup: int) -> float:
+def _median_ms(run: Callable[[], Any], device: str, warmup: int, min_runs: int = MIN_RUNS) -> float:
     for _ in range(warmup):
         run()
     _sync(device)
     times: list[float] = []
     start = time.perf_counter()
-    while len(times) < MIN_RUNS or (len(times) < MAX_RUNS and time.perf_counter() - start < MIN_SECONDS):
+    while len(times) < min_runs or (len(times) < MAX_RUNS and time.perf_counter() - start < MIN_SECONDS):
         t0 = time.perf_counter()
         run()
         _sync(device)
@@ -134,7 +137,7 @@ def measure_latency(model: nn.Module, input_size: int, batch_size: int, *, devic
         with autocast:
             model(x)
 
-    return _median_ms(run, device, WARMUP.get(batch_size, 1))
+    return _median_ms(run, device, WARMUP.get(batch_size, 1), MIN_RUNS if batch_size == 1 else MIN_RUNS_LARGE_BATCH)
 
 
 def inference_cost(model: nn.Module, input_size: int, *, batch_sizes: Sequence[int] = (1, 32), device: str = "cpu",
