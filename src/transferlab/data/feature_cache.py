@@ -58,6 +58,19 @@ def _slot_prefix(model: nn.Module) -> str:
     return ""
 
 
+# Bump when the extraction's numerics change (memory format, kernels): cached features from an
+# older path would differ in the last bits and make cache hits and misses give different runs.
+EXTRACTION_VERSION = 2  # 2: channels-last
+
+
+def transform_tag(pre, autocast_dtype: torch.dtype | None, view: str = "eval") -> str:
+    """The part of a cache key that says how images became features: preprocessing (and which
+    augmented view), the autocast precision and the extraction code version. Training and
+    `select` both build their keys here, so they share cached features."""
+    return (f"{view}:{json.dumps(pre.to_dict(), sort_keys=True)}:{autocast_dtype}:"
+            f"v{EXTRACTION_VERSION}")
+
+
 def feature_key(fingerprint: str, transform_tag: str, samples: Sequence[Sample]) -> str:
     h = hashlib.sha256()
     h.update(fingerprint.encode())
@@ -84,9 +97,9 @@ def extract_features(
     was_training = model.training
     model.eval()
     dataset = ImageDataset(list(samples), transform)
-    generator = None
-    if generator_seed is not None:
-        generator = torch.Generator().manual_seed(generator_seed)
+    # An explicit generator: iterating a DataLoader without one draws from torch's global RNG,
+    # which would make a cache miss and a cache hit leave different RNG states behind.
+    generator = torch.Generator().manual_seed(generator_seed if generator_seed is not None else 0)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import gc
 import io
-import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -165,8 +164,7 @@ def _evaluate_candidate(spec, splits, *, seed: int, device: str, autocast, cache
     torch.manual_seed(seed)  # what training seeds before building: random-init backbones match its cache
     model = build_classifier(spec, len(splits.classes), HeadConfig()).to(device)
     pre = spec.preprocessing
-    # must equal training/run.py's tag, so the two share cached features
-    tag = f"eval:{json.dumps(pre.to_dict(), sort_keys=True)}"
+    tag = feature_cache.transform_tag(pre, autocast)  # the same key as training: shared cached features
     fingerprint = feature_cache.backbone_fingerprint(model) if cache_dir is not None else None
     t0 = time.perf_counter()
     hits, feats = [], []

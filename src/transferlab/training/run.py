@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import re
@@ -33,7 +32,7 @@ from torch.utils.data import DataLoader
 from transferlab import _runtime
 from transferlab.config import TrainConfig
 from transferlab.data.datasets import ImageDataset
-from transferlab.data.feature_cache import backbone_fingerprint, cached_features, default_cache_dir
+from transferlab.data.feature_cache import backbone_fingerprint, cached_features, default_cache_dir, transform_tag
 from transferlab.data.sources import DataSplits, load_splits
 from transferlab.data.transforms import eval_transform, train_transform
 from transferlab.errors import RunDirError, TransferlabError
@@ -256,6 +255,7 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
             t2 = time.perf_counter()
             slot = head_slot(model)
             head = slot.head
+            torch.manual_seed(cfg.seed)  # dropout draws: the same whether features were cached or not
             records, best_state = train_head(
                 head, train_x, train_y, val_x, val_y,
                 epochs=cfg.epochs_frozen, lr=cfg.lr_head, weight_decay=cfg.weight_decay,
@@ -352,9 +352,9 @@ def _features(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneSpec, a
             cache_dir = None
     fingerprint = backbone_fingerprint(model) if cache_dir is not None else None
     cfg_pre = spec.preprocessing.with_size(cfg.img_size)
-    jobs = [("train", splits.train, eval_transform(cfg_pre), f"eval:{json.dumps(cfg_pre.to_dict(), sort_keys=True)}", None)]
+    jobs = [("train", splits.train, eval_transform(cfg_pre), transform_tag(cfg_pre, autocast), None)]
     for v in range(1, cfg.feature_views + 1):
-        tag = f"aug:{cfg.augment}:view{v}:seed{cfg.seed}:{json.dumps(cfg_pre.to_dict(), sort_keys=True)}"
+        tag = transform_tag(cfg_pre, autocast, view=f"aug:{cfg.augment}:view{v}:seed{cfg.seed}")
         jobs.append(("train", splits.train, train_transform(cfg_pre, cfg.augment), tag, cfg.seed * 1000 + v))
     jobs.append(("val", splits.val, eval_transform(cfg_pre), jobs[0][3], None))
 
