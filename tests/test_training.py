@@ -82,7 +82,7 @@ def test_feature_cache_is_reused_across_runs_with_identical_results(tiny_data, t
     second = transferlab.train(tiny_data, out=str(tmp_path / "b"), **opts)
     assert calls == []
     # a cache hit must reproduce a cache miss exactly: same seed, same metrics
-    strip = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
     assert strip(read_metrics(second.run_dir)) == strip(read_metrics(first.run_dir))
     assert second.val_accuracy_best >= 0.9
 
