@@ -68,3 +68,27 @@ def test_models_offline_lists_the_shipped_backbones():
     assert p.returncode == 0, p.stderr
     names = {r["name"] for r in json.loads(p.stdout)}
     assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"} <= names
+
+
+def test_interrupting_train_says_how_to_resume(tmp_path):
+    """Ctrl+C (SIGINT) during training: exit 130 with the --resume command, not a traceback."""
+    import signal
+    import time
+
+    data = make_image_folder(tmp_path / "data", per_class=(40, 6))
+    run = tmp_path / "run"
+    env = {**os.environ, "TRANSFERLAB_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "transferlab", "train", str(data), "--backbone", "test_efficientnet",
+         "--no-pretrained", "--img-size", "32", "--epochs-frozen", "1", "--epochs-finetune", "200",
+         "--batch-size", "8", "--out", str(run), "--no-progress", "--no-report"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "checkpoints" / "last.json").exists():
+        time.sleep(0.2)
+    assert (run / "checkpoints" / "last.json").exists(), proc.communicate(timeout=30)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"--resume {run}" in err
+    assert "Traceback" not in err

@@ -98,23 +98,33 @@ def train(
     from transferlab import api
 
     _setup_logging(verbose)
-    if resume is not None:
-        result = api.train(resume=resume)
-    else:
-        if data is None:
-            raise TransferlabError("Missing DATA: give a folder of images or a CSV file (or --resume RUN).")
-        result = api.train(
-            data, backbone=backbone, pretrained=pretrained, head=head, head_hidden=head_hidden,
-            head_dropout=head_dropout, strategy=strategy, epochs_frozen=epochs_frozen,
-            epochs_finetune=epochs_finetune, lr_head=lr_head, lr_finetune=lr_finetune, lr_decay=lr_decay,
-            unfreeze=unfreeze, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
-            label_smoothing=label_smoothing, early_stop=early_stop, bn=bn, augment=augment,
-            feature_views=feature_views, img_size=img_size, val_split=val_split, batch_size=batch_size,
-            num_workers=num_workers, seed=seed, precision=precision, device=device, devices=devices,
-            feature_cache=feature_cache, cache_dir=str(cache_dir) if cache_dir else None,
-            out=str(out) if out else None, progress=progress, report=report,
-        )
+    if resume is None and data is None:
+        raise TransferlabError("Missing DATA: give a folder of images or a CSV file (or --resume RUN).")
+    try:
+        result = _train_or_resume(api, data, resume, {
+            "backbone": backbone, "pretrained": pretrained, "head": head, "head_hidden": head_hidden,
+            "head_dropout": head_dropout, "strategy": strategy, "epochs_frozen": epochs_frozen,
+            "epochs_finetune": epochs_finetune, "lr_head": lr_head, "lr_finetune": lr_finetune, "lr_decay": lr_decay,
+            "unfreeze": unfreeze, "optimizer": optimizer, "weight_decay": weight_decay, "schedule": schedule,
+            "label_smoothing": label_smoothing, "early_stop": early_stop, "bn": bn, "augment": augment,
+            "feature_views": feature_views, "img_size": img_size, "val_split": val_split, "batch_size": batch_size,
+            "num_workers": num_workers, "seed": seed, "precision": precision, "device": device, "devices": devices,
+            "feature_cache": feature_cache, "cache_dir": str(cache_dir) if cache_dir else None,
+            "out": str(out) if out else None, "progress": progress, "report": report,
+        })
+    except KeyboardInterrupt:
+        # Typer would print "Aborted!"; say instead how to continue: every finished epoch is saved.
+        where = resume or out or "RUN_DIR (the run directory printed at the start)"
+        console.print(f"[yellow]interrupted[/] — continue with `transferlab train --resume {where}`")
+        raise typer.Exit(130) from None
     _report_train(result)
+
+
+def _train_or_resume(api, data, resume, options: dict):
+    """A resumed run takes its configuration from the run directory, not from the options."""
+    if resume is not None:
+        return api.train(resume=resume)
+    return api.train(data, **options)
 
 
 @app.command()
