@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: never needs a display
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 PHASE_LABELS = {"frozen": "feature extraction", "finetune": "fine-tuning"}
 
@@ -29,6 +30,7 @@ def plot_curves(rows: Sequence[dict], path: Path, title: str = "") -> Path:
                         xycoords=("data", "axes fraction"), xytext=(3, -12), textcoords="offset points",
                         fontsize=8, color="grey")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
     ax_loss.set_ylabel("cross-entropy loss")
