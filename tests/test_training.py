@@ -206,3 +206,11 @@ def test_augmented_feature_views_multiply_the_cached_train_set(tiny_data, tmp_pa
     transferlab.train(tiny_data, out=str(tmp_path / "r"), strategy="head-only", feature_views=2, **TINY)
     assert seen["train"][0] == 3 * 24 and seen["val"][0] == 12
     assert seen["labels"][:24] == seen["labels"][24:48] == seen["labels"][48:]
+
+
+def test_blocks_with_negligible_learning_rate_are_frozen_not_back_propagated():
+    params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(3)]
+    groups = [{"params": [p], "lr": lr, "name": str(i)} for i, (p, lr) in enumerate(zip(params, (1e-4, 1e-6, 1e-8)))]
+    kept = run_module.freeze_negligible_groups(groups, top_lr=1e-4)
+    assert [g["name"] for g in kept] == ["0", "1"]
+    assert [p.requires_grad for p in params] == [True, True, False]
