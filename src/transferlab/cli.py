@@ -378,7 +378,9 @@ def select(
         out_console.print(
             f"select took {s['total']:.1f} s = {s['ratio']:.2f} × its feature extraction ({s['feature_extraction']:.1f} s, "
             f"one forward pass per image per backbone); probes {s['probes']:.1f} s, latency/memory benchmark "
-            f"{s['benchmark']:.1f} s, other {s['other']:.1f} s (imports, image checks, model builds, plots)",
+            f"{s['benchmark']:.1f} s, other {s['other']:.1f} s (image checks, model builds, plots); "
+            f"library imports before that {s['imports']:.1f} s "
+            f"(with them: {(s['total'] + s['imports']) / s['feature_extraction']:.2f} ×)",
             highlight=False)
     console.print(f"files → [bold]{escape(str(result.out_dir))}[/] (selection.csv, selection.json, selection.png, "
                   "learning_curve.png)")
