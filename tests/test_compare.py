@@ -83,3 +83,16 @@ def test_invalid_grid_is_rejected_before_any_training(tiny_data, tmp_path, monke
     with pytest.raises(transferlab.TransferlabError, match="epochs-frozen"):
         transferlab.compare(tiny_data, "test_resnet", "head-only", out=tmp_path / "c", **{**GRID, "epochs_frozen": 0})
     assert calls == [] and not (tmp_path / "c").exists()
+
+
+def test_best_cell_breaks_accuracy_ties_by_val_loss_then_speed(tmp_path):
+    from transferlab.evaluation.compare import CompareResult
+
+    rows = [
+        {"backbone": "fast", "val_accuracy_best": 0.96, "val_loss_best": 0.20, "train_seconds": 10.0},
+        {"backbone": "sure", "val_accuracy_best": 0.96, "val_loss_best": 0.12, "train_seconds": 90.0},
+        {"backbone": "worse", "val_accuracy_best": 0.95, "val_loss_best": 0.01, "train_seconds": 1.0},
+    ]
+    assert CompareResult(out_dir=tmp_path, rows=rows).best["backbone"] == "sure"
+    rows[1]["val_loss_best"] = 0.20
+    assert CompareResult(out_dir=tmp_path, rows=rows).best["backbone"] == "fast"

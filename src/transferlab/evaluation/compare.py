@@ -24,7 +24,7 @@ log = logging.getLogger("transferlab")
 
 COMPARE_COLUMNS = [
     "backbone", "strategy", "status", "pretrained", "img_size", "val_accuracy_feature_extraction",
-    "val_accuracy_finetune", "val_accuracy_best", "best_phase", "train_seconds", "epochs", "latency_ms_b1",
+    "val_accuracy_finetune", "val_accuracy_best", "val_loss_best", "best_phase", "train_seconds", "epochs", "latency_ms_b1",
     "peak_train_mem_mb", "peak_infer_mem_mb", "params", "run_dir",
 ]
 CELL_FILE = "compare_cell.json"  # per cell: what compare measured while training it
@@ -43,7 +43,13 @@ class CompareResult:
 
     @property
     def best(self) -> dict[str, Any]:
-        return max(self.rows, key=lambda r: (r["val_accuracy_best"], -r["train_seconds"]))
+        # The rule `train` uses for its own best model: accuracy, then val loss (accuracy on a small
+        # val set ties often; the loss still tells the models apart), then the faster one.
+        def key(r: dict[str, Any]) -> tuple:
+            loss = r.get("val_loss_best")
+            return (r["val_accuracy_best"], -(loss if loss is not None else float("inf")), -r["train_seconds"])
+
+        return max(self.rows, key=key)
 
 
 def _split(values: str | Iterable[str]) -> list[str]:
@@ -136,7 +142,8 @@ def _cell_row(run_dir: Path, backbone: str, strategy: str, status: str, device: 
         "img_size": summary.get("img_size"),
         "val_accuracy_feature_extraction": _best(metrics, "frozen"),
         "val_accuracy_finetune": _best(metrics, "finetune"),
-        "val_accuracy_best": summary["val_accuracy_best"], "best_phase": summary.get("best", {}).get("phase"),
+        "val_accuracy_best": summary["val_accuracy_best"], "val_loss_best": summary.get("best", {}).get("val_loss"),
+        "best_phase": summary.get("best", {}).get("phase"),
         "train_seconds": summary.get("total_seconds"), "epochs": len(metrics),
         "latency_ms_b1": cost["latency_ms_b1"], "peak_train_mem_mb": cell.get("peak_train_mem_mb"),
         "peak_infer_mem_mb": round(cost["peak_mem_mb"], 1), "params": sum(p.numel() for p in model.parameters()),
