@@ -68,6 +68,13 @@ def physical_cores() -> int:
     return max(1, available // siblings)
 
 
+def default_num_workers() -> int:
+    """Data-loader processes: none on ≤ 2 cores, where a loader process steals a core from the
+    forward pass (measured faster in-line), else half the cores up to 8."""
+    cores = physical_cores()
+    return 0 if cores <= 2 else min(8, cores // 2)
+
+
 @functools.cache
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bf16 (AVX512-BF16 or AMX): detected, never assumed."""

@@ -139,9 +139,7 @@ def evaluate_run(
     if batch_size < 1:
         raise TransferlabError("--batch-size must be at least 1")
     if num_workers is None:
-        # as in training: on 2 cores a loader process steals a core from the forward pass
-        cores = _runtime.physical_cores()
-        num_workers = 0 if cores <= 2 else min(8, cores // 2)
+        num_workers = _runtime.default_num_workers()
     accelerator = _runtime.resolve_accelerator(device)
     model.to(accelerator)
     loader = DataLoader(_Images(chosen.samples, eval_transform(pre), pre.input_size), batch_size=batch_size,

@@ -127,14 +127,6 @@ class SelectionResult:
         return self.seconds.get("ratio")
 
 
-def _num_workers() -> int:
-    from transferlab import _runtime
-
-    # the rule of training/run.py: a loader process on a 2-core machine steals the forward pass's core
-    cores = _runtime.physical_cores()
-    return 0 if cores <= 2 else min(8, cores // 2)
-
-
 def _cache_dir(cache_dir: str | Path | None) -> Path | None:
     from transferlab.data.feature_cache import default_cache_dir
 
@@ -260,7 +252,7 @@ def select(
     rows, curves = [], {}
     for spec in specs:
         row, curve = _evaluate_candidate(spec, splits, seed=seed, device=accelerator, autocast=autocast,
-                                         cache_dir=store, batch_size=batch_size, num_workers=_num_workers())
+                                         cache_dir=store, batch_size=batch_size, num_workers=_runtime.default_num_workers())
         log.info("%s: probe val accuracy %.4f, %.1f ms at batch 1, features %s in %.1fs", spec.name,
                  row["probe_accuracy"], row["latency_ms_b1"], "from cache" if row["features_cached"] else "extracted",
                  row["extract_seconds"])

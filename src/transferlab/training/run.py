@@ -146,14 +146,6 @@ def save_model(run_dir: Path, model: torch.nn.Module, meta: dict) -> None:
     atomic_write_json(run_dir / "model.json", meta)
 
 
-def _num_workers(cfg: TrainConfig) -> int:
-    if cfg.num_workers is not None:
-        return cfg.num_workers
-    # On a 2-core machine a loader process steals a core from the forward pass: measured faster in-line.
-    cores = _runtime.physical_cores()
-    return 0 if cores <= 2 else min(8, cores // 2)
-
-
 def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> TrainResult:
     """Run (or resume) one training run; returns its result. Raises TransferlabError on bad input."""
     _runtime.setup_torch()
@@ -212,7 +204,7 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
     if cfg.img_size is None:
         cfg.img_size = spec.preprocessing.input_size
     if cfg.num_workers is None:
-        cfg.num_workers = _num_workers(cfg)
+        cfg.num_workers = _runtime.default_num_workers()
     if not resuming:
         cfg.save(run_dir / "config.yaml")
     atomic_write_json(run_dir / "data.json", splits.to_summary())
