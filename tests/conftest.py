@@ -48,6 +48,22 @@ def isolated_home(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture
+def extraction_calls(monkeypatch) -> list[int]:
+    """Spy on frozen-backbone passes: one entry (number of images) per `extract_features` call."""
+    from transferlab.data import feature_cache
+
+    calls: list[int] = []
+    real = feature_cache.extract_features
+
+    def counting(model, samples, *a, **k):
+        calls.append(len(samples))
+        return real(model, samples, *a, **k)
+
+    monkeypatch.setattr(feature_cache, "extract_features", counting)
+    return calls
+
+
+@pytest.fixture
 def tiny_data(tmp_path) -> Path:
     return make_image_folder(tmp_path / "data")
 

@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 
 import transferlab
 from transferlab.cli import app
-from transferlab.data import feature_cache
 from transferlab.evaluation.probe import cv_folds, learning_curve, learning_curve_sizes, linear_probe
 from transferlab.evaluation.selection import SELECTION_COLUMNS, candidate_names, pareto_front, rank_candidates
 
@@ -96,15 +95,8 @@ def test_candidates_must_be_named_or_filtered():
 
 
 def test_select_runs_one_forward_pass_per_image_per_backbone_and_shares_the_training_cache(
-        tiny_data, tmp_path, monkeypatch):
-    calls = []
-    real = feature_cache.extract_features
-
-    def counting(model, samples, *a, **k):
-        calls.append(len(samples))
-        return real(model, samples, *a, **k)
-
-    monkeypatch.setattr(feature_cache, "extract_features", counting)
+        tiny_data, tmp_path, extraction_calls):
+    calls = extraction_calls
     out = tmp_path / "sel"
     result = transferlab.select(tiny_data, "test_efficientnet,test_resnet", out=out, budget_ms=1e6, **SELECT)
     # 24 train + 12 val images, once for each backbone: the C sweep, CV and learning curve add nothing

@@ -21,6 +21,11 @@ def read_metrics(run_dir):
         return list(csv.DictReader(f))
 
 
+def metrics_without_timings(run_dir):
+    """metrics.csv rows minus the wall-clock columns: what must repeat exactly for the same seed."""
+    return [{k: v for k, v in row.items() if "seconds" not in k} for row in read_metrics(run_dir)]
+
+
 def test_two_stage_run_writes_complete_run_directory(tiny_data, tmp_path):
     result = transferlab.train(tiny_data, out=str(tmp_path / "run"), **{**TINY, "report": True})
     run = result.run_dir
@@ -59,15 +64,8 @@ def test_each_strategy_runs_its_phases(tiny_data, tmp_path, strategy, phases):
     assert {r["phase"] for r in read_metrics(result.run_dir)} == phases
 
 
-def test_frozen_stage_runs_the_backbone_once_per_image(tiny_data, tmp_path, monkeypatch):
-    calls = []
-    real = feature_cache.extract_features
-
-    def counting(model, samples, *a, **k):
-        calls.append(len(samples))
-        return real(model, samples, *a, **k)
-
-    monkeypatch.setattr(feature_cache, "extract_features", counting)
+def test_frozen_stage_runs_the_backbone_once_per_image(tiny_data, tmp_path, extraction_calls):
+    calls = extraction_calls
     opts = {**TINY, "epochs_frozen": 10}
     transferlab.train(tiny_data, out=str(tmp_path / "r"), strategy="head-only", **opts)
     # 10 head epochs, yet one pass over train (24) and one over val (12)
@@ -82,8 +80,7 @@ def test_feature_cache_is_reused_across_runs_with_identical_results(tiny_data, t
     second = transferlab.train(tiny_data, out=str(tmp_path / "b"), **opts)
     assert calls == []
     # a cache hit must reproduce a cache miss exactly: same seed, same metrics
-    strip = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
-    assert strip(read_metrics(second.run_dir)) == strip(read_metrics(first.run_dir))
+    assert metrics_without_timings(second.run_dir) == metrics_without_timings(first.run_dir)
     assert second.val_accuracy_best >= 0.9
 
 
@@ -101,7 +98,7 @@ def test_corrupt_feature_cache_is_rebuilt(tiny_data, tmp_path):
 def test_same_seed_gives_identical_metrics(tiny_data, tmp_path):
     def metrics(name):
         r = transferlab.train(tiny_data, out=str(tmp_path / name), seed=3, feature_cache="memory", **TINY)
-        return [{k: v for k, v in row.items() if "seconds" not in k} for row in read_metrics(r.run_dir)]
+        return metrics_without_timings(r.run_dir)
 
     assert metrics("a") == metrics("b")
 
@@ -148,8 +145,7 @@ def test_resume_continues_an_interrupted_fine_tuning(tiny_data, tmp_path, monkey
     assert not (tmp_path / "cut" / "summary.json").exists()
     monkeypatch.setattr(run_module._RunCallback, "on_train_epoch_end", real_end)
     resumed = transferlab.train(resume=tmp_path / "cut")
-    strip = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
-    assert strip(read_metrics(resumed.run_dir)) == strip(read_metrics(full.run_dir))
+    assert metrics_without_timings(resumed.run_dir) == metrics_without_timings(full.run_dir)
 
 
 def test_refuses_to_overwrite_an_existing_run(tiny_data, tmp_path):

@@ -36,6 +36,18 @@ def default_cache_dir() -> Path:
     return Path(root) / "features"
 
 
+def usable_cache_dir(cache_dir: str | Path | None) -> Path | None:
+    """The disk cache folder (given or default), created; None — features stay in memory — when it
+    cannot be created, so an unwritable cache never stops a run."""
+    path = Path(cache_dir) if cache_dir else default_cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.warning("feature cache dir %s unusable (%s); keeping features in memory", path, exc)
+        return None
+    return path
+
+
 def backbone_fingerprint(model: nn.Module) -> str:
     """Hash of every non-head parameter and buffer: exact identity of what the features depend on."""
     slot_prefix = _slot_prefix(model)

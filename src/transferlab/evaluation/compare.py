@@ -43,11 +43,11 @@ class CompareResult:
 
     @property
     def best(self) -> dict[str, Any]:
-        # The rule `train` uses for its own best model: accuracy, then val loss (accuracy on a small
-        # val set ties often; the loss still tells the models apart), then the faster one.
+        # The rule `train` uses for its own best model, then the faster one.
+        from transferlab.training.head_stage import selection_score
+
         def key(r: dict[str, Any]) -> tuple:
-            loss = r.get("val_loss_best")
-            return (r["val_accuracy_best"], -(loss if loss is not None else float("inf")), -r["train_seconds"])
+            return (*selection_score(r["val_accuracy_best"], r.get("val_loss_best")), -r["train_seconds"])
 
         return max(self.rows, key=key)
 

@@ -127,18 +127,6 @@ class SelectionResult:
         return self.seconds.get("ratio")
 
 
-def _cache_dir(cache_dir: str | Path | None) -> Path | None:
-    from transferlab.data.feature_cache import default_cache_dir
-
-    path = Path(cache_dir) if cache_dir else default_cache_dir()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        log.warning("feature cache dir %s unusable (%s); keeping features in memory", path, exc)
-        return None
-    return path
-
-
 def _evaluate_candidate(spec, splits, *, seed: int, device: str, autocast, cache_dir: Path | None,
                         batch_size: int, num_workers: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One backbone: features (cache or one pass), probe, learning curve, latency/memory."""
@@ -228,6 +216,7 @@ def select(
     import torch
 
     from transferlab import _runtime
+    from transferlab.data import feature_cache
     from transferlab.data.sources import load_splits
     from transferlab.models.registry import resolve_backbone
     from transferlab.reporting.selection_plots import plot_learning_curves, plot_selection
@@ -248,7 +237,7 @@ def select(
         log.warning(w)
     log.info("data: %d train / %d val images, %d classes; %d candidate(s) on %s (%s)", len(splits.train),
              len(splits.val), len(splits.classes), len(specs), accelerator, extract_precision)
-    store = _cache_dir(cache_dir)
+    store = feature_cache.usable_cache_dir(cache_dir)
     rows, curves = [], {}
     for spec in specs:
         row, curve = _evaluate_candidate(spec, splits, seed=seed, device=accelerator, autocast=autocast,

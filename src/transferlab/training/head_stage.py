@@ -7,12 +7,21 @@ framework overhead would dominate. The best head (by val accuracy, then val loss
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def selection_score(val_accuracy: float, val_loss: float | None) -> tuple[float, float]:
+    """How a best epoch (or run) is chosen everywhere: val accuracy, then val loss — accuracy on a
+    small val set ties often, the loss still tells models apart. NaN/missing counts as worst."""
+    acc = val_accuracy if val_accuracy is not None and math.isfinite(val_accuracy) else -1.0
+    loss = val_loss if val_loss is not None and math.isfinite(val_loss) else float("inf")
+    return acc, -loss
 
 
 @torch.no_grad()
@@ -66,7 +75,7 @@ def _train_head(head, train_x, train_y, val_x, val_y, *, epochs, lr, weight_deca
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch))
     records: list[dict] = []
     best_state = copy.deepcopy(head.state_dict())
-    best = (-1.0, float("inf"))
+    best: tuple[float, float] | None = None
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
         head.train()
@@ -94,8 +103,8 @@ def _train_head(head, train_x, train_y, val_x, val_y, *, epochs, lr, weight_deca
             "epoch_seconds": time.perf_counter() - start,
         }
         records.append(record)
-        if (val_acc, -val_loss) > (best[0], -best[1]):
-            best = (val_acc, val_loss)
+        if best is None or selection_score(val_acc, val_loss) > best:
+            best = selection_score(val_acc, val_loss)
             best_state = copy.deepcopy(head.state_dict())
         if on_epoch is not None:
             on_epoch(record)

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from transferlab import _runtime
 from transferlab.config import TrainConfig
 from transferlab.data.datasets import ImageDataset
-from transferlab.data.feature_cache import backbone_fingerprint, cached_features, default_cache_dir, transform_tag
+from transferlab.data.feature_cache import backbone_fingerprint, cached_features, transform_tag, usable_cache_dir
 from transferlab.data.sources import DataSplits, load_splits
 from transferlab.data.transforms import eval_transform, train_transform
 from transferlab.errors import RunDirError, TransferlabError
@@ -42,7 +42,7 @@ from transferlab.models.registry import BackboneSpec, resolve_backbone
 from transferlab.reporting.curves import plot_curves
 from transferlab.training.checkpoint import load_training_state, save_training_state, set_rng_state
 from transferlab.training.finetune import FineTuneModule
-from transferlab.training.head_stage import train_head
+from transferlab.training.head_stage import selection_score, train_head
 from transferlab.training.io import (
     atomic_write_json,
     atomic_write_text,
@@ -228,9 +228,11 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
 
     def maybe_save_best(phase: str, epoch: int, val_acc: float, val_loss: float) -> None:
         best = state.data["best"]
-        score = (val_acc if math.isfinite(val_acc) else -1.0, -(val_loss if math.isfinite(val_loss) else 1e9))
-        if best is None or score > (best["val_accuracy"], -best["val_loss"]):
-            state.data["best"] = {"phase": phase, "epoch": epoch, "val_accuracy": score[0], "val_loss": -score[1]}
+        score = selection_score(val_acc, val_loss)
+        if best is None or score > selection_score(best["val_accuracy"], best["val_loss"]):
+            # stored JSON-safe: a NaN accuracy as -1, a non-finite loss as 1e9
+            state.data["best"] = {"phase": phase, "epoch": epoch, "val_accuracy": score[0],
+                                  "val_loss": val_loss if math.isfinite(val_loss) else 1e9}
             save_model(run_dir, model, model_metadata(spec, head_cfg, splits.classes, {"best": state.data["best"]}))
 
     checkpoints = run_dir / "checkpoints"
@@ -255,7 +257,7 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
                 on_epoch=lambda rec: record("frozen", rec),
             )
             head.load_state_dict(best_state)
-            best_rec = max(records, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
+            best_rec = max(records, key=lambda r: selection_score(r["val_accuracy"], r["val_loss"]))
             maybe_save_best("frozen", best_rec["epoch"], best_rec["val_accuracy"], best_rec["val_loss"])
             save_tensors(checkpoints / "stage1.safetensors", model.state_dict())
             state.data["phase_seconds"]["feature_extraction"] = extract_seconds
@@ -334,14 +336,7 @@ def _features(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneSpec, a
 
     device = accelerator
     model.to(device)
-    cache_dir = None
-    if cfg.feature_cache == "disk":
-        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-        try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            log.warning("feature cache dir %s unusable (%s); keeping features in memory", cache_dir, exc)
-            cache_dir = None
+    cache_dir = usable_cache_dir(cfg.cache_dir) if cfg.feature_cache == "disk" else None
     fingerprint = backbone_fingerprint(model) if cache_dir is not None else None
     cfg_pre = spec.preprocessing.with_size(cfg.img_size)
     jobs = [("train", splits.train, eval_transform(cfg_pre), transform_tag(cfg_pre, autocast), None)]
@@ -384,16 +379,13 @@ def _finetune(model, splits, cfg, spec, state, run_dir, accelerator, precision, 
     last = checkpoints / "last"
     done = state.data["finetune_epochs_done"]
     restore: dict[str, Any] = {}
-    early_state = None
+    early_state = rng_to_restore = None
     if done > 0:
-        model_state, trees, _info, rng = load_training_state(last)
+        model_state, trees, _info, rng_to_restore = load_training_state(last)
         model.load_state_dict(model_state)
         restore = {"optimizer": trees["optimizer"], "scheduler": trees["scheduler"]}
         early_state = trees.get("early_stopping")
-        rng_to_restore = rng
         log.info("resuming fine-tuning after epoch %d", done)
-    else:
-        rng_to_restore = None
     if cfg.epochs_finetune - done <= 0 or state.data.get("finetune_stopped_early"):
         return
 
