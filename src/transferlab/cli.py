@@ -85,7 +85,9 @@ def train(
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
     precision: Annotated[str, typer.Option(help="auto | 32-true | bf16-mixed | 16-mixed")] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
-    devices: Annotated[int, typer.Option(help="Number of devices")] = 1,
+    devices: Annotated[int, typer.Option(help="Devices (processes) per node; >1 runs DDP/FSDP through Lightning")] = 1,
+    num_nodes: Annotated[int, typer.Option(help="Nodes (machines); launch with torchrun or SLURM srun, see README")] = 1,
+    dist_strategy: Annotated[str, typer.Option(help="How fine-tuning spreads over devices: auto | ddp | fsdp (--strategy is the training recipe)")] = "auto",
     feature_cache: Annotated[str, typer.Option(help="disk | memory")] = "disk",
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache directory")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<time>-<backbone>)")] = None,
@@ -109,6 +111,7 @@ def train(
             "label_smoothing": label_smoothing, "early_stop": early_stop, "bn": bn, "augment": augment,
             "feature_views": feature_views, "img_size": img_size, "val_split": val_split, "batch_size": batch_size,
             "num_workers": num_workers, "seed": seed, "precision": precision, "device": device, "devices": devices,
+            "num_nodes": num_nodes, "dist_strategy": dist_strategy,
             "feature_cache": feature_cache, "cache_dir": str(cache_dir) if cache_dir else None,
             "out": str(out) if out else None, "progress": progress, "report": report,
         })
@@ -117,7 +120,8 @@ def train(
         where = resume or out or "RUN_DIR (the run directory printed at the start)"
         console.print(f"[yellow]interrupted[/] — continue with `transferlab train --resume {where}`")
         raise typer.Exit(130) from None
-    _report_train(result)
+    if result.is_global_zero:  # one line per run, not one per process
+        _report_train(result)
 
 
 def _train_or_resume(api, data, resume, options: dict):

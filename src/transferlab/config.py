@@ -13,6 +13,8 @@ STRATEGIES = ("two-stage", "head-only", "full", "scratch")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("onecycle", "cosine", "constant")
 BN_POLICIES = ("auto", "eval", "train")
+# Lightning strategies for spreading a run over devices/nodes ("auto": one device → none, several → DDP).
+DIST_STRATEGIES = ("auto", "ddp", "fsdp")
 
 
 @dataclass
@@ -52,7 +54,9 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"
     device: str = "auto"
-    devices: int = 1
+    devices: int = 1  # per node
+    num_nodes: int = 1
+    dist_strategy: str = "auto"
     feature_cache: str = "disk"
     cache_dir: str | None = None
     progress: bool = True
@@ -90,6 +94,13 @@ class TrainConfig:
             bad("val_split must be between 0 and 1")
         if self.batch_size < 1:
             bad("batch_size must be >= 1")
+        if self.dist_strategy not in DIST_STRATEGIES:
+            bad(f"dist_strategy '{self.dist_strategy}' is not one of {', '.join(DIST_STRATEGIES)}")
+        if self.devices < 1 or self.num_nodes < 1:
+            bad("devices and num_nodes must be >= 1")
+        if self.batch_size % self.world_size:
+            bad(f"batch_size {self.batch_size} is the global batch (images per optimizer step) and must "
+                f"divide evenly over {self.world_size} processes ({self.devices} devices x {self.num_nodes} nodes)")
         if self.img_size is not None and self.img_size < 16:
             bad("img_size must be >= 16 pixels")
         for name in ("lr_head", "lr_finetune"):
@@ -110,6 +121,11 @@ class TrainConfig:
         if self.bn != "auto":
             return self.bn
         return "train" if (self.strategy == "scratch" or not self.pretrained) else "eval"
+
+    @property
+    def world_size(self) -> int:
+        """Processes taking part in the run: devices per node x nodes."""
+        return self.devices * self.num_nodes
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

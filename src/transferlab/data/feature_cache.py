@@ -112,18 +112,19 @@ def extract_features(
     # An explicit generator: iterating a DataLoader without one draws from torch's global RNG,
     # which would make a cache miss and a cache hit leave different RNG states behind.
     generator = torch.Generator().manual_seed(generator_seed if generator_seed is not None else 0)
+    device_type = torch.device(device).type  # "cuda:1" (one rank's GPU) autocasts as "cuda"
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
         generator=generator,
-        pin_memory=device == "cuda",
+        pin_memory=device_type == "cuda",
         persistent_workers=False,
     )
     chunks = []
     autocast = (
-        torch.autocast(device_type=device, dtype=autocast_dtype)
+        torch.autocast(device_type=device_type, dtype=autocast_dtype)
         if autocast_dtype is not None
         else contextlib.nullcontext()
     )
@@ -157,23 +158,38 @@ def cached_features(
         return extract_features(model, samples, transform, **extract_kwargs), False
     fingerprint = fingerprint or backbone_fingerprint(model)
     key = feature_key(fingerprint, transform_tag, samples)
-    path = Path(cache_dir) / f"{key}.safetensors"
     dim = head_slot(model).in_features
-    if path.exists():
-        try:
-            data = load_tensors(path)
-            feats = data["features"]
-            stored_key = "".join(chr(int(c)) for c in data["key"].tolist())
-            if stored_key == key and feats.dtype == torch.float32 and tuple(feats.shape) == (len(samples), dim):
-                return feats, True
-            log.warning("feature cache %s is stale (key/shape mismatch); rebuilding", path.name)
-        except Exception as exc:  # noqa: BLE001 - any corrupt cache is rebuilt, never trusted
-            log.warning("feature cache %s is corrupt (%s); rebuilding", path.name, exc)
+    feats = load_cached_features(cache_dir, key, len(samples), dim)
+    if feats is not None:
+        return feats, True
     feats = extract_features(model, samples, transform, **extract_kwargs)
+    store_cached_features(cache_dir, key, feats, transform_tag)
+    return feats, False
+
+
+def load_cached_features(cache_dir: Path, key: str, n: int, dim: int) -> torch.Tensor | None:
+    """The cached [n, dim] features stored under `key`, or None when absent, stale or corrupt."""
+    path = Path(cache_dir) / f"{key}.safetensors"
+    if not path.exists():
+        return None
+    try:
+        data = load_tensors(path)
+        feats = data["features"]
+        stored_key = "".join(chr(int(c)) for c in data["key"].tolist())
+        if stored_key == key and feats.dtype == torch.float32 and tuple(feats.shape) == (n, dim):
+            return feats
+        log.warning("feature cache %s is stale (key/shape mismatch); rebuilding", path.name)
+    except Exception as exc:  # noqa: BLE001 - any corrupt cache is rebuilt, never trusted
+        log.warning("feature cache %s is corrupt (%s); rebuilding", path.name, exc)
+    return None
+
+
+def store_cached_features(cache_dir: Path, key: str, feats: torch.Tensor, transform_tag: str) -> None:
+    """Write features under `key`; a failed write costs only the reuse, never the run."""
+    path = Path(cache_dir) / f"{key}.safetensors"
     try:
         key_tensor = torch.tensor([ord(c) for c in key], dtype=torch.uint8)
-        save_tensors(path, {"features": feats, "key": key_tensor},
-                     metadata={"info": json.dumps({"n": len(samples), "dim": dim, "tag": transform_tag})})
+        info = {"n": len(feats), "dim": feats.shape[1] if feats.dim() == 2 else 0, "tag": transform_tag}
+        save_tensors(path, {"features": feats, "key": key_tensor}, metadata={"info": json.dumps(info)})
     except OSError as exc:
         log.warning("could not write feature cache to %s (%s); continuing without it", path, exc)
-    return feats, False

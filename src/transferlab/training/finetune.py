@@ -145,10 +145,23 @@ class FineTuneModule(L.LightningModule):
         self.stats["val_n"] += len(y)
 
     def on_validation_epoch_end(self) -> None:
+        self._sum_stats_over_ranks()
         n = max(1, self.stats["val_n"])
         val_loss = self.stats["val_loss"] / n
         self.log("val_loss", val_loss if math.isfinite(val_loss) else 1e9, prog_bar=True, sync_dist=True)
         self.log("val_acc", self.stats["val_correct"] / n, prog_bar=True, sync_dist=True)
+
+    def _sum_stats_over_ranks(self) -> None:
+        """Each rank saw its shard of the epoch: add the sums up, so the metrics (and early
+        stopping, and the best-model choice) are those of the whole train and val sets."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return
+        keys = sorted(self.stats)
+        totals = torch.tensor([float(self.stats[k]) for k in keys], dtype=torch.float64, device=self.device)
+        totals = trainer.strategy.reduce(totals, reduce_op="sum")
+        for k, v in zip(keys, totals.tolist()):
+            self.stats[k] = v if k.endswith("loss") else int(round(v))
 
     def epoch_metrics(self) -> dict[str, float]:
         s = self.stats

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from transferlab import _runtime
 from transferlab.config import TrainConfig
 from transferlab.data.datasets import ImageDataset
-from transferlab.data.feature_cache import backbone_fingerprint, cached_features, transform_tag, usable_cache_dir
+from transferlab.data.feature_cache import backbone_fingerprint, transform_tag, usable_cache_dir
 from transferlab.data.sources import DataSplits, load_splits
 from transferlab.data.transforms import eval_transform, train_transform
 from transferlab.errors import RunDirError, TransferlabError
@@ -40,6 +40,7 @@ from transferlab.models.heads import HeadConfig, build_classifier, head_slot
 from transferlab.models.param_groups import discriminative_param_groups, freeze_backbone, unfreeze
 from transferlab.models.registry import BackboneSpec, resolve_backbone
 from transferlab.reporting.curves import plot_curves
+from transferlab.training import distributed
 from transferlab.training.checkpoint import load_training_state, save_training_state, set_rng_state
 from transferlab.training.finetune import FineTuneModule
 from transferlab.training.head_stage import selection_score, train_head
@@ -68,6 +69,7 @@ class TrainResult:
     run_dir: Path
     summary: dict[str, Any]
     rows: list[dict] = field(default_factory=list)
+    is_global_zero: bool = True  # False in the other processes of a multi-device run
 
     @property
     def val_accuracy_best(self) -> float:
@@ -140,9 +142,11 @@ def model_metadata(spec: BackboneSpec, head: HeadConfig, classes: list[str], ext
     }
 
 
-def save_model(run_dir: Path, model: torch.nn.Module, meta: dict) -> None:
-    """The best model: model.safetensors first, then model.json (the commit point, read first)."""
-    save_tensors(run_dir / "model.safetensors", model.state_dict(), metadata={"format": MODEL_FORMAT})
+def save_model(run_dir: Path, model: torch.nn.Module | dict[str, torch.Tensor], meta: dict) -> None:
+    """The best model (a module or its state dict): model.safetensors first, then model.json (the
+    commit point, read first)."""
+    weights = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    save_tensors(run_dir / "model.safetensors", weights, metadata={"format": MODEL_FORMAT})
     atomic_write_json(run_dir / "model.json", meta)
 
 
@@ -160,31 +164,49 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> TrainResult:
     pretrained = cfg.pretrained and cfg.strategy != "scratch"
     # Resolve the backbone before touching the data: offline, a missing download fails at once.
     spec = resolve_backbone(cfg.backbone, pretrained=pretrained, img_size=cfg.img_size)
-
-    run_dir = Path(resume) if resume is not None else Path(cfg.out or default_run_dir(cfg.backbone))
-    ensure_writable_dir(run_dir)
-    handler = _setup_file_log(run_dir)
-    # Lightning's start-up chatter (GPU/TPU availability, tips) says nothing a user of ours needs.
+    accelerator = _runtime.resolve_accelerator(cfg.device)
+    # Lightning's start-up chatter (GPU/TPU availability, tips, process-group banners) says nothing
+    # a user of ours needs.
     quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning")]
     levels = [q.level for q in quiet]
     for q in quiet:
         q.setLevel(logging.WARNING)
+    level = log.level
+    # From here on, with --devices/--num-nodes > 1, this code runs once per process (rank).
+    ranks = distributed.launch(cfg.devices, cfg.num_nodes, accelerator)
+
+    def open_run_dir() -> Path:
+        path = Path(resume) if resume is not None else Path(cfg.out or default_run_dir(cfg.backbone))
+        ensure_writable_dir(path)
+        return path
+
+    run_dir = ranks.on_zero(open_run_dir)
+    handler = _setup_file_log(run_dir) if ranks.is_zero else None
     try:
-        return _train_in(run_dir, cfg, spec, start, resuming=resume is not None)
+        return _train_in(run_dir, cfg, spec, start, resuming=resume is not None, ranks=ranks)
     finally:
-        for q, level in zip(quiet, levels):
-            q.setLevel(level)
-        log.removeHandler(handler)
-        handler.close()
+        for q, lvl in zip(quiet, levels):
+            q.setLevel(lvl)
+        log.setLevel(level)
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
 
 
-def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float, *, resuming: bool) -> TrainResult:
+def _open_state(run_dir: Path, resuming: bool) -> RunState:
     state = RunState(run_dir)
     if not resuming and state.rows:
         raise RunDirError(
             f"Output directory '{run_dir}' already holds a run. Use --resume {run_dir} to continue it, "
             "or choose another --out."
         )
+    return state
+
+
+def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float, *, resuming: bool,
+              ranks: distributed.Ranks) -> TrainResult:
+    # rank 0 reads (and checks) the run's state; every rank starts from the same one
+    state = ranks.on_zero(lambda: _open_state(run_dir, resuming))
     elapsed_before = state.data.get("elapsed_seconds", 0.0)
 
     accelerator = _runtime.resolve_accelerator(cfg.device)
@@ -193,21 +215,29 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
     log.info("run directory: %s", run_dir)
     log.info("backbone %s (%s) on %s: features in %s, training in %s",
              spec.name, spec.source, accelerator, extract_precision, precision)
+    if ranks.world_size > 1:
+        log.info("distributed: %d processes (%d device(s) x %d node(s)), fine-tuning strategy %s",
+                 ranks.world_size, cfg.devices, cfg.num_nodes, cfg.dist_strategy)
 
     # ---- data
     t0 = time.perf_counter()
-    splits = load_splits(cfg.data, val_split=cfg.val_split, seed=cfg.seed, progress=cfg.progress)
-    for w in splits.warnings:
-        log.warning(w)
-    for s in splits.skipped:
-        log.warning("skipped %s: %s", s["path"], s["reason"])
     if cfg.img_size is None:
         cfg.img_size = spec.preprocessing.input_size
     if cfg.num_workers is None:
         cfg.num_workers = _runtime.default_num_workers()
-    if not resuming:
-        cfg.save(run_dir / "config.yaml")
-    atomic_write_json(run_dir / "data.json", splits.to_summary())
+
+    def read_data() -> DataSplits:  # once, on rank 0: validating every image is a full decode pass
+        splits = load_splits(cfg.data, val_split=cfg.val_split, seed=cfg.seed, progress=cfg.progress)
+        for w in splits.warnings:
+            log.warning(w)
+        for s in splits.skipped:
+            log.warning("skipped %s: %s", s["path"], s["reason"])
+        if not resuming:
+            cfg.save(run_dir / "config.yaml")
+        atomic_write_json(run_dir / "data.json", splits.to_summary())
+        return splits
+
+    splits = ranks.on_zero(read_data)
     log.info("data: %d train / %d val images, %d classes, %d skipped (%.1fs)",
              len(splits.train), len(splits.val), len(splits.classes), len(splits.skipped), time.perf_counter() - t0)
     state.data["phase_seconds"]["data"] = state.data["phase_seconds"].get("data", 0.0) + time.perf_counter() - t0
@@ -226,14 +256,14 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
         state.data["elapsed_seconds"] = row["elapsed_seconds"]
         _print_epoch(row)
 
-    def maybe_save_best(phase: str, epoch: int, val_acc: float, val_loss: float) -> None:
+    def maybe_save_best(phase: str, epoch: int, val_acc: float, val_loss: float, weights=None) -> None:
         best = state.data["best"]
         score = selection_score(val_acc, val_loss)
         if best is None or score > selection_score(best["val_accuracy"], best["val_loss"]):
             # stored JSON-safe: a NaN accuracy as -1, a non-finite loss as 1e9
             state.data["best"] = {"phase": phase, "epoch": epoch, "val_accuracy": score[0],
                                   "val_loss": val_loss if math.isfinite(val_loss) else 1e9}
-            save_model(run_dir, model, model_metadata(spec, head_cfg, splits.classes, {"best": state.data["best"]}))
+            save_model(run_dir, model if weights is None else weights, model_metadata(spec, head_cfg, splits.classes, {"best": state.data["best"]}))
 
     checkpoints = run_dir / "checkpoints"
 
@@ -244,33 +274,49 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
         else:
             t1 = time.perf_counter()
             freeze_backbone(model)
-            train_x, train_y, val_x, val_y = _features(model, splits, cfg, spec, accelerator, autocast)
+            # every rank extracts its shard; rank 0 alone holds the assembled features
+            features = _features(model, splits, cfg, spec, ranks, autocast)
             extract_seconds = time.perf_counter() - t1
-            t2 = time.perf_counter()
-            slot = head_slot(model)
-            head = slot.head
-            torch.manual_seed(cfg.seed)  # dropout draws: the same whether features were cached or not
-            records, best_state = train_head(
-                head, train_x, train_y, val_x, val_y,
-                epochs=cfg.epochs_frozen, lr=cfg.lr_head, weight_decay=cfg.weight_decay,
-                label_smoothing=cfg.label_smoothing, batch_size=cfg.batch_size, seed=cfg.seed,
-                on_epoch=lambda rec: record("frozen", rec),
-            )
-            head.load_state_dict(best_state)
-            best_rec = max(records, key=lambda r: selection_score(r["val_accuracy"], r["val_loss"]))
-            maybe_save_best("frozen", best_rec["epoch"], best_rec["val_accuracy"], best_rec["val_loss"])
-            save_tensors(checkpoints / "stage1.safetensors", model.state_dict())
-            state.data["phase_seconds"]["feature_extraction"] = extract_seconds
-            state.data["phase_seconds"]["head_training"] = time.perf_counter() - t2
-            state.data["frozen_done"] = True
-            state.save()
-            write_metrics(run_dir, state.rows)
+
+            def head_stage() -> dict[str, torch.Tensor]:  # once, on rank 0, on the cached tensors
+                train_x, train_y, val_x, val_y = features
+                t2 = time.perf_counter()
+                head = head_slot(model).head
+                torch.manual_seed(cfg.seed)  # dropout draws: the same whether features were cached or not
+                records, best_state = train_head(
+                    head, train_x, train_y, val_x, val_y,
+                    epochs=cfg.epochs_frozen, lr=cfg.lr_head, weight_decay=cfg.weight_decay,
+                    label_smoothing=cfg.label_smoothing, batch_size=cfg.batch_size, seed=cfg.seed,
+                    on_epoch=lambda rec: record("frozen", rec),
+                )
+                head.load_state_dict(best_state)
+                best_rec = max(records, key=lambda r: selection_score(r["val_accuracy"], r["val_loss"]))
+                maybe_save_best("frozen", best_rec["epoch"], best_rec["val_accuracy"], best_rec["val_loss"])
+                save_tensors(checkpoints / "stage1.safetensors", model.state_dict())
+                state.data["phase_seconds"]["feature_extraction"] = extract_seconds
+                state.data["phase_seconds"]["head_training"] = time.perf_counter() - t2
+                state.data["frozen_done"] = True
+                state.save()
+                write_metrics(run_dir, state.rows)
+                return best_state
+
+            best_head = ranks.on_zero(head_stage)
+            if not ranks.is_zero:
+                head_slot(model).head.load_state_dict(best_head)
+                state.data["frozen_done"] = True
 
     # ---- stage 2: fine-tuning
     if cfg.strategy in ("two-stage", "full", "scratch") and cfg.epochs_finetune > 0:
-        _finetune(model, splits, cfg, spec, state, run_dir, accelerator, precision, record, maybe_save_best)
+        _finetune(model, splits, cfg, spec, state, run_dir, accelerator, precision, record, maybe_save_best, ranks)
 
-    # ---- final outputs
+    # ---- final outputs (rank 0 writes them; every rank returns the same result)
+    summary, rows = ranks.on_zero(lambda: _finish(run_dir, cfg, spec, splits, state, elapsed(),
+                                                   extract_precision, precision, accelerator))
+    return TrainResult(run_dir=run_dir, summary=summary, rows=rows, is_global_zero=ranks.is_zero)
+
+
+def _finish(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, splits: DataSplits, state: RunState,
+            elapsed: float, extract_precision: str, precision: str, accelerator: str) -> tuple[dict, list[dict]]:
     if state.data["best"] is None:
         raise TransferlabError("Training produced no evaluated epoch; nothing to save.")
     rows = state.rows
@@ -288,12 +334,15 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
         "val_accuracy_final": rows[-1]["val_accuracy"],
         "best": state.data["best"],
         "phase_seconds": {k: round(v, 3) for k, v in state.data["phase_seconds"].items()},
-        "total_seconds": round(elapsed(), 3),
+        "total_seconds": round(elapsed, 3),
         "skipped_files": splits.skipped,
         "warnings": splits.warnings,
         "img_size": cfg.img_size,
         "precision": {"features": extract_precision, "training": precision},
         "accelerator": accelerator,
+        "devices": cfg.devices,
+        "num_nodes": cfg.num_nodes,
+        "dist_strategy": cfg.dist_strategy if cfg.world_size > 1 else None,
         "threads": torch.get_num_threads(),
         "allocator_tuned": _runtime.tune_allocator(),
         "bn_mode": cfg.bn_mode,
@@ -309,7 +358,7 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
         _write_report(run_dir, cfg.progress)
     log.info("best val accuracy %.4f (%s epoch %d); run saved to %s", summary["val_accuracy_best"],
              state.data["best"]["phase"], state.data["best"]["epoch"], run_dir)
-    return TrainResult(run_dir=run_dir, summary=summary, rows=rows)
+    return summary, rows
 
 
 def _write_report(run_dir: Path, progress: bool) -> None:
@@ -330,40 +379,48 @@ def _print_epoch(row: dict) -> None:
              row["val_loss"], row["val_accuracy"], row["epoch_seconds"])
 
 
-def _features(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneSpec, accelerator: str, autocast):
-    """Train features (plain + K augmented views) and val features, from the cache when valid."""
+def _features(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneSpec, ranks: distributed.Ranks, autocast):
+    """Train features (plain + K augmented views) and val features, from the cache when valid.
+    Over several processes each extracts its shard; the result is on rank 0 (None elsewhere)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    device = accelerator
+    device = ranks.device
     model.to(device)
     cache_dir = usable_cache_dir(cfg.cache_dir) if cfg.feature_cache == "disk" else None
-    fingerprint = backbone_fingerprint(model) if cache_dir is not None else None
+    fingerprint = backbone_fingerprint(model) if cache_dir is not None and ranks.is_zero else None
     cfg_pre = spec.preprocessing.with_size(cfg.img_size)
     jobs = [("train", splits.train, eval_transform(cfg_pre), transform_tag(cfg_pre, autocast), None)]
+    # Augmented views draw their randomness per shard, so N processes make other (equally valid)
+    # views than one: their cache entries are kept apart by the process count.
+    views_by = f":world{ranks.world_size}" if ranks.world_size > 1 else ""
     for v in range(1, cfg.feature_views + 1):
-        tag = transform_tag(cfg_pre, autocast, view=f"aug:{cfg.augment}:view{v}:seed{cfg.seed}")
-        jobs.append(("train", splits.train, train_transform(cfg_pre, cfg.augment), tag, cfg.seed * 1000 + v))
+        tag = transform_tag(cfg_pre, autocast, view=f"aug:{cfg.augment}:view{v}:seed{cfg.seed}{views_by}")
+        jobs.append(("train", splits.train, train_transform(cfg_pre, cfg.augment), tag,
+                     cfg.seed * 1000 + v + 7919 * ranks.rank))
     jobs.append(("val", splits.val, eval_transform(cfg_pre), jobs[0][3], None))
 
     results: dict[str, list[torch.Tensor]] = {"train": [], "val": []}
     total = sum(len(j[1]) for j in jobs)
     with Progress(TextColumn("[bold]extracting features"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), disable=not cfg.progress, transient=True) as bar:
-        task = bar.add_task("features", total=total)
+                  TimeRemainingColumn(), disable=not cfg.progress or not ranks.is_zero, transient=True) as bar:
+        # rank 0 advances by its shard: the bar shows the share of the whole pass done
+        task = bar.add_task("features", total=-(-total // ranks.world_size))
         for split, samples, transform, tag, seed in jobs:
             if seed is not None:
                 torch.manual_seed(seed)
-            feats, hit = cached_features(
-                model, samples, transform, tag, cache_dir=cache_dir, fingerprint=fingerprint,
+            feats, hit = distributed.sharded_features(
+                ranks, model, samples, transform, tag, cache_dir=cache_dir, fingerprint=fingerprint,
                 batch_size=max(cfg.batch_size, 64), device=device, autocast_dtype=autocast,
                 num_workers=cfg.num_workers, generator_seed=seed,
                 progress=lambda n: bar.advance(task, n),
             )
             if hit:
-                bar.advance(task, len(samples))
+                bar.advance(task, -(-len(samples) // ranks.world_size))
                 log.info("%s features: cache hit (%d images)", split, len(samples))
             results[split].append(feats)
     model.to("cpu")
+    if not ranks.is_zero:
+        return None
     train_y = torch.tensor([s.label for s in splits.train])
     train_x = torch.cat(results["train"])
     train_y = train_y.repeat(len(results["train"]))
@@ -372,7 +429,8 @@ def _features(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneSpec, a
     return train_x, train_y, val_x, val_y
 
 
-def _finetune(model, splits, cfg, spec, state, run_dir, accelerator, precision, record, maybe_save_best) -> None:
+def _finetune(model, splits, cfg, spec, state, run_dir, accelerator, precision, record, maybe_save_best,
+              ranks: distributed.Ranks) -> None:
     from lightning.pytorch.callbacks import EarlyStopping
 
     checkpoints = run_dir / "checkpoints"
@@ -404,12 +462,17 @@ def _finetune(model, splits, cfg, spec, state, run_dir, accelerator, precision, 
     pre = spec.preprocessing.with_size(cfg.img_size)
     train_ds = ImageDataset(splits.train, train_transform(pre, cfg.augment))
     val_ds = ImageDataset(splits.val, eval_transform(pre))
-    drop_last = len(train_ds) > cfg.batch_size
-    sampler = EpochSeededSampler(len(train_ds), seed=cfg.seed, start_epoch=done)
-    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last,
+    # --batch-size is the global batch (images per optimizer step): each of N processes takes 1/N
+    # of it, so a recipe's batch and learning rates mean the same on 1 device or 64.
+    batch_size = cfg.batch_size // ranks.world_size
+    sampler = EpochSeededSampler(len(train_ds), seed=cfg.seed, start_epoch=done,
+                                 rank=ranks.rank, world_size=ranks.world_size)
+    drop_last = len(sampler) > batch_size
+    train_loader = DataLoader(train_ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                               num_workers=cfg.num_workers,
                               pin_memory=accelerator == "cuda", persistent_workers=cfg.num_workers > 0)
-    val_loader = DataLoader(val_ds, batch_size=max(cfg.batch_size, 64), shuffle=False,
+    val_sampler = distributed.ShardSampler(len(val_ds), ranks.rank, ranks.world_size) if ranks.world_size > 1 else None
+    val_loader = DataLoader(val_ds, batch_size=max(cfg.batch_size, 64), shuffle=False, sampler=val_sampler,
                             num_workers=cfg.num_workers, pin_memory=accelerator == "cuda",
                             persistent_workers=cfg.num_workers > 0)
     steps_per_epoch = len(train_loader)
@@ -431,6 +494,9 @@ def _finetune(model, splits, cfg, spec, state, run_dir, accelerator, precision, 
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=distributed.trainer_strategy(cfg.dist_strategy, ranks.world_size),
+        use_distributed_sampler=False,  # our samplers shard (and seed) the data themselves
         precision=precision,
         max_epochs=cfg.epochs_finetune - done,
         logger=False,
@@ -454,12 +520,14 @@ def _finetune(model, splits, cfg, spec, state, run_dir, accelerator, precision, 
         if trainer.interrupted:
             raise KeyboardInterrupt from exc
         raise
+    model.to("cpu")
+    if not ranks.is_zero:  # rank 0 keeps the run's state
+        return
     state.data["phase_seconds"]["finetune"] = state.data["phase_seconds"].get("finetune", 0.0) + time.perf_counter() - t0
     if trainer.should_stop and state.data["finetune_epochs_done"] < cfg.epochs_finetune:
         state.data["finetune_stopped_early"] = True
         log.info("early stop: val loss did not improve for %d epochs", cfg.early_stop)
     state.save()
-    model.to("cpu")
 
 
 NEGLIGIBLE_LR_RATIO = 1e-3
@@ -485,20 +553,27 @@ def freeze_negligible_groups(groups: list[dict], top_lr: float) -> list[dict]:
 class EpochSeededSampler(torch.utils.data.Sampler[int]):
     """Shuffles with a seed derived from (seed, epoch) and seeds torch's RNG at the start of each
     epoch's data, so augmentation and dropout too depend only on the epoch — a resumed run replays
-    exactly the epochs an uninterrupted one would have, whatever happened before."""
+    exactly the epochs an uninterrupted one would have, whatever happened before.
 
-    def __init__(self, n: int, seed: int, start_epoch: int = 0) -> None:
+    Over `world_size` processes every rank draws the same permutation, padded (with its first
+    items, as torch's DistributedSampler) to a multiple of world_size, and takes every
+    world_size-th item from `rank` on: each sample is seen once per epoch over all ranks, and
+    global batch b of one process is the union of the ranks' batches b."""
+
+    def __init__(self, n: int, seed: int, start_epoch: int = 0, *, rank: int = 0, world_size: int = 1) -> None:
         self.n, self.seed, self.epoch = n, seed, start_epoch
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self.world_size)
 
     def __iter__(self):
         self.epoch += 1
         epoch_seed = self.seed * 100_003 + self.epoch
-        torch.manual_seed(epoch_seed)
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch_seed))
-        return iter(order.tolist())
+        torch.manual_seed(epoch_seed + 7919 * self.rank)  # each rank its own augmentation draws
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch_seed)).tolist()
+        padded = order + order[: len(self) * self.world_size - self.n]
+        return iter(padded[self.rank :: self.world_size])
 
 
 class _RunCallback(L.Callback):
@@ -519,20 +594,26 @@ class _RunCallback(L.Callback):
         s["val_loss"], s["val_correct"], s["val_n"] = 0.0, 0, 0
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.sanity_checking:
+            return
+        # Through the strategy: under FSDP gathering the full weights is a collective every rank
+        # joins (rank 0 receives them); under DDP or one device it is a plain state_dict().
+        weights = {k.removeprefix("model."): v for k, v in trainer.strategy.lightning_module_state_dict().items()}
+        optimizer_state = trainer.strategy.optimizer_state(trainer.optimizers[0])
+        if not trainer.is_global_zero:
             return
         epoch = self.start_epoch + trainer.current_epoch + 1
         metrics = pl_module.epoch_metrics()
         lr = trainer.optimizers[0].param_groups[-1]["lr"]
         self.record("finetune", {"epoch": epoch, **metrics, "lr": lr, "epoch_seconds": time.perf_counter() - self.t0})
-        self.maybe_save_best("finetune", epoch, metrics["val_accuracy"], metrics["val_loss"])
+        self.maybe_save_best("finetune", epoch, metrics["val_accuracy"], metrics["val_loss"], weights)
         trees = {
-            "optimizer": trainer.optimizers[0].state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": trainer.lr_scheduler_configs[0].scheduler.state_dict(),
         }
         if self.early is not None:
             trees["early_stopping"] = dict(self.early.state_dict())
-        save_training_state(self.run_dir / "checkpoints" / "last", pl_module.model.state_dict(), trees,
+        save_training_state(self.run_dir / "checkpoints" / "last", weights, trees,
                             {"epoch": epoch})
         self.state.data["finetune_epochs_done"] = epoch
         self.state.save()
