@@ -57,6 +57,16 @@ def train(data: str | Path | None = None, *, resume: str | Path | None = None, *
     return _train(cfg)
 
 
+def shards(data: str | Path, out: str | Path, *, shard_size: int = 1000, val_split: float = 0.2, seed: int = 0,
+           progress: bool = True) -> dict:
+    """Write `data` (any layout `train` reads) as WebDataset tar shards OUT/{train,val,test}/SPLIT-NNNNNN.tar,
+    `shard_size` images each, with the same split `train` would use; returns the manifest (OUT/shards.json).
+    `train(OUT)` then reads them in place."""
+    from transferlab.data.shards import write_shards
+
+    return write_shards(data, out, shard_size=shard_size, val_split=val_split, seed=seed, progress=progress)
+
+
 def predict(run: str | Path, inputs: Iterable[str | Path], *, top_k: int = 3) -> list[dict]:
     """Top-k predictions for images, folders or globs, using a trained run directory."""
     from transferlab.evaluation.predict import predict as _predict

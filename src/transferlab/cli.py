@@ -4,6 +4,7 @@
     transferlab train data/ --backbone efficientnet_lite0 --head mlp --epochs-frozen 16 --epochs-finetune 8 \\
         --lr-head 1e-3 --lr-finetune 1e-4 --lr-decay exp:3 --augment standard --img-size 224 --out runs/ants
     transferlab predict runs/ants img1.jpg more_images/ --top-k 3 --json
+    transferlab shards data/ shards/ --shard-size 1000 && transferlab train shards/ --devices 2
     transferlab models --offline --search lite
     transferlab models --search convnext --max-params 30M
     transferlab select data/ --backbones efficientnet_lite0,efficientnet_lite1,efficientnet_lite2 --budget-ms 20
@@ -129,6 +130,29 @@ def _train_or_resume(api, data, resume, options: dict):
     if resume is not None:
         return api.train(resume=resume)
     return api.train(data, **options)
+
+
+@app.command()
+def shards(
+    data: Annotated[Path, typer.Argument(help="ImageFolder tree, class folders, or a CSV of path,label")],
+    out: Annotated[Path, typer.Argument(help="Output folder: OUT/train/train-000000.tar, OUT/val/…, OUT/shards.json")],
+    shard_size: Annotated[int, typer.Option(help="Images per shard")] = 1000,
+    val_split: Annotated[float, typer.Option(help="Validation fraction when the data has no val/ folder")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Random seed (split and shuffle)")] = 0,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Write a dataset as WebDataset tar shards (KEY.jpg + KEY.cls + KEY.json), split as `train` splits it.
+
+    transferlab shards data/ shards/ --shard-size 1000
+    transferlab train shards/ --devices 4
+    """
+    from transferlab import api
+
+    _setup_logging(False)
+    manifest = api.shards(data, out, shard_size=shard_size, val_split=val_split, seed=seed, progress=progress)
+    for split, info in manifest["splits"].items():
+        out_console.print(f"{split}: {info['samples']} images in {len(info['shards'])} shard(s)", highlight=False)
+    out_console.print(f"classes={len(manifest['classes'])} out={out}", highlight=False)
 
 
 @app.command()

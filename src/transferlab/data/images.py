@@ -9,6 +9,7 @@ comes out, or an :class:`ImageError` with a short human reason.
 from __future__ import annotations
 
 import hashlib
+import io
 import struct
 import threading
 import zlib
@@ -108,15 +109,19 @@ _pil_bomb_check = _PilBombCheck()
 @contextmanager
 def _open_checked(path: Path, max_pixels: int) -> Iterator[Image.Image]:
     """Open the header only, rejecting empty files and oversized images before any decode."""
+    source: Path | io.BytesIO = path
     try:
         size = path.stat().st_size
+    except NotADirectoryError:  # a member of a WebDataset shard: shard.tar/KEY.jpg
+        blob = _shard_member(path)
+        source, size = io.BytesIO(blob), len(blob)
     except OSError as exc:
         raise ImageError(f"unreadable file: {exc.strerror or exc}") from exc
     if size == 0:
         raise ImageError("zero-byte file")
     with _pil_bomb_check.disabled():
         try:
-            image = Image.open(path)
+            image = Image.open(source)
         except UnidentifiedImageError as exc:
             raise ImageError("not an image (unrecognised file format)") from exc
         except _DECODE_ERRORS as exc:
@@ -164,10 +169,22 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
 def file_digest(path: str | Path) -> str:
     """SHA-1 of the file's bytes: finds byte-identical duplicates and keys caches."""
     digest = hashlib.sha1(usedforsecurity=False)
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_DIGEST_CHUNK):
-            digest.update(chunk)
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(_DIGEST_CHUNK):
+                digest.update(chunk)
+    except NotADirectoryError:  # a member of a WebDataset shard
+        digest.update(_shard_member(Path(path)))
     return digest.hexdigest()
+
+
+def _shard_member(path: Path) -> bytes:
+    from transferlab.data.shards import member_bytes
+
+    try:
+        return member_bytes(path)
+    except FileNotFoundError as exc:
+        raise ImageError(f"unreadable file: {exc}") from exc
 
 
 def _upright(image: Image.Image) -> Image.Image:

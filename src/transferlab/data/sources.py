@@ -40,6 +40,7 @@ from transferlab.errors import DataError
 __all__ = [
     "LAYOUT_CLASS_FOLDERS",
     "LAYOUT_CSV",
+    "LAYOUT_SHARDS",
     "LAYOUT_SPLIT_FOLDERS",
     "SPLITS",
     "DataSplits",
@@ -52,6 +53,7 @@ logger = logging.getLogger("transferlab")
 LAYOUT_SPLIT_FOLDERS = "train/val folders"
 LAYOUT_CLASS_FOLDERS = "class folders + val split"
 LAYOUT_CSV = "csv"
+LAYOUT_SHARDS = "webdataset shards"
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 _SPLIT_ALIASES: dict[str, str] = {
@@ -70,11 +72,14 @@ _HOW_TO_LAYOUT: dict[str, str] = {
     LAYOUT_SPLIT_FOLDERS: "put each class's images in train/<class>/ and val/<class>/",
     LAYOUT_CLASS_FOLDERS: "put each class's images in its own sub-folder (cat/*.jpg, dog/*.jpg)",
     LAYOUT_CSV: "list images of at least two labels, one path,label row per image",
+    LAYOUT_SHARDS: "write KEY.jpg with a KEY.cls or KEY.json label per image, at least two labels "
+    "(`transferlab shards DATA OUT` writes them)",
 }
 _HOW_TO_FILL_VAL: dict[str, str] = {
     LAYOUT_SPLIT_FOLDERS: "add images to val/<class>/, or remove val/ to split train/ for you",
     LAYOUT_CLASS_FOLDERS: "add images: a class needs at least 2 images to contribute to validation",
     LAYOUT_CSV: "mark some rows with split=val, or drop the split column to split automatically",
+    LAYOUT_SHARDS: "add images to the val/ shards, or remove val/ to split train/ for you",
 }
 
 
@@ -153,6 +158,10 @@ def load_splits(
     ``validate`` decodes every image once (bad ones are skipped, not fatal) and looks for
     byte-identical duplicates; turn it off only for large, known-good datasets.
     """
+    from transferlab.data import shards
+
+    if shards.is_shard_source(data):
+        return _assemble(_read_shards(data), val_split=val_split, seed=seed, validate=validate, progress=progress)
     path = Path(data).expanduser().absolute()
     if not path.exists():
         raise DataError(
@@ -287,6 +296,19 @@ def _read_split_folders(root: Path, split_dirs: dict[str, Path]) -> _Found:
         found.warnings.append(
             "no val/ folder next to train/: holding out part of train/ for validation"
         )
+    return found
+
+
+def _read_shards(data: str | Path) -> _Found:
+    from transferlab.data.shards import read_shards
+
+    source = Path(str(data)).expanduser()
+    read = read_shards(data)
+    found = _Found(source=source, root=source if source.is_dir() else source.parent, layout=LAYOUT_SHARDS,
+                   files=read.files, declared=[], skipped=read.skipped)
+    found.declared = sorted({label for _, label in found.files["train"]})
+    if "val" not in found.files and (source / "train").is_dir():
+        found.warnings.append("no val/ shards next to train/: holding out part of train/ for validation")
     return found
 
 

@@ -1,0 +1,274 @@
+"""WebDataset-format tar shards as a data source, read in place — never unpacked to loose files.
+
+A shard is a plain tar whose members are grouped by key: ``0000042.jpg`` + ``0000042.cls``
+(the class number as text) and/or ``0000042.json`` (``{"label": "cat"}``). Millions of small
+files are what make big image sets slow to copy, list and open; a few hundred large tars are not.
+
+Each shard is indexed once per process by a scan of its tar headers (member name → offset, size);
+an image is then one seek and one read. So every sample stays addressable: the epoch sampler
+shuffles and shards over processes exactly as for folders, a run resumes mid-way, and the feature
+cache keys on the image bytes — the same design as WebDataset's own indexed ``wids`` mode.
+
+A sample's path is the shard's path followed by the member name (``shards/train-000000.tar/0000042.jpg``):
+opening it as a file fails with NotADirectoryError, and `member_bytes` serves it instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import logging
+import random
+import re
+import tarfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transferlab.data.images import has_image_extension
+from transferlab.errors import DataError
+
+log = logging.getLogger("transferlab")
+
+SHARD_SUFFIX = ".tar"
+_SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+_BRACES = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``shards/{000..003}.tar`` → four names, ``{a,b}`` → two (WebDataset's shard-list syntax);
+    zero-padding of ranges is kept."""
+    match = _BRACES.search(pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    head, tail = pattern[: match.start()], pattern[match.end():]
+    if ".." in body and "," not in body:
+        lo, hi = body.split("..", 1)
+        if not (lo.isdigit() and hi.isdigit()):
+            raise DataError(f"Bad shard range {{{body}}} in {pattern}: expected e.g. {{000..099}}.")
+        width = len(lo) if lo.startswith("0") else 0
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        options = body.split(",")
+    return [name for option in options for name in expand_braces(head + option + tail)]
+
+
+def is_shard_source(data: str | Path) -> bool:
+    """True for a .tar file, a brace/glob pattern of them, or a folder whose shards (directly, or
+    in train/ val/ test/ sub-folders) stand in for images."""
+    text = str(data)
+    if _BRACES.search(text) or any(c in text for c in "*?["):
+        return text.endswith(SHARD_SUFFIX)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path.suffix.lower() == SHARD_SUFFIX
+    if not path.is_dir():
+        return False
+    folders = [path] + [p for p in _children(path) if p.is_dir() and p.name.lower() in _SPLIT_DIRS]
+    return any(_shards_in(folder) for folder in folders)
+
+
+def _children(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError:
+        return []
+
+
+def _shards_in(folder: Path) -> list[Path]:
+    return [p for p in _children(folder) if p.is_file() and p.suffix.lower() == SHARD_SUFFIX]
+
+
+def shard_lists(data: str | Path) -> dict[str, list[Path]]:
+    """Split → shard files. Split folders name their split; anything else is training data (the
+    validation set is then held out of it by --val-split, as for class folders)."""
+    text = str(data)
+    if _BRACES.search(text) or any(c in text for c in "*?["):
+        names = [n for brace in expand_braces(text) for n in _glob(brace)]
+        missing = [n for n in names if not Path(n).is_file()]
+        if missing:
+            raise DataError(f"Shard(s) not found: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}.")
+        return {"train": [Path(n).absolute() for n in names]}
+    path = Path(text).expanduser().absolute()
+    if path.is_file():
+        return {"train": [path]}
+    lists: dict[str, list[Path]] = {}
+    for child in _children(path):
+        split = _SPLIT_DIRS.get(child.name.lower())
+        if split and child.is_dir() and _shards_in(child) and split not in lists:
+            lists[split] = _shards_in(child)
+    if lists and "train" not in lists:
+        raise DataError(f"{path} has {', '.join(sorted(lists))} shards but no train/ shards.")
+    if not lists:
+        lists["train"] = _shards_in(path)
+    return lists
+
+
+def _glob(pattern: str) -> list[str]:
+    if not any(c in pattern for c in "*?["):
+        return [pattern]
+    anchor = Path(pattern)
+    parts = anchor.parts
+    root = Path(anchor.anchor) if anchor.is_absolute() else Path(".")
+    relative = str(Path(*parts[1:])) if anchor.is_absolute() else pattern
+    return sorted(str(p) for p in root.glob(relative))
+
+
+@dataclass
+class ShardRead:
+    """What the shards hold: split → [(member path, class name)], and what could not be used."""
+
+    files: dict[str, list[tuple[Path, str]]] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def read_shards(data: str | Path) -> ShardRead:
+    """Index every shard and pair each key's image with its label."""
+    result = ShardRead()
+    for split, shards in shard_lists(data).items():
+        files = result.files.setdefault(split, [])
+        for shard in shards:
+            files.extend(_labelled_images(shard, result.skipped))
+    return result
+
+
+def _labelled_images(shard: Path, skipped: list[dict[str, str]]) -> Iterable[tuple[Path, str]]:
+    groups: dict[str, dict[str, str]] = {}
+    for name in shard_index(shard):
+        key, ext = _split_key(name)
+        groups.setdefault(key, {})[ext] = name
+    for key, members in groups.items():
+        # the plain image first: KEY.jpg before KEY.seg.png (a mask stored beside it)
+        images = [name for ext, name in sorted(members.items(), key=lambda e: ("." in e[0], e[0]))
+                  if has_image_extension("x." + ext)]
+        if not images:
+            continue  # metadata-only keys (e.g. __index__) carry no sample
+        where = shard / images[0]
+        try:
+            label = _label(shard, members)
+        except ValueError as exc:
+            skipped.append({"path": str(where), "reason": str(exc)})
+            log.warning("Skipping %s: %s", where, exc)
+            continue
+        yield where, label
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """WebDataset's rule: the key is everything up to the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _label(shard: Path, members: dict[str, str]) -> str:
+    if "json" in members:
+        try:
+            meta = json.loads(member_bytes(shard / members["json"]))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"unreadable .json label ({exc})") from exc
+        for field_name in ("label", "class", "cls"):
+            if isinstance(meta, dict) and isinstance(meta.get(field_name), (str, int)) and str(meta[field_name]).strip():
+                return str(meta[field_name]).strip()
+        if "cls" not in members:
+            raise ValueError('the .json has no "label" (or "class") field')
+    if "cls" in members:
+        text = member_bytes(shard / members["cls"]).decode("utf-8", "replace").strip()
+        if not text:
+            raise ValueError("empty .cls label")
+        return text
+    raise ValueError("no .cls or .json label")
+
+
+@functools.lru_cache(maxsize=4096)
+def _index(shard: str, mtime_ns: int, size: int) -> dict[str, tuple[int, int]]:
+    try:
+        with tarfile.open(shard, mode="r:") as tar:  # "r:": uncompressed, so members can be seeked
+            return {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
+    except (tarfile.TarError, OSError) as exc:
+        raise DataError(f"Cannot read shard {shard}: {exc}. Shards must be uncompressed .tar files.") from exc
+
+
+def shard_index(shard: Path) -> dict[str, tuple[int, int]]:
+    """Member name → (data offset, size), built once per process and shard version."""
+    stat = Path(shard).stat()
+    return _index(str(shard), stat.st_mtime_ns, stat.st_size)
+
+
+def member_bytes(path: Path) -> bytes:
+    """The bytes of `shard.tar/member`; FileNotFoundError when `path` names no shard member."""
+    path = Path(path)
+    for shard in path.parents:
+        if shard.suffix.lower() == SHARD_SUFFIX and shard.is_file():
+            member = path.relative_to(shard).as_posix()
+            entry = shard_index(shard).get(member)
+            if entry is None:
+                break
+            offset, size = entry
+            with open(shard, "rb") as f:
+                f.seek(offset)
+                return f.read(size)
+    raise FileNotFoundError(f"no such file or shard member: {path}")
+
+
+# --- writing ------------------------------------------------------------------------------
+
+
+def write_shards(data: str | Path, out: str | Path, *, shard_size: int = 1000, val_split: float = 0.2,
+                 seed: int = 0, progress: bool = True) -> dict:
+    """Write a dataset (any layout `load_splits` reads) as WebDataset shards, one folder per split:
+    OUT/train/train-000000.tar … with ``KEY.<ext>`` (the original bytes), ``KEY.cls`` (class
+    number) and ``KEY.json`` (class name, source path). Samples are shuffled (seeded) so that a
+    sequential reader sees mixed classes. Returns the manifest also written to OUT/shards.json."""
+    from transferlab.data.sources import load_splits
+    from transferlab.training.io import atomic_write_json
+
+    if shard_size < 1:
+        raise DataError("--shard-size must be >= 1")
+    splits = load_splits(data, val_split=val_split, seed=seed, progress=progress)
+    out = Path(out)
+    manifest: dict = {"format": "webdataset", "classes": splits.classes, "splits": {}}
+    for split in ("train", "val", "test"):
+        samples = list(getattr(splits, split))
+        if not samples:
+            continue
+        random.Random(f"{seed}/{split}").shuffle(samples)
+        folder = out / split
+        folder.mkdir(parents=True, exist_ok=True)
+        names = []
+        for first in range(0, len(samples), shard_size):
+            name = f"{split}-{first // shard_size:06d}{SHARD_SUFFIX}"
+            _write_tar(folder / name, samples[first:first + shard_size], first, splits.classes)
+            names.append(f"{split}/{name}")
+        manifest["splits"][split] = {"shards": names, "samples": len(samples),
+                                     "counts": splits.counts()[split]}
+    atomic_write_json(out / "shards.json", manifest)
+    return manifest
+
+
+def _write_tar(path: Path, samples, first_index: int, classes: list[str]) -> None:
+    """Reproducible tars (fixed mtime/owner), written to a temporary name and renamed when complete."""
+    tmp = path.with_name(path.name + ".tmp")
+
+    def add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(payload), 0o444, 0
+        tar.addfile(info, io.BytesIO(payload))
+
+    with tarfile.open(tmp, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, sample in enumerate(samples):
+            key = f"{first_index + i:08d}"
+            ext = sample.path.suffix.lower().lstrip(".")
+            add(tar, f"{key}.{ext}", _read(sample.path))
+            add(tar, f"{key}.cls", str(sample.label).encode())
+            meta = {"label": classes[sample.label], "source": sample.path.name}
+            add(tar, f"{key}.json", json.dumps(meta).encode())
+    tmp.replace(path)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except NotADirectoryError:  # re-sharding shards
+        return member_bytes(path)
