@@ -132,6 +132,12 @@ def test_global_batch_must_split_evenly_over_processes():
     TrainConfig(data="x", batch_size=32, devices=4, num_nodes=2).validate()
 
 
+def test_fsdp_without_cuda_is_refused_before_any_process_starts(tiny_data, tmp_path):
+    with pytest.raises(TransferlabError, match="needs CUDA"):
+        transferlab.train(tiny_data, out=str(tmp_path / "r"), device="cpu", devices=2, dist_strategy="fsdp", **TINY)
+    assert not (tmp_path / "r").exists()
+
+
 def test_ddp_run_sees_each_sample_once_per_epoch_and_writes_the_run_once(ddp_run):
     trace = ddp_run["trace"]
     shards = [json.loads((trace / f"sampler-rank{r}-epoch1.json").read_text()) for r in range(2)]

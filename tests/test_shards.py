@@ -59,6 +59,9 @@ def test_training_streams_shards_with_the_folders_classes_and_counts(folder_and_
     counts = [json.loads((r.run_dir / "data.json").read_text())["counts"] for r in (from_folder, from_shards)]
     assert counts[0] == counts[1]
     assert from_shards.summary["num_train"] == 18 and from_shards.summary["num_val"] == 3
+    # evaluation reads shards too: the run's own val split, and a shard set passed as DATA
+    assert transferlab.evaluate(from_shards.run_dir, plots=False, progress=False).metrics["n"] == 3
+    assert transferlab.evaluate(from_shards.run_dir, shards, split="val", plots=False, progress=False).metrics["n"] == 3
     # a brace list of train shards works too (the val split is then held out of it)
     pattern = transferlab.train(str(shards / "train" / "train-{000000..000004}.tar"), out=str(tmp_path / "brace"),
                                 **{**opts, "val_split": 0.2})

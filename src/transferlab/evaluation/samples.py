@@ -53,7 +53,11 @@ def eval_data(run_dir: Path, classes: Sequence[str], data: str | Path | None = N
     if data is None or (trained_on is not None and _same_path(data, trained_on)):
         return _run_split(run_dir, classes, split, progress)
     path = Path(data).expanduser()
-    if not path.exists():
+    from transferlab.data import shards
+
+    if shards.is_shard_source(data):
+        pairs, skipped, split_used = _read_shards(data, split)
+    elif not path.exists():
         raise DataError(f"Evaluation data not found: {path}. Pass a folder of class folders, an ImageFolder "
                         "tree with train/ val/ test/, or a CSV with a path,label header.")
     if path.is_file():
@@ -72,6 +76,18 @@ def eval_data(run_dir: Path, classes: Sequence[str], data: str | Path | None = N
     name = f"{path.resolve().stem or 'data'}-{split_used}"
     return EvalData(name=_slug(name), split=split_used, source=str(path), samples=samples, skipped=skipped,
                     warnings=warnings)
+
+
+def _read_shards(data: str | Path, split: str) -> tuple[list[tuple[Path, str]], list[dict[str, str]], str]:
+    """WebDataset shards: the split's shard folder when there are split folders, else all of them."""
+    from transferlab.data.shards import read_shards
+
+    read = read_shards(data)
+    path = Path(str(data)).expanduser()
+    has_splits = path.is_dir() and any((path / name).is_dir() for names in _SPLIT_FOLDERS.values() for name in names)
+    if has_splits:
+        return read.files.get(split, []), read.skipped, split
+    return [pair for files in read.files.values() for pair in files], read.skipped, ALL
 
 
 def _slug(name: str) -> str:

@@ -165,6 +165,9 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> TrainResult:
     # Resolve the backbone before touching the data: offline, a missing download fails at once.
     spec = resolve_backbone(cfg.backbone, pretrained=pretrained, img_size=cfg.img_size)
     accelerator = _runtime.resolve_accelerator(cfg.device)
+    if cfg.dist_strategy == "fsdp" and accelerator != "cuda":
+        raise TransferlabError(f"--dist-strategy fsdp needs CUDA GPUs (Lightning's FSDP); this run is on "
+                               f"{accelerator}. Use --dist-strategy ddp.")
     # Lightning's start-up chatter (GPU/TPU availability, tips, process-group banners) says nothing
     # a user of ours needs.
     quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning")]
@@ -439,6 +442,10 @@ def _finetune(model, splits, cfg, spec, state, run_dir, accelerator, precision, 
     restore: dict[str, Any] = {}
     early_state = rng_to_restore = None
     if done > 0:
+        if cfg.dist_strategy == "fsdp":
+            # the saved optimizer state is the full (unsharded) one; FSDP would need it re-sharded
+            raise RunDirError(f"Resuming FSDP fine-tuning mid-way is not supported; {run_dir} finished "
+                              f"{done} fine-tuning epoch(s) and its best model is saved in model.safetensors.")
         model_state, trees, _info, rng_to_restore = load_training_state(last)
         model.load_state_dict(model_state)
         restore = {"optimizer": trees["optimizer"], "scheduler": trees["scheduler"]}
