@@ -161,7 +161,7 @@ class FineTuneModule(L.LightningModule):
         totals = torch.tensor([float(self.stats[k]) for k in keys], dtype=torch.float64, device=self.device)
         totals = trainer.strategy.reduce(totals, reduce_op="sum")
         for k, v in zip(keys, totals.tolist()):
-            self.stats[k] = v if k.endswith("loss") else int(round(v))
+            self.stats[k] = v if k.endswith("loss") else round(v)
 
     def epoch_metrics(self) -> dict[str, float]:
         s = self.stats

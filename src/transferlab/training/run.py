@@ -572,7 +572,7 @@ class EpochSeededSampler(torch.utils.data.Sampler[int]):
         self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
-        return -(-self.n // self.world_size)
+        return math.ceil(self.n / self.world_size)
 
     def __iter__(self):
         self.epoch += 1
