@@ -20,6 +20,8 @@ if TYPE_CHECKING:  # the heavy stack (torch, Lightning) loads only when a comman
     from transferlab.evaluation.compare import CompareResult
     from transferlab.evaluation.evaluate import EvalResult
     from transferlab.evaluation.selection import SelectionResult
+    from transferlab.recipes import Recipe
+    from transferlab.recipes.runner import RecipeResult
     from transferlab.training.run import TrainResult
 
 # The demo: the embedded default backbone on a real dataset that an installed package ships
@@ -143,3 +145,27 @@ def compare(data: str | Path, backbones: str | Iterable[str], strategies: str | 
     from transferlab.evaluation.compare import compare as _compare
 
     return _compare(data, backbones, strategies, out=out, **options)
+
+
+def recipes() -> list[Recipe]:
+    """The shipped recipes (the classic experiments as data): see transferlab.recipes."""
+    from transferlab.recipes import list_recipes
+
+    return list_recipes()
+
+
+def recipe_show(name: str, overrides: Iterable[str] = ()) -> Recipe:
+    """Recipe `name` (or a path to a recipe .yaml) with `key=value` overrides applied and checked."""
+    from transferlab.recipes import resolve_recipe
+
+    return resolve_recipe(name, overrides)
+
+
+def recipe_run(name: str, *, data_root: str | Path | None = None, overrides: Iterable[str] = (),
+               out: str | Path | None = None, device: str = "auto", progress: bool = True) -> RecipeResult:
+    """Run recipe `name`: its dataset under `data_root` (default $TRANSFERLAB_HOME/datasets; downloaded
+    through torchvision when missing and online), then train/compare with its settings. The run directory
+    holds recipe.json, so `report` shows the run's numbers beside the published ones."""
+    from transferlab.recipes.runner import run_recipe
+
+    return run_recipe(recipe_show(name, overrides), data_root=data_root, out=out, device=device, progress=progress)

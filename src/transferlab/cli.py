@@ -10,6 +10,8 @@
     transferlab select data/ --backbones efficientnet_lite0,efficientnet_lite1,efficientnet_lite2 --budget-ms 20
     transferlab compare data/ --backbones efficientnet_lite0,efficientnet_lite2 --strategies head-only,two-stage,full --out runs/cmp
     transferlab demo
+    transferlab recipe list
+    transferlab recipe run flowers102-resnet50 --data-root ~/datasets
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def train(
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing")] = 0.1,
     early_stop: Annotated[int, typer.Option(help="Stop fine-tuning after N epochs without val-loss gain (0: off)")] = 3,
     bn: Annotated[str, typer.Option(help="BatchNorm while fine-tuning: auto | eval | train")] = "auto",
-    augment: Annotated[str, typer.Option(help="none | light | standard | strong (train only)")] = "standard",
+    augment: Annotated[str, typer.Option(help="none | light | standard | strong | classic | padcrop (train only)")] = "standard",
     feature_views: Annotated[int, typer.Option(help="Extra augmented views cached for the head stage")] = 0,
     img_size: Annotated[int | None, typer.Option(help="Input size (default: the backbone's)")] = None,
     val_split: Annotated[float, typer.Option(help="Validation fraction when the data has no val/ folder")] = 0.2,
@@ -473,6 +475,83 @@ def compare(
     out_console.print(f"best={result.best['backbone']}×{result.best['strategy']} "
                       f"val_accuracy={result.best['val_accuracy_best']:.4f} html={result.files['html']}",
                       markup=False, highlight=False, soft_wrap=True)
+
+
+recipe_app = typer.Typer(no_args_is_help=True, help="The classic experiments as one-command recipes (list, show, run).")
+app.add_typer(recipe_app, name="recipe")
+
+_OVERRIDE_HELP = "key=value, repeatable: any train option (epochs_finetune=1, preprocess.mean=[0.5,0.5,0.5]), backbones=a,b"
+
+
+@recipe_app.command("list")
+def recipe_list() -> None:
+    """The shipped recipes."""
+    from rich.markup import escape
+
+    from transferlab import api
+
+    table = Table(title="recipes")
+    for col in ("name", "kind", "dataset", "backbone(s)", "published"):
+        table.add_column(col)
+    for r in api.recipes():
+        what = r.config.get("backbone", "") if r.kind == "train" else str(r.compare.get("backbones", ""))
+        table.add_row(escape(r.name), r.kind, r.dataset["name"], escape(what), str(len(r.published)) + " figure(s)")
+    out_console.print(table)
+
+
+@recipe_app.command("show")
+def recipe_show(
+    name: Annotated[str, typer.Argument(help="Recipe name (see `transferlab recipe list`) or a recipe .yaml")],
+    override: Annotated[list[str] | None, typer.Option("--override", "-o", help=_OVERRIDE_HELP)] = None,
+) -> None:
+    """The resolved settings, dataset and source figures of a recipe.
+
+    transferlab recipe show flowers102-resnet50 --override epochs_finetune=4
+    """
+    from transferlab import api
+    from transferlab.recipes.runner import describe
+
+    out_console.print(describe(api.recipe_show(name, override or [])), markup=False, highlight=False, soft_wrap=True)
+
+
+@recipe_app.command("run")
+def recipe_run(
+    name: Annotated[str, typer.Argument(help="Recipe name (see `transferlab recipe list`) or a recipe .yaml")],
+    data_root: Annotated[Path | None, typer.Option(help="Folder holding (or to receive) the dataset in its official layout (default $TRANSFERLAB_HOME/datasets)")] = None,
+    override: Annotated[list[str] | None, typer.Option("--override", "-o", help=_OVERRIDE_HELP)] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights")] = True,
+    out: Annotated[Path | None, typer.Option(help="Run directory (compare recipes: output folder; default runs/<recipe>-<time>)")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run a recipe: dataset (downloaded through torchvision when missing and online), then train or compare.
+
+    transferlab recipe run flowers102-resnet50 --data-root ~/datasets
+    transferlab recipe run retraining-benchmark --override backbones=tv:resnet18,tv:alexnet
+    """
+    from rich.markup import escape
+
+    from transferlab import api
+
+    _setup_logging(verbose)
+    overrides = list(override or []) + ([] if pretrained else ["pretrained=false"])
+    result = api.recipe_run(name, data_root=data_root, overrides=overrides, out=out, device=device, progress=progress)
+    table = Table(title=f"{result.recipe.name}: this run vs published (val accuracy)")
+    for col in ("figure", "published", "this run", ""):
+        table.add_column(col, justify="right" if col == "this run" else "left")
+    for row in result.versus:
+        value = "—" if row["this_run"] is None else f"{100 * row['this_run']:.1f} %"
+        verdict = {True: "within", False: "outside", None: ""}[row["within"]]
+        if row.get("delta") is not None:
+            verdict = f"{100 * row['delta']:+.1f} pts"
+        table.add_row(escape(row["label"]), row["published"], value, verdict)
+    if result.versus:
+        out_console.print(table)
+    else:
+        console.print("the source publishes no figure to compare with")
+    console.print(f"run → [bold]{escape(str(result.out_dir))}[/] (`transferlab report` shows it beside the source figures)")
+    out_console.print(f"recipe={result.recipe.name} out={result.out_dir}", markup=False, highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ STRATEGIES = ("two-stage", "head-only", "full", "scratch")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("onecycle", "cosine", "constant")
 BN_POLICIES = ("auto", "eval", "train")
+PREPROCESS_KEYS = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
 # Lightning strategies for spreading a run over devices/nodes ("auto": one device → none, several → DDP).
 DIST_STRATEGIES = ("auto", "ddp", "fsdp")
 
@@ -38,6 +39,9 @@ class TrainConfig:
     lr_finetune: float = 1e-4
     lr_decay: str = "exp:3"
     unfreeze: int | None = None
+    # LR for the backbone blocks --unfreeze leaves out, instead of freezing them (and no block is
+    # frozen for a negligible LR): the published Flowers-102 recipe gives such parameters 1e-8.
+    lr_floor: float | None = None
     optimizer: str = "adamw"
     weight_decay: float = 1e-2
     schedule: str = "onecycle"
@@ -46,6 +50,9 @@ class TrainConfig:
     bn: str = "auto"
     # data
     augment: str = "standard"
+    # Overrides of the backbone's preprocessing (mean, std, interpolation, crop_pct, crop_mode), e.g. a
+    # dataset's own normalisation; saved in model.json, so predict/export reproduce it.
+    preprocess: dict[str, Any] = field(default_factory=dict)
     feature_views: int = 0
     val_split: float = 0.2
     batch_size: int = 32
@@ -106,6 +113,18 @@ class TrainConfig:
         for name in ("lr_head", "lr_finetune"):
             if getattr(self, name) <= 0:
                 bad(f"{name} must be > 0")
+        if self.lr_floor is not None and self.lr_floor <= 0:
+            bad("lr_floor must be > 0 (leave it unset to freeze the blocks --unfreeze leaves out)")
+        unknown = set(self.preprocess) - set(PREPROCESS_KEYS)
+        if unknown:
+            bad(f"preprocess keys {', '.join(sorted(unknown))} are not among {', '.join(PREPROCESS_KEYS)} "
+                "(the input size is img_size)")
+        from transferlab.data.transforms import Preprocessing
+
+        try:
+            Preprocessing.from_dict(self.preprocess)
+        except (TypeError, ValueError) as exc:
+            bad(f"preprocess: {exc}")
         from transferlab.models.param_groups import parse_decay
 
         try:

@@ -163,11 +163,42 @@ def _strong(pre: Preprocessing) -> Transform:
     )
 
 
+def _classic(pre: Preprocessing) -> Transform:
+    """The classic tutorials' recipe (Flowers-102): the eval framing, then colour jitter, h-flip,
+    rotation and shear — no random crop."""
+    return v2.Compose(
+        [
+            *_resize(pre),
+            v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05),
+            v2.RandomHorizontalFlip(),
+            v2.RandomRotation(15, interpolation=INTERPOLATIONS[pre.interpolation]),
+            v2.RandomAffine(degrees=0, shear=10, interpolation=INTERPOLATIONS[pre.interpolation]),
+            *_to_normalized_tensor(pre),
+            v2.ToPureTensor(),
+        ]
+    )
+
+
+def _padcrop(pre: Preprocessing) -> Transform:
+    """CIFAR/STL-style: the eval framing, then RandomCrop(size, padding=4) and h-flip."""
+    return v2.Compose(
+        [
+            *_resize(pre),
+            v2.RandomCrop(pre.input_size, padding=4),
+            v2.RandomHorizontalFlip(),
+            *_to_normalized_tensor(pre),
+            v2.ToPureTensor(),
+        ]
+    )
+
+
 AUGMENT_PRESETS: dict[str, Callable[[Preprocessing], Transform]] = {
     "none": eval_transform,
     "light": _light,
     "standard": _standard,
     "strong": _strong,
+    "classic": _classic,
+    "padcrop": _padcrop,
 }
 """Training augmentation by name; small datasets overfit less with stronger presets."""
 

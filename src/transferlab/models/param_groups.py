@@ -267,11 +267,13 @@ def discriminative_param_groups(
     *,
     weight_decay: float = 0.0,
     last_k: int | None = None,
+    floor_lr: float | None = None,
 ) -> list[dict[str, Any]]:
     """torch optimizer param groups: head first (lr), then blocks from the top down with decayed lrs.
 
     Frozen parameters are left out, and with ``last_k`` so are all blocks but the last ``last_k`` (lrs
-    still depend on each block's position in the full backbone). With ``weight_decay`` > 0, 1-D
+    still depend on each block's position in the full backbone) — unless ``floor_lr`` is given: then
+    those blocks train at ``floor_lr`` (the classic recipes' "parameters not given an LR get 1e-8"). With ``weight_decay`` > 0, 1-D
     parameters (biases, norms) and the model's ``no_weight_decay()`` names get no decay (as in timm).
     Each group has ``name`` (block name), ``lr``, ``lr_scale`` (lr / base lr) and ``weight_decay``.
     """
@@ -284,7 +286,10 @@ def discriminative_param_groups(
         if last_k < 0:
             raise ValueError(f"last_k must be >= 0 or None, got {last_k}")
         start = len(blocks) - last_k if last_k else len(blocks)
-        blocks, lrs = blocks[start:], lrs[start:]
+        if floor_lr is None:
+            blocks, lrs = blocks[start:], lrs[start:]
+        else:
+            lrs = [floor_lr] * start + lrs[start:]
     params = dict(model.named_parameters())
     no_decay = _no_decay_names(model)
     slot_ids = _head_param_ids(model)

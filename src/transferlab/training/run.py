@@ -13,6 +13,7 @@ rewritten atomically after each epoch, so `--resume RUN` continues from the last
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import math
@@ -164,6 +165,8 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> TrainResult:
     pretrained = cfg.pretrained and cfg.strategy != "scratch"
     # Resolve the backbone before touching the data: offline, a missing download fails at once.
     spec = resolve_backbone(cfg.backbone, pretrained=pretrained, img_size=cfg.img_size)
+    if cfg.preprocess:  # e.g. a dataset's own mean/std (recipes): travels with the model into model.json
+        spec = dataclasses.replace(spec, preprocessing=dataclasses.replace(spec.preprocessing, **cfg.preprocess))
     accelerator = _runtime.resolve_accelerator(cfg.device)
     if cfg.dist_strategy == "fsdp" and accelerator != "cuda":
         raise TransferlabError(f"--dist-strategy fsdp needs CUDA GPUs (Lightning's FSDP); this run is on "
@@ -290,6 +293,7 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
                     head, train_x, train_y, val_x, val_y,
                     epochs=cfg.epochs_frozen, lr=cfg.lr_head, weight_decay=cfg.weight_decay,
                     label_smoothing=cfg.label_smoothing, batch_size=cfg.batch_size, seed=cfg.seed,
+                    optimizer=cfg.optimizer, constant_lr=cfg.schedule == "constant",
                     on_epoch=lambda rec: record("frozen", rec),
                 )
                 head.load_state_dict(best_state)
@@ -454,18 +458,19 @@ def _finetune(model, splits, cfg, spec, state, run_dir, accelerator, precision, 
     if cfg.epochs_finetune - done <= 0 or state.data.get("finetune_stopped_early"):
         return
 
-    unfreeze(model, cfg.unfreeze)
+    unfreeze(model, cfg.unfreeze if cfg.lr_floor is None else None)
     if cfg.strategy == "scratch":
         groups = discriminative_param_groups(model, cfg.lr_head, "none", weight_decay=cfg.weight_decay)
     else:
-        groups = discriminative_param_groups(model, cfg.lr_finetune, cfg.lr_decay,
-                                             weight_decay=cfg.weight_decay, last_k=cfg.unfreeze)
+        groups = discriminative_param_groups(model, cfg.lr_finetune, cfg.lr_decay, weight_decay=cfg.weight_decay,
+                                             last_k=cfg.unfreeze, floor_lr=cfg.lr_floor)
         if cfg.strategy == "full" or not state.data["frozen_done"]:
             head_params = {id(p) for p in head_slot(model).parameters()}
             for g in groups:
                 if all(id(p) in head_params for p in g["params"]):
                     g["lr"] = cfg.lr_head  # a fresh head needs the head LR, not the body's
-        groups = freeze_negligible_groups(groups, cfg.lr_finetune)
+        if cfg.lr_floor is None:  # an explicit floor asks for those tiny LRs: keep every block training
+            groups = freeze_negligible_groups(groups, cfg.lr_finetune)
     pre = spec.preprocessing.with_size(cfg.img_size)
     train_ds = ImageDataset(splits.train, train_transform(pre, cfg.augment))
     val_ds = ImageDataset(splits.val, eval_transform(pre))
