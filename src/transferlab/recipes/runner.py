@@ -125,7 +125,10 @@ def describe(recipe: Recipe) -> str:
         backbones = recipe.backbones()
         shown = ", ".join(backbones[:8]) + (f", … ({len(backbones)} in all)" if len(backbones) > 8 else "")
         lines += [f"backbones: {shown}", f"strategies: {', '.join(recipe.strategies())}"]
-    lines += ["config:", *("  " + line for line in yaml.safe_dump(recipe.config, sort_keys=False, default_flow_style=None).splitlines())]
+    lines.append("config:")
+    for key, value in recipe.config.items():  # one line per setting, as YAML would write the value
+        dumped = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+        lines.append(f"  {key}: {dumped.removesuffix('...').strip()}")
     src = recipe.source
     lines.append(f"source: {src.get('title', '—')}")
     for key in ("url", "dataset", "figures"):

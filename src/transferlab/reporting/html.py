@@ -156,6 +156,7 @@ def _load_run(run_dir: Path, progress: bool) -> dict[str, Any]:
         "curves": curves if curves.is_file() else None,
         "params": _count_params(run_dir / "model.safetensors"),
         "evaluations": evaluations,
+        "recipe": _optional_json(run_dir / "recipe.json"),
     }
 
 
@@ -302,6 +303,34 @@ def _environment_section(summary: Mapping[str, Any]) -> _Html:
     return _Html("<h3>Environment</h3>" + (_table(["", "value"], rows) if rows else "<p class=muted>not recorded</p>"))
 
 
+def _published_section(run: Mapping[str, Any]) -> _Html:
+    """A recipe's run: its numbers beside the figures the recipe's source published."""
+    from transferlab.recipes import versus_published
+
+    recipe = run["recipe"]
+    if not recipe:
+        return _Html("")
+    source = recipe.get("source", {})
+    link = source.get("url") or source.get("dataset")
+    parts = [f"<h3>Versus published: recipe {_esc(recipe.get('name', '?'))}</h3>",
+             f"<p>{_esc(source.get('title', ''))}{' — ' + _esc(link) if link else ''}</p>"]
+    rows = versus_published(run["dir"], recipe.get("published", []))
+    if rows:
+        def verdict(r: Mapping[str, Any]) -> str:
+            if r["delta"] is not None:
+                return f"{100 * r['delta']:+.1f} points"
+            return {True: "within", False: "outside", None: "—"}[r["within"]]
+
+        parts.append(_table(["figure", "published", "this run", "vs published", "note"],
+                            [[r["label"], r["published"], None if r["this_run"] is None else
+                              f"{100 * r['this_run']:.1f} %", verdict(r), r["note"]] for r in rows]))
+    else:
+        parts.append("<p class=muted>the source publishes no figure for this run</p>")
+    if recipe.get("overrides"):
+        parts.append(f"<p class=muted>overrides: {_esc(' '.join(recipe['overrides']))}</p>")
+    return _Html("".join(parts))
+
+
 def _run_section(run: Mapping[str, Any], label: str, index: int) -> _Html:
     s, model = run["summary"], run["model"]
     backbone = s.get("backbone") or model.get("backbone", {}).get("name") or run["config"].get("backbone", "?")
@@ -317,7 +346,7 @@ def _run_section(run: Mapping[str, Any], label: str, index: int) -> _Html:
         head.append(f"<p>best val accuracy <b>{_fmt(s.get('val_accuracy_best'))}</b> "
                     f"({_esc(best.get('phase', '?'))} epoch {_esc(best.get('epoch', '?'))}), "
                     f"final {_fmt(s.get('val_accuracy_final'))}, {_fmt(s.get('total_seconds'), 1)} s</p>")
-    parts = [*head, f"<div class=grid><div>{_config_section(run['config'])}</div><div>{_data_section(run['data'])}</div></div>",
+    parts = [*head, _published_section(run), f"<div class=grid><div>{_config_section(run['config'])}</div><div>{_data_section(run['data'])}</div></div>",
              "<h3>Training curves</h3>",
              _img(run["curves"], "training curves") if run["curves"] else "<p class=muted>no metrics.csv</p>"]
     parts += [_evaluation_section(e["eval"], e["plots"]) for e in run["evaluations"]]
