@@ -160,6 +160,26 @@ def test_flowers_lrs_on_the_real_resnet50_and_vgg16_layers():
             assert all(a > b for a, b in zip(body, body[1:]))
 
 
+def test_head_stage_uses_the_configured_optimizer_and_a_constant_lr():
+    """Feature extraction follows the recipe (Adam / SGD at a constant LR), not always AdamW + cosine."""
+    import torch
+
+    from transferlab.training.head_stage import train_head
+
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 8), torch.randint(0, 3, (40,))
+    heads = {}
+    for name in ("adamw", "sgd"):
+        torch.manual_seed(0)
+        head = torch.nn.Linear(8, 3)
+        records, _ = train_head(head, x, y, x, y, epochs=3, lr=0.05, batch_size=8, optimizer=name, constant_lr=True)
+        assert [r["lr"] for r in records] == [0.05] * 3
+        heads[name] = head.weight.detach().clone()
+    assert not torch.allclose(heads["adamw"], heads["sgd"])
+    records, _ = train_head(torch.nn.Linear(8, 3), x, y, x, y, epochs=3, lr=0.05, batch_size=8)
+    assert records[-1]["lr"] < 0.05  # the default stays cosine-decayed
+
+
 # ---------------------------------------------------------------------------------------- end to end
 
 

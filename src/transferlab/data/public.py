@@ -43,7 +43,7 @@ class PublicDataset:
     name: str  # registry key, as in a recipe's dataset.name
     splits: tuple[str, ...]  # the dataset's own split names
     files: Callable[[], list[str]]  # paths (relative to root) the layout must hold
-    urls: Callable[[], list[tuple[str, str]]]  # (url, unpack into root/...) for the offline message
+    urls: Callable[[], list[tuple[str, str, str]]]  # (url, folder under root to put it in, note): offline message
     download: Callable[[Path], None]  # through torchvision (md5-checked)
     classes: Callable[[Path], list[str]]
     items: Callable[[Path, str], Iterable[Item]]  # (root, split) -> (image, label index)
@@ -64,10 +64,9 @@ def _flowers_files() -> list[str]:
     return ["flowers-102/jpg/", f"flowers-102/{fd['label'][0]}", f"flowers-102/{fd['setid'][0]}"]
 
 
-def _flowers_urls() -> list[tuple[str, str]]:
+def _flowers_urls() -> list[tuple[str, str, str]]:
     cls = _flowers_cls()
-    return [(cls._download_url_prefix + cls._file_dict[k][0], "flowers-102/" + ("jpg/ (the archive's jpg/ folder)"
-                                                                                if k == "image" else ""))
+    return [(cls._download_url_prefix + cls._file_dict[k][0], "flowers-102", "unpack: it holds jpg/" if k == "image" else "")
             for k in ("image", "label", "setid")]
 
 
@@ -80,6 +79,11 @@ def _flowers_items(root: Path, split: str) -> Iterable[Item]:
     labels = np.atleast_1d(loadmat(base / "imagelabels.mat", squeeze_me=True)["labels"]).tolist()
     for image_id in ids:
         yield base / "jpg" / f"image_{int(image_id):05d}.jpg", int(labels[int(image_id) - 1]) - 1
+
+
+def _flowers_classes(root: Path) -> list[str]:
+    names = getattr(_flowers_cls(), "classes", None)  # torchvision >= 0.20 ships the 102 names
+    return list(names) if names else [f"{i:03d}" for i in range(1, 103)]
 
 
 def _flowers_download(root: Path) -> None:
@@ -216,22 +220,22 @@ def _tv_download(cls_getter: Callable[[], Any]) -> Callable[[Path], None]:
 DATASETS: dict[str, PublicDataset] = {
     "Flowers102": PublicDataset(
         name="Flowers102", splits=("train", "val", "test"), files=_flowers_files, urls=_flowers_urls,
-        download=_flowers_download, classes=lambda root: list(_flowers_cls().classes), items=_flowers_items,
+        download=_flowers_download, classes=_flowers_classes, items=_flowers_items,
         source="torchvision.datasets.Flowers102"),
     "CIFAR10": PublicDataset(
         name="CIFAR10", splits=("train", "test"), files=_cifar_files,
-        urls=lambda: [(_cifar_cls().url, "(unpack: it holds cifar-10-batches-py/)")],
+        urls=lambda: [(_cifar_cls().url, "", "unpack: it holds cifar-10-batches-py/")],
         download=_tv_download(_cifar_cls), classes=_cifar_classes, items=_cifar_items,
         source="torchvision.datasets.CIFAR10"),
     "STL10": PublicDataset(
         name="STL10", splits=("train", "test"), files=_stl_files,
-        urls=lambda: [(_stl_cls().url, "(unpack: it holds stl10_binary/)")],
+        urls=lambda: [(_stl_cls().url, "", "unpack: it holds stl10_binary/")],
         download=_tv_download(_stl_cls), classes=_stl_classes, items=_stl_items,
         source="torchvision.datasets.STL10"),
     "hymenoptera": PublicDataset(
         name="hymenoptera", splits=("train", "val"),
         files=lambda: [f"{_HYMENOPTERA}/train/", f"{_HYMENOPTERA}/val/"],
-        urls=lambda: [(_HYMENOPTERA_URL, "(unzip: it holds hymenoptera_data/)")],
+        urls=lambda: [(_HYMENOPTERA_URL, "", "unzip: it holds hymenoptera_data/")],
         download=_hymenoptera_download, classes=_hymenoptera_classes, items=_hymenoptera_items,
         source="torchvision.datasets.utils.download_and_extract_archive (PyTorch transfer-learning tutorial data)"),
 }
@@ -276,8 +280,8 @@ def missing_message(ds: PublicDataset, root: Path, missing: list[str], reason: s
     lines = [f"Dataset {ds.name} is not under {root} and cannot be downloaded ({reason}).",
              "Missing: " + ", ".join(str(root / m) for m in missing) + ".",
              "Download on a machine with internet:"]
-    lines += [f"  {url} -> {root / where if not where.startswith('(') else str(root) + ' ' + where}"
-              for url, where in ds.urls()]
+    lines += [f"  {url} -> {root / folder if folder else root}/" + (f" ({note})" if note else "")
+              for url, folder, note in ds.urls()]
     lines.append(f"so that {root} holds: " + ", ".join(ds.files()) + ". Then run again with --data-root "
                  f"{root} (or with network access, where {ds.source} downloads it).")
     return "\n".join(lines)
@@ -289,7 +293,7 @@ def ensure_dataset(name: str, root: Path) -> None:
     missing = dataset_missing(name, root)
     if not missing:
         return
-    reason = offline_reason([url for url, _ in ds.urls()])
+    reason = offline_reason([url for url, *_ in ds.urls()])
     if reason:
         raise DataError(missing_message(ds, root, missing, reason))
     root.mkdir(parents=True, exist_ok=True)

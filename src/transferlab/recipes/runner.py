@@ -45,7 +45,7 @@ def check_available(recipe: Recipe, data_root: str | Path | None = None) -> None
     problems: list[str] = []
     missing = dataset_missing(name, root)
     if missing:
-        reason = offline_reason([url for url, _ in DATASETS[name].urls()])
+        reason = offline_reason([url for url, *_ in DATASETS[name].urls()])
         if reason:
             problems.append(missing_message(DATASETS[name], root, missing, reason))
     pretrained = recipe.config.get("pretrained", True)
