@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pickle
@@ -13,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import COLOURS, make_image, make_image_folder
+from conftest import COLOURS, make_image_folder
 from PIL import Image
 
 from transferlab import api
 from transferlab.data.public import prepare_dataset
 from transferlab.errors import DataError, TransferlabError
-from transferlab.recipes import RecipeError, list_recipes, load_recipe, resolve_recipe
+from transferlab.recipes import list_recipes, load_recipe, resolve_recipe
 
 # One stage each, 32 px, tiny batches: every override a GPU user would leave out.
 TINY = ["epochs_frozen=1", "epochs_finetune=1", "img_size=32", "batch_size=4", "num_workers=0", "report=false"]
@@ -157,7 +158,7 @@ def test_flowers_lrs_on_the_real_resnet50_and_vgg16_layers():
             body = [g["lr"] for g in groups if g["name"] != "head"]  # top block first
             assert len(body) == 15  # 13 convs + fc6 + fc7
             assert body[0] == pytest.approx(1e-4) and body[-1] == pytest.approx(1e-7)
-            assert all(a > b for a, b in zip(body, body[1:]))
+            assert all(a > b for a, b in itertools.pairwise(body))
 
 
 def test_head_stage_uses_the_configured_optimizer_and_a_constant_lr():

@@ -37,7 +37,7 @@ def _data_root(data_root: str | Path | None) -> Path:
 def check_available(recipe: Recipe, data_root: str | Path | None = None) -> None:
     """Fail before any work, with one message for everything missing: the dataset (offline, with the
     files to fetch and where to put them) and pretrained weights that cannot be had."""
-    from transferlab.data.public import DATASETS, missing_message, offline_reason, dataset_missing
+    from transferlab.data.public import DATASETS, dataset_missing, missing_message, offline_reason
     from transferlab.models.registry import resolve_backbone
 
     root = _data_root(data_root)
