@@ -18,6 +18,29 @@ PREPROCESS_KEYS = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
 DIST_STRATEGIES = ("auto", "ddp", "fsdp")
 
 
+_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def parse_duration(text: str | float | int) -> float:
+    """'90s', '2m', '1h30m', '1.5h' or plain seconds -> seconds (> 0)."""
+    import re
+
+    if isinstance(text, int | float):
+        seconds = float(text)
+    else:
+        raw = str(text).strip().lower().replace(" ", "")
+        parts = re.fullmatch(r"((?:\d+(?:\.\d+)?[hms])+|\d+(?:\.\d+)?)", raw)
+        if not parts:
+            raise ValueError(f"time budget '{text}' is not a duration like 90s, 2m, 1h30m")
+        if raw[-1].isdigit():
+            seconds = float(raw)
+        else:
+            seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([hms])", raw))
+    if seconds <= 0:
+        raise ValueError(f"time budget '{text}' must be > 0")
+    return seconds
+
+
 @dataclass
 class TrainConfig:
     """Everything that decides a run. Defaults are the measured fastest recipe that keeps accuracy."""
@@ -47,6 +70,7 @@ class TrainConfig:
     schedule: str = "onecycle"
     label_smoothing: float = 0.1
     early_stop: int = 3
+    time_budget: str | None = None  # e.g. "2m", "90s", "1h30m": the whole run, planned to fit
     bn: str = "auto"
     # data
     augment: str = "standard"
@@ -57,6 +81,8 @@ class TrainConfig:
     val_split: float = 0.2
     batch_size: int = 32
     num_workers: int | None = None
+    decode_cache: bool = True
+    decode_cache_mb: float = 2048.0
     # machinery
     seed: int = 0
     precision: str = "auto"
@@ -108,6 +134,13 @@ class TrainConfig:
         if self.batch_size % self.world_size:
             bad(f"batch_size {self.batch_size} is the global batch (images per optimizer step) and must "
                 f"divide evenly over {self.world_size} processes ({self.devices} devices x {self.num_nodes} nodes)")
+        if self.time_budget is not None:
+            try:
+                parse_duration(self.time_budget)
+            except ValueError as exc:
+                bad(str(exc))
+        if self.decode_cache_mb < 0:
+            bad("decode_cache_mb must be >= 0")
         if self.img_size is not None and self.img_size < 16:
             bad("img_size must be >= 16 pixels")
         for name in ("lr_head", "lr_finetune"):

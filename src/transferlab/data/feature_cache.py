@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from transferlab.data.datasets import ImageDataset
+from transferlab.data.datasets import DecodedImages, ImageDataset
 from transferlab.data.images import file_digest
 from transferlab.data.sources import Sample
 from transferlab.models.heads import features_only, head_slot
@@ -104,11 +104,16 @@ def extract_features(
     num_workers: int = 0,
     generator_seed: int | None = None,
     progress: Callable[[int], None] | None = None,
+    decoded: DecodedImages | None = None,
 ) -> torch.Tensor:
-    """One forward pass of the frozen backbone over `samples` → float32 [N, feature_dim]."""
+    """One forward pass of the frozen backbone over `samples` → float32 [N, feature_dim].
+
+    `decoded` (optional) keeps the decoded images for the fine-tuning epochs that follow; the
+    pixels fed to the backbone are the file's own either way (exact), so features do not depend on it.
+    """
     was_training = model.training
     model.eval()
-    dataset = ImageDataset(list(samples), transform)
+    dataset = ImageDataset(list(samples), transform, decoded=decoded, exact_pixels=True)
     # An explicit generator: iterating a DataLoader without one draws from torch's global RNG,
     # which would make a cache miss and a cache hit leave different RNG states behind.
     generator = torch.Generator().manual_seed(generator_seed if generator_seed is not None else 0)

@@ -31,8 +31,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from transferlab import _runtime
-from transferlab.config import TrainConfig
-from transferlab.data.datasets import ImageDataset
+from transferlab.config import TrainConfig, parse_duration
+from transferlab.data.datasets import DecodedImages, ImageDataset
 from transferlab.data.feature_cache import backbone_fingerprint, transform_tag, usable_cache_dir
 from transferlab.data.sources import DataSplits, load_splits
 from transferlab.data.transforms import eval_transform, train_transform
@@ -41,6 +41,7 @@ from transferlab.models.heads import HeadConfig, build_classifier, head_slot
 from transferlab.models.param_groups import discriminative_param_groups, freeze_backbone, unfreeze
 from transferlab.models.registry import BackboneSpec, resolve_backbone
 from transferlab.reporting.curves import plot_curves
+from transferlab.training import budget as budget_mod
 from transferlab.training import distributed
 from transferlab.training.checkpoint import load_training_state, save_training_state, set_rng_state
 from transferlab.training.finetune import FineTuneModule
@@ -252,6 +253,7 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_classifier(spec, len(splits.classes), head_cfg)
     autocast = _runtime.autocast_dtype(extract_precision)
+    decoded = _decoded_images(cfg)
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - start
@@ -281,8 +283,10 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
             t1 = time.perf_counter()
             freeze_backbone(model)
             # every rank extracts its shard; rank 0 alone holds the assembled features
-            features = _features(model, splits, cfg, spec, ranks, autocast)
+            features, n_extracted = _features(model, splits, cfg, spec, ranks, autocast, decoded)
             extract_seconds = time.perf_counter() - t1
+            if n_extracted:  # the measured frozen-forward throughput plans a --time-budget
+                state.data["forward_images_per_second"] = n_extracted / max(extract_seconds, 1e-9)
 
             def head_stage() -> dict[str, torch.Tensor]:  # once, on rank 0, on the cached tensors
                 train_x, train_y, val_x, val_y = features
@@ -313,8 +317,14 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
                 state.data["frozen_done"] = True
 
     # ---- stage 2: fine-tuning
-    if cfg.strategy in ("two-stage", "full", "scratch") and cfg.epochs_finetune > 0:
-        _finetune(model, splits, cfg, spec, state, run_dir, accelerator, precision, record, maybe_save_best, ranks)
+    if (cfg.strategy in ("two-stage", "full", "scratch") and cfg.epochs_finetune > 0
+            and "finetune_epochs_planned" not in state.data):
+        state.data["finetune_epochs_planned"] = ranks.broadcast(
+            _plan_finetune(cfg, splits, state, elapsed(), extract_precision, precision))
+    if cfg.strategy in ("two-stage", "full", "scratch") and state.data.get("finetune_epochs_planned", 0) > 0:
+        deadline = None if cfg.time_budget is None else time.perf_counter() + parse_duration(cfg.time_budget) - elapsed()
+        _finetune(model, splits, cfg, spec, state, run_dir, accelerator, precision, record, maybe_save_best, ranks,
+                  decoded, deadline)
 
     # ---- final outputs (rank 0 writes them; every rank returns the same result)
     summary, rows = ranks.on_zero(lambda: _finish(run_dir, cfg, spec, splits, state, elapsed(),
@@ -341,6 +351,7 @@ def _finish(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, splits: DataSpl
         "val_accuracy_final": rows[-1]["val_accuracy"],
         "best": state.data["best"],
         "phase_seconds": {k: round(v, 3) for k, v in state.data["phase_seconds"].items()},
+        "time_budget": state.data.get("time_budget"),
         "total_seconds": round(elapsed, 3),
         "skipped_files": splits.skipped,
         "warnings": splits.warnings,
@@ -386,7 +397,39 @@ def _print_epoch(row: dict) -> None:
              row["val_loss"], row["val_accuracy"], row["epoch_seconds"])
 
 
-def _features(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneSpec, ranks: distributed.Ranks, autocast):
+def _plan_finetune(cfg: TrainConfig, splits: DataSplits, state: RunState, elapsed: float,
+                   extract_precision: str, precision: str) -> int:
+    """Fine-tuning epochs to run: all requested ones, or under --time-budget as many as fit."""
+    if cfg.time_budget is None:
+        return cfg.epochs_finetune
+    budget = parse_duration(cfg.time_budget)
+    rate = state.data.get("forward_images_per_second")
+    per_epoch = (budget_mod.estimate_epoch_seconds(len(splits.train), len(splits.val), rate,
+                                                   extract_precision=extract_precision, training_precision=precision)
+                 if rate else None)
+    planned = budget_mod.plan_finetune_epochs(cfg.epochs_finetune, budget - elapsed, per_epoch)
+    state.data["time_budget"] = {"seconds": budget, "seconds_left_for_finetune": round(budget - elapsed, 3),
+                                 "estimated_epoch_seconds": None if per_epoch is None else round(per_epoch, 3),
+                                 "planned_finetune_epochs": planned}
+    if per_epoch is None:
+        log.info("time budget %.0fs: %.0fs left, no throughput measured yet — %d fine-tuning epoch(s) planned, "
+                 "stopping early if the next would not fit", budget, budget - elapsed, planned)
+    else:
+        log.info("time budget %.0fs: %.0fs left, ~%.1fs per fine-tuning epoch -> %d of %d epoch(s)",
+                 budget, budget - elapsed, per_epoch, planned, cfg.epochs_finetune)
+    return planned
+
+
+def _decoded_images(cfg: TrainConfig) -> DecodedImages | None:
+    """The in-memory decoded-image cache shared by feature extraction and fine-tuning epochs.
+    Only with in-process loading: each loader worker would hold its own copy."""
+    if not cfg.decode_cache or cfg.num_workers:
+        return None
+    return DecodedImages(max_side=4 * cfg.img_size, max_bytes=int(cfg.decode_cache_mb * 2**20))
+
+
+def _features(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneSpec, ranks: distributed.Ranks, autocast,
+              decoded: DecodedImages | None = None):
     """Train features (plain + K augmented views) and val features, from the cache when valid.
     Over several processes each extracts its shard; the result is on rank 0 (None elsewhere)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -407,6 +450,7 @@ def _features(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneSpec, r
     jobs.append(("val", splits.val, eval_transform(cfg_pre), jobs[0][3], None))
 
     results: dict[str, list[torch.Tensor]] = {"train": [], "val": []}
+    n_extracted = 0
     total = sum(len(j[1]) for j in jobs)
     with Progress(TextColumn("[bold]extracting features"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), disable=not cfg.progress or not ranks.is_zero, transient=True) as bar:
@@ -418,26 +462,28 @@ def _features(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneSpec, r
             feats, hit = distributed.sharded_features(
                 ranks, model, samples, transform, tag, cache_dir=cache_dir, fingerprint=fingerprint,
                 batch_size=max(cfg.batch_size, 64), device=device, autocast_dtype=autocast,
-                num_workers=cfg.num_workers, generator_seed=seed,
+                num_workers=cfg.num_workers, generator_seed=seed, decoded=decoded,
                 progress=lambda n: bar.advance(task, n),
             )
             if hit:
                 bar.advance(task, -(-len(samples) // ranks.world_size))
                 log.info("%s features: cache hit (%d images)", split, len(samples))
+            else:
+                n_extracted += len(samples)
             results[split].append(feats)
     model.to("cpu")
     if not ranks.is_zero:
-        return None
+        return None, n_extracted
     train_y = torch.tensor([s.label for s in splits.train])
     train_x = torch.cat(results["train"])
     train_y = train_y.repeat(len(results["train"]))
     val_x = results["val"][0]
     val_y = torch.tensor([s.label for s in splits.val])
-    return train_x, train_y, val_x, val_y
+    return (train_x, train_y, val_x, val_y), n_extracted
 
 
 def _finetune(model, splits, cfg, spec, state, run_dir, accelerator, precision, record, maybe_save_best,
-              ranks: distributed.Ranks) -> None:
+              ranks: distributed.Ranks, decoded: DecodedImages | None = None, deadline: float | None = None) -> None:
     from lightning.pytorch.callbacks import EarlyStopping
 
     checkpoints = run_dir / "checkpoints"
@@ -455,7 +501,8 @@ def _finetune(model, splits, cfg, spec, state, run_dir, accelerator, precision, 
         restore = {"optimizer": trees["optimizer"], "scheduler": trees["scheduler"]}
         early_state = trees.get("early_stopping")
         log.info("resuming fine-tuning after epoch %d", done)
-    if cfg.epochs_finetune - done <= 0 or state.data.get("finetune_stopped_early"):
+    epochs = state.data.get("finetune_epochs_planned", cfg.epochs_finetune)
+    if epochs - done <= 0 or state.data.get("finetune_stopped_early"):
         return
 
     unfreeze(model, cfg.unfreeze if cfg.lr_floor is None else None)
@@ -472,8 +519,9 @@ def _finetune(model, splits, cfg, spec, state, run_dir, accelerator, precision, 
         if cfg.lr_floor is None:  # an explicit floor asks for those tiny LRs: keep every block training
             groups = freeze_negligible_groups(groups, cfg.lr_finetune)
     pre = spec.preprocessing.with_size(cfg.img_size)
-    train_ds = ImageDataset(splits.train, train_transform(pre, cfg.augment))
-    val_ds = ImageDataset(splits.val, eval_transform(pre))
+    train_ds = ImageDataset(splits.train, train_transform(pre, cfg.augment), decoded=decoded)
+    # val pixels exactly as evaluate/predict see them (a downscaled huge image is decoded again)
+    val_ds = ImageDataset(splits.val, eval_transform(pre), decoded=decoded, exact_pixels=True)
     # --batch-size is the global batch (images per optimizer step): each of N processes takes 1/N
     # of it, so a recipe's batch and learning rates mean the same on 1 device or 64.
     batch_size = cfg.batch_size // ranks.world_size
@@ -490,7 +538,7 @@ def _finetune(model, splits, cfg, spec, state, run_dir, accelerator, precision, 
     steps_per_epoch = len(train_loader)
     module = FineTuneModule(
         model, groups, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
-        total_steps=steps_per_epoch * cfg.epochs_finetune, label_smoothing=cfg.label_smoothing,
+        total_steps=steps_per_epoch * epochs, label_smoothing=cfg.label_smoothing,
         bn_mode=cfg.bn_mode, restore=restore,
     )
     early = EarlyStopping(monitor="val_loss", patience=max(1, cfg.early_stop), mode="min") if cfg.early_stop > 0 else None
@@ -498,6 +546,10 @@ def _finetune(model, splits, cfg, spec, state, run_dir, accelerator, precision, 
         early.load_state_dict(early_state)
     callback = _RunCallback(state, run_dir, record, maybe_save_best, start_epoch=done, early=early)
     callbacks = [callback] + ([early] if early is not None else [])
+    budget_stop = None
+    if deadline is not None:
+        budget_stop = budget_mod.TimeBudgetStop(deadline)
+        callbacks.append(budget_stop)
     progress = cfg.progress and sys.stderr.isatty()
     if progress:
         from lightning.pytorch.callbacks import RichProgressBar
@@ -510,7 +562,7 @@ def _finetune(model, splits, cfg, spec, state, run_dir, accelerator, precision, 
         strategy=distributed.trainer_strategy(cfg.dist_strategy, ranks.world_size),
         use_distributed_sampler=False,  # our samplers shard (and seed) the data themselves
         precision=precision,
-        max_epochs=cfg.epochs_finetune - done,
+        max_epochs=epochs - done,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=progress,
@@ -536,9 +588,10 @@ def _finetune(model, splits, cfg, spec, state, run_dir, accelerator, precision, 
     if not ranks.is_zero:  # rank 0 keeps the run's state
         return
     state.data["phase_seconds"]["finetune"] = state.data["phase_seconds"].get("finetune", 0.0) + time.perf_counter() - t0
-    if trainer.should_stop and state.data["finetune_epochs_done"] < cfg.epochs_finetune:
+    if trainer.should_stop and state.data["finetune_epochs_done"] < epochs:
         state.data["finetune_stopped_early"] = True
-        log.info("early stop: val loss did not improve for %d epochs", cfg.early_stop)
+        if budget_stop is None or not budget_stop.stopped:
+            log.info("early stop: val loss did not improve for %d epochs", cfg.early_stop)
     state.save()
 
 

@@ -1,0 +1,131 @@
+"""Speed levers that must not change results: the decoded-image cache and the time-budget planner."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from conftest import TINY
+from PIL import Image
+from test_training import metrics_without_timings, read_metrics
+
+import transferlab
+from transferlab.config import TrainConfig, parse_duration
+from transferlab.data import datasets
+from transferlab.data.datasets import DecodedImages
+from transferlab.data.sources import Sample
+from transferlab.errors import TransferlabError
+from transferlab.training.budget import TimeBudgetStop, estimate_epoch_seconds, plan_finetune_epochs
+
+
+def test_decoded_images_decode_each_file_once(tmp_path, monkeypatch):
+    path = tmp_path / "a.png"
+    Image.fromarray(np.full((20, 30, 3), 120, np.uint8)).save(path)
+    calls = []
+    real = datasets.load_image
+    monkeypatch.setattr(datasets, "load_image", lambda p: calls.append(p) or real(p))
+    cache = DecodedImages(max_side=64)
+    first, again = cache.get(path), cache.get(path)
+    assert first is again and len(calls) == 1
+    assert (cache.hits, cache.misses, cache.nbytes) == (1, 1, 20 * 30 * 3)
+
+
+def test_huge_images_are_kept_downscaled_but_exact_reads_return_the_file_pixels(tmp_path):
+    path = tmp_path / "big.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (200, 300, 3), dtype=np.uint8)).save(path)
+    cache = DecodedImages(max_side=50)
+    exact = cache.get(path, exact=True)
+    kept = cache.get(path)
+    assert exact.size == (300, 200) and kept.size == (75, 50)
+    assert np.array_equal(np.asarray(cache.get(path, exact=True)), np.asarray(Image.open(path).convert("RGB")))
+
+
+def test_decoded_image_cache_stops_growing_at_its_memory_cap(tmp_path):
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((10, 10, 3), i, np.uint8)).save(paths[-1])
+    cache = DecodedImages(max_side=64, max_bytes=2 * 300)
+    for p in paths:
+        cache.get(p)
+    assert len(cache.images) == 2 and cache.nbytes == 600
+    assert np.asarray(cache.get(paths[2])).max() == 2  # still served, just decoded again
+
+
+def test_decode_cache_changes_nothing_in_the_metrics(tiny_data, tmp_path):
+    on = transferlab.train(tiny_data, out=str(tmp_path / "on"), feature_cache="memory", **TINY)
+    off = transferlab.train(tiny_data, out=str(tmp_path / "off"), feature_cache="memory", decode_cache=False, **TINY)
+    assert metrics_without_timings(on.run_dir) == metrics_without_timings(off.run_dir)
+
+
+def test_fine_tuning_epochs_decode_every_image_only_once(tiny_data, tmp_path, monkeypatch):
+    decoded = []
+    real = datasets.load_image
+    monkeypatch.setattr(datasets, "load_image", lambda p, *a: decoded.append(str(p)) or real(p, *a))
+    transferlab.train(tiny_data, out=str(tmp_path / "run"), feature_cache="memory", **{**TINY, "epochs_finetune": 3})
+    assert len(decoded) == len(set(decoded)) == 24 + 12  # 12+12 train, 6+6 val; 1 extraction + 3 epochs
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("2m", 120), ("1h30m", 5400), ("1.5h", 5400), ("45", 45)])
+def test_time_budget_accepts_common_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["2x", "", "-3", "0s", "m"])
+def test_time_budget_rejects_what_is_not_a_positive_duration(text):
+    with pytest.raises(TransferlabError, match="time budget"):
+        TrainConfig(data="x", time_budget=text).validate()
+
+
+def test_plan_keeps_the_requested_epochs_that_fit():
+    assert plan_finetune_epochs(8, seconds_left=100, epoch_seconds=30) == 3
+    assert plan_finetune_epochs(2, seconds_left=100, epoch_seconds=30) == 2
+    assert plan_finetune_epochs(8, seconds_left=-5, epoch_seconds=30) == 0
+    assert plan_finetune_epochs(8, seconds_left=100, epoch_seconds=None) == 8
+
+
+def test_epoch_estimate_charges_fp32_training_after_bf16_features():
+    same = estimate_epoch_seconds(100, 50, 100.0, extract_precision="32-true", training_precision="32-true")
+    mixed = estimate_epoch_seconds(100, 50, 100.0, extract_precision="bf16-mixed", training_precision="32-true")
+    assert same == pytest.approx(100 * 3 / 100 + 50 / 100)
+    assert mixed > same
+
+
+def test_budget_stop_ends_training_when_another_epoch_would_overrun():
+    clock = iter([0.0, 10.0, 10.0, 25.0])  # epoch 1 takes 10 s, epoch 2 takes 15 s; deadline at 38 s
+    stop = TimeBudgetStop(deadline=38.0, clock=lambda: next(clock))
+    trainer = SimpleNamespace(should_stop=False)
+    stop.on_train_epoch_start(trainer, None)
+    stop.on_train_epoch_end(trainer, None)  # 10 + 10 = 20 <= 38: go on
+    assert not trainer.should_stop
+    stop.on_train_epoch_start(trainer, None)
+    stop.on_train_epoch_end(trainer, None)  # 25 + 15 = 40 > 38: stop
+    assert trainer.should_stop and stop.stopped
+
+
+def test_a_budget_smaller_than_the_frozen_stage_skips_fine_tuning_and_says_so(tiny_data, tmp_path):
+    result = transferlab.train(tiny_data, out=str(tmp_path / "run"), time_budget="0.01s", **TINY)
+    phases = {row["phase"] for row in read_metrics(result.run_dir)}
+    assert phases == {"frozen"}
+    budget = json.loads((result.run_dir / "summary.json").read_text())["time_budget"]
+    assert budget["planned_finetune_epochs"] == 0 and budget["seconds"] == 0.01
+    assert budget["estimated_epoch_seconds"] > 0  # planned from the measured frozen-forward throughput
+
+
+def test_a_generous_budget_keeps_every_requested_epoch(tiny_data, tmp_path):
+    result = transferlab.train(tiny_data, out=str(tmp_path / "run"), time_budget="1h", **TINY)
+    rows = read_metrics(result.run_dir)
+    assert sum(r["phase"] == "finetune" for r in rows) == TINY["epochs_finetune"]
+    assert result.summary["time_budget"]["planned_finetune_epochs"] == TINY["epochs_finetune"]
+
+
+def test_sample_paths_key_the_cache_not_object_identity(tmp_path):
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+    cache = DecodedImages(max_side=64)
+    cache.get(Sample(path=path, label=0).path)
+    cache.get(str(path))
+    assert cache.misses == 1
