@@ -21,7 +21,7 @@ DIST_STRATEGIES = ("auto", "ddp", "fsdp")
 _DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
 
 
-def parse_duration(text: str | float | int) -> float:
+def parse_duration(text: str | float) -> float:
     """'90s', '2m', '1h30m', '1.5h' or plain seconds -> seconds (> 0)."""
     import re
 
