@@ -316,6 +316,35 @@ def _num(v) -> float | None:
     return None if math.isnan(x) else x
 
 
+def measure_forward_floor(args) -> dict:
+    """The physical floor of a frozen stage: ONE forward pass of the frozen backbone over the train
+    and val images (decode + resize included, batch 64), in the precision transferlab extracts in
+    (bf16 autocast + channels-last on CPUs with native bf16, else fp32). Timed twice; the second
+    (warm) pass is the floor."""
+    import _classic as C
+    import torch
+    from torch.utils.data import ConcatDataset, DataLoader
+    from torchvision import datasets
+
+    from transferlab._runtime import cpu_supports_bf16
+
+    model, pp = C.load_backbone(args.backbone, len(C.class_names(args.data)))
+    model.reset_classifier(0)
+    model.eval().to(memory_format=torch.channels_last)
+    bf16 = cpu_supports_bf16()
+    ds = ConcatDataset([datasets.ImageFolder(str(args.data / d), C.val_transform(pp)) for d in ("train", "val")])
+    loader = DataLoader(ds, batch_size=64, shuffle=False, num_workers=0)
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for x, _y in loader:
+                model(x.contiguous(memory_format=torch.channels_last))
+        times.append(time.perf_counter() - t0)
+    return {"images": len(ds), "precision": "bf16 autocast" if bf16 else "fp32", "cold_s": times[0],
+            "floor_s": times[1], "records": [], "wall_s": sum(times), "minflt": None}
+
+
 def run_transferlab(args) -> dict:
     """The package's CLI in a subprocess; wall time from the outside, epochs from its metrics.csv."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -451,6 +480,15 @@ def main(argv: list[str] | None = None) -> int:
     classic_best, classic_seconds = args.classic_best, args.classic_seconds
     runners = {"classic": run_classic, "fastai": run_fastai, "transferlab": run_transferlab}
     summary_lines = []
+    floor = None
+    if "transferlab" in args.only:
+        print("\n== floor: one frozen forward pass ==", flush=True)
+        floor = measure_forward_floor(args)
+        doc["floor"] = floor
+        line = (f"[floor] one frozen forward pass over train+val ({floor['images']} images, decode included, "
+                f"{floor['precision']}, channels-last): {floor['floor_s']:.1f}s warm ({floor['cold_s']:.1f}s cold)")
+        print(line, flush=True)
+        summary_lines.append(line)
     for name in args.only:
         print(f"\n== {name} ==", flush=True)
         meter = C.LoadMeter()
@@ -477,8 +515,14 @@ def main(argv: list[str] | None = None) -> int:
             startup = (res["wall_s"] - internal) if internal is not None else None
             reach_ext = f" (~{reach + startup:.1f}s incl. {startup:.1f}s process start-up)" if (
                 reach is not None and startup is not None) else ""
+            phases = (res.get("summary_json") or {}).get("phase_seconds") or {}
+            frozen = (phases["feature_extraction"] + phases.get("head_training", 0.0)
+                      if "feature_extraction" in phases else None)
+            frozen_part = "" if frozen is None else f"  frozen_stage_s={frozen:.1f}" + (
+                f" ({frozen / floor['floor_s']:.2f}x the floor)" if floor else "")
             line = (f"[{name}] best_val_acc={fmt_acc(best)}  wall_s={res['wall_s']:.1f} (external, incl. start-up)  "
-                    f"internal_s={'?' if internal is None else f'{internal:.1f}'}  first_reach_classic_best={fmt_s(reach)}{reach_ext}  "
+                    f"internal_s={'?' if internal is None else f'{internal:.1f}'}{frozen_part}  "
+                    f"first_reach_classic_best={fmt_s(reach)}{reach_ext}  "
                     f"minflt={res['minflt']} (RUSAGE_CHILDREN delta)  other_cpu_s={load['other_cpu_s']}")
         else:
             target = "n/a (no classic figure)" if classic_best is None else fmt_s(reach)

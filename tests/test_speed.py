@@ -18,6 +18,7 @@ from transferlab.data.datasets import DecodedImages
 from transferlab.data.sources import Sample
 from transferlab.errors import TransferlabError
 from transferlab.training.budget import TimeBudgetStop, estimate_epoch_seconds, plan_finetune_epochs
+from transferlab.training.progressive import progressive_sizes
 
 
 def test_decoded_images_decode_each_file_once(tmp_path, monkeypatch):
@@ -129,3 +130,27 @@ def test_sample_paths_key_the_cache_not_object_identity(tmp_path):
     cache.get(Sample(path=path, label=0).path)
     cache.get(str(path))
     assert cache.misses == 1
+
+
+def test_progressive_sizes_rise_to_the_full_size_on_the_last_epoch():
+    assert progressive_sizes(224, 4, 0.5) == [128, 160, 192, 224]
+    assert progressive_sizes(224, 1, 0.5) == [224]
+    assert all(s % 32 == 0 for s in progressive_sizes(300, 6, 0.3)[:-1])
+
+
+def test_progressive_resizing_trains_small_first_and_validates_at_full_size(tiny_data, tmp_path, monkeypatch):
+    from transferlab.training import finetune
+
+    seen = []
+    real = finetune.FineTuneModule.training_step
+
+    def spy(self, batch, batch_idx):
+        seen.append((self.trainer.current_epoch, batch[0].shape[-1]))
+        return real(self, batch, batch_idx)
+
+    monkeypatch.setattr(finetune.FineTuneModule, "training_step", spy)
+    opts = {**TINY, "img_size": 64, "epochs_finetune": 3}
+    result = transferlab.train(tiny_data, out=str(tmp_path / "run"), progressive_resize=0.5, **opts)
+    assert sorted({s for _, s in seen}) == [32, 64] and seen[-1][1] == 64
+    assert {s for e, s in seen if e == 0} == {32}
+    assert result.summary["img_size"] == 64

@@ -70,6 +70,7 @@ class TrainConfig:
     schedule: str = "onecycle"
     label_smoothing: float = 0.1
     early_stop: int = 3
+    progressive_resize: float | None = None  # e.g. 0.5: fine-tune from half the size up to full
     time_budget: str | None = None  # e.g. "2m", "90s", "1h30m": the whole run, planned to fit
     bn: str = "auto"
     # data
@@ -139,6 +140,8 @@ class TrainConfig:
                 parse_duration(self.time_budget)
             except ValueError as exc:
                 bad(str(exc))
+        if self.progressive_resize is not None and not 0.0 < self.progressive_resize <= 1.0:
+            bad("progressive_resize is the starting fraction of the image size, in (0, 1]")
         if self.decode_cache_mb < 0:
             bad("decode_cache_mb must be >= 0")
         if self.img_size is not None and self.img_size < 16:

@@ -54,6 +54,7 @@ from transferlab.training.io import (
     read_json,
     save_tensors,
 )
+from transferlab.training.progressive import ProgressiveResize, progressive_sizes
 
 log = logging.getLogger("transferlab")
 
@@ -528,9 +529,11 @@ def _finetune(model, splits, cfg, spec, state, run_dir, accelerator, precision, 
     sampler = EpochSeededSampler(len(train_ds), seed=cfg.seed, start_epoch=done,
                                  rank=ranks.rank, world_size=ranks.world_size)
     drop_last = len(sampler) > batch_size
+    sizes = progressive_sizes(cfg.img_size, epochs, cfg.progressive_resize) if cfg.progressive_resize else None
     train_loader = DataLoader(train_ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                              num_workers=cfg.num_workers,
-                              pin_memory=accelerator == "cuda", persistent_workers=cfg.num_workers > 0)
+                              num_workers=cfg.num_workers, pin_memory=accelerator == "cuda",
+                              # workers copy the dataset when they start: new sizes need new workers
+                              persistent_workers=cfg.num_workers > 0 and sizes is None)
     val_sampler = distributed.ShardSampler(len(val_ds), ranks.rank, ranks.world_size) if ranks.world_size > 1 else None
     val_loader = DataLoader(val_ds, batch_size=max(cfg.batch_size, 64), shuffle=False, sampler=val_sampler,
                             num_workers=cfg.num_workers, pin_memory=accelerator == "cuda",
@@ -546,6 +549,10 @@ def _finetune(model, splits, cfg, spec, state, run_dir, accelerator, precision, 
         early.load_state_dict(early_state)
     callback = _RunCallback(state, run_dir, record, maybe_save_best, start_epoch=done, early=early)
     callbacks = [callback] + ([early] if early is not None else [])
+    if sizes is not None:
+        log.info("progressive resizing: fine-tuning epochs at %s px (validation at %d)", sizes, cfg.img_size)
+        callbacks.append(ProgressiveResize(
+            train_ds, lambda side: train_transform(pre.with_size(side), cfg.augment), sizes, start_epoch=done))
     budget_stop = None
     if deadline is not None:
         budget_stop = budget_mod.TimeBudgetStop(deadline)
