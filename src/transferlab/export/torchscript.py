@@ -18,11 +18,13 @@ def export_torchscript(module: Any, example: Any, path: Path, *, dynamic_batch: 
     check verifies when `dynamic_batch` is asked for. `opset` is ONNX-only and ignored."""
     import torch
 
+    # Silenced: tracer notes on python-side shape arithmetic (parity is the real check), and torch.jit's
+    # deprecation notice (TorchScript remains what libtorch deployments load).
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer notes on python-side shape arithmetic; parity is the real check
+        warnings.simplefilter("ignore")
         traced = torch.jit.trace(module, example)
         frozen = torch.jit.freeze(traced.eval())
-    torch.jit.save(frozen, str(path))
+        torch.jit.save(frozen, str(path))
     return {"torch_version": torch.__version__}
 
 
@@ -31,7 +33,9 @@ def load_torchscript(path: Path, threads: int | None = None) -> Callable[[np.nda
     set process-wide by ``_runtime.setup_torch``; `threads` is accepted for a uniform loader signature)."""
     import torch
 
-    module = torch.jit.load(str(path), map_location="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        module = torch.jit.load(str(path), map_location="cpu")
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
