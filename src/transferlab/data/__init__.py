@@ -35,7 +35,12 @@ _EXPORTS: dict[str, str] = {
     "train_transform": "transforms",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "AUGMENT_PRESETS", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "LAYOUT_CLASS_FOLDERS", "LAYOUT_CSV",
+    "LAYOUT_SPLIT_FOLDERS", "MAX_PIXELS", "SPLITS", "DataSplits", "ImageDataset", "ImageError", "Preprocessing",
+    "Sample", "default_datasets_root", "eval_transform", "file_digest", "has_image_extension", "load_image",
+    "load_splits", "materialize_digits", "probe_image", "train_transform",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -138,7 +138,7 @@ class _JsonOut:
         self.handle.write("]\n" if self.separator == "\n  " else "\n]\n")
 
 
-OUTPUT_FORMATS: dict[str, type[_CsvOut] | type[_JsonOut]] = {".csv": _CsvOut, ".json": _JsonOut}
+OUTPUT_FORMATS: dict[str, type[_CsvOut | _JsonOut]] = {".csv": _CsvOut, ".json": _JsonOut}
 """Output file suffix → writer class (handle, top-k columns)."""
 
 

@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +145,7 @@ def export_run(run: str | Path, fmt: str = "onnx", *, out: str | Path | None = N
         "parity": parity,
         "source": {"run": str(run_dir.resolve()), "backbone": meta["backbone"]["name"],
                    "weights": weights.name, "weights_sha256": _sha256(weights)},
-        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "transferlab_version": __version__,
     }
     atomic_write_json(sidecar_path(path), metadata)

@@ -35,7 +35,7 @@ def _resize_short_side(image: Image.Image, short: int, resample: Image.Resamplin
 def _center_crop(image: Image.Image, size: int) -> Image.Image:
     # PIL pads a crop box that leaves the image with zeros, as torchvision's pad-then-crop does.
     w, h = image.size
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    top, left = round((h - size) / 2.0), round((w - size) / 2.0)
     return image.crop((left, top, left + size, top + size))
 
 
