@@ -169,6 +169,8 @@ def test_health_and_the_upload_page(server):
     status, health = request(server, "/health")
     assert status == 200 and health["status"] == "ok" and health["classes"] == ["blue", "red"]
     assert health["limits"]["max_upload_mb"] == 0.25
+    status, body = request(server, "/predict?top_k=many", files=[("a.png", png(), "image/png")])
+    assert status == 422 and body["error"].startswith("invalid request parameters: top_k")
     status, page = request(server, "/")
     assert status == 200 and '<input id="files" type="file"' in page and ".innerHTML" not in page.split("<script>")[1]
 

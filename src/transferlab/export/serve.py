@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -204,6 +205,12 @@ def create_app(model: str | Path | Predictor, limits: ServeLimits | None = None)
         if exc.files:
             body["files"] = exc.files
         return JSONResponse(body, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_parameters(request: Request, exc: RequestValidationError) -> JSONResponse:
+        state["rejected"] += 1
+        problems = "; ".join(f"{e['loc'][-1]}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"error": f"invalid request parameters: {problems}"}, status_code=422)
 
     @app.middleware("http")
     async def _headers(request: Request, call_next):
