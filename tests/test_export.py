@@ -334,6 +334,7 @@ def test_bench_infer_measures_every_runtime_and_batch_size(run):
         (rt, b) for rt in ("pytorch", "torchscript", "onnxruntime") for b in (1, 3)]
     for r in rows:
         assert r["runs"] >= 2 and 0 < r["p50_ms"] <= r["p95_ms"] and r["images_per_second"] > 0
+        assert r["cpu_ms_per_image"] >= 0
     env = result["environment"]
     assert env["model"] == "test_efficientnet" and env["input_size"] == 32 and env["threads"] >= 1
     with pytest.raises(TransferlabError, match="Unknown runtime"):

@@ -712,11 +712,11 @@ def bench_infer(
     table = Table(title=f"inference: {env['model']} at {env['input_size']} px, {env['threads']} threads")
     caption = (f"model forward on preprocessed batches; {env['cpu']}; torch {env['torch']}, onnxruntime "
                f"{env['onnxruntime']}; load average before {load}, after {env['load_average_after']}")
-    for col in ("runtime", "batch", "images/s", "p50 ms", "p95 ms", "runs"):
+    for col in ("runtime", "batch", "images/s", "p50 ms", "p95 ms", "CPU ms/image", "runs"):
         table.add_column(col, justify="left" if col == "runtime" else "right")
     for r in result["rows"]:
         table.add_row(r["runtime"], str(r["batch_size"]), f"{r['images_per_second']:.1f}", f"{r['p50_ms']:.2f}",
-                      f"{r['p95_ms']:.2f}", str(r["runs"]))
+                      f"{r['p95_ms']:.2f}", f"{r['cpu_ms_per_image']:.2f}", str(r["runs"]))
     out_console.print(table)
     out_console.print(caption, highlight=False)
 

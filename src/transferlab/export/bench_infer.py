@@ -5,8 +5,12 @@ calls (allocator growth, kernel selection, ORT graph optimisation), then timed c
 have passed and at least `min_runs` were made. Latency percentiles are per call (one batch);
 images/s is images scored over the timed wall time. The TorchScript and ONNX files are exported
 to a temporary folder through ``export_run`` — with its parity check, so a fast wrong model can
-never be reported — and all runtimes share the same thread count (physical cores by default).
+never be reported — and all runtimes share the same thread count (TRANSFERLAB_THREADS, else physical cores).
 Image decoding and resizing are excluded: they cost the same whatever runs the model.
+
+Wall-clock figures are what a user gets, and on a shared machine they depend on everyone else's work;
+CPU milliseconds per image (all of this process's threads, spin-waiting included) depend much less on
+it, so both are reported, with the load average before and after.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 
 from transferlab import _runtime
 from transferlab.errors import TransferlabError
+from transferlab.export.predictors import inference_threads
 
 __all__ = ["RUNTIMES", "bench_infer"]
 
@@ -33,15 +38,16 @@ Runner = Callable[[np.ndarray], Any]
 
 
 def _eager(run: Path, workdir: Path, threads: int) -> Runner:
+    """The run's model in PyTorch eager, fp32, channels-last: what `predict` and `serve` run."""
     import torch
 
     from transferlab.evaluation.predict import load_run_model
 
-    model, _ = load_run_model(run)
+    model = load_run_model(run)[0].to(memory_format=torch.channels_last)  # as `predict` and `serve` run it
 
     def forward(x: np.ndarray) -> Any:
         with torch.inference_mode():
-            return model(torch.from_numpy(x))
+            return model(torch.from_numpy(x).contiguous(memory_format=torch.channels_last))
 
     return forward
 
@@ -69,16 +75,17 @@ def _time(runner: Runner, x: np.ndarray, seconds: float, min_runs: int) -> dict[
     for _ in range(WARMUP_RUNS.get(len(x), 2)):
         runner(x)
     times: list[float] = []
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     while len(times) < MAX_RUNS and (len(times) < min_runs or time.perf_counter() - start < seconds):
         t0 = time.perf_counter()
         runner(x)
         times.append(time.perf_counter() - t0)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     ms = np.asarray(times) * 1000
     return {"runs": len(times), "p50_ms": round(float(np.percentile(ms, 50)), 3),
             "p95_ms": round(float(np.percentile(ms, 95)), 3),
-            "images_per_second": round(len(x) * len(times) / wall, 2)}
+            "images_per_second": round(len(x) * len(times) / wall, 2),
+            "cpu_ms_per_image": round(cpu * 1000 / (len(x) * len(times)), 3)}
 
 
 def _cpu_name() -> str:
@@ -102,7 +109,8 @@ def _load() -> list[float] | None:
 def bench_infer(run: str | Path, *, batch_sizes: Sequence[int] = (1, 32), runtimes: Sequence[str] | None = None,
                 seconds: float = 3.0, min_runs: int = 5, threads: int | None = None,
                 on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """{"rows": [{runtime, batch_size, runs, p50_ms, p95_ms, images_per_second}], "environment": {...}}."""
+    """{"rows": [{runtime, batch_size, runs, p50_ms, p95_ms, images_per_second, cpu_ms_per_image}],
+    "environment": {...}}."""
     import onnxruntime
     import torch
 
@@ -114,7 +122,7 @@ def bench_infer(run: str | Path, *, batch_sizes: Sequence[int] = (1, 32), runtim
         raise TransferlabError(f"Unknown runtime(s) {', '.join(unknown)}: choose from {', '.join(RUNTIMES)}.")
     if not batch_sizes or min(batch_sizes) < 1:
         raise TransferlabError("batch sizes must be positive integers, e.g. --batch-sizes 1,32")
-    threads = threads or _runtime.physical_cores()
+    threads = threads or inference_threads()
     _runtime.setup_torch(threads)
     run = Path(run)
     _, meta = load_run_model(run)  # fails early, with the usual message, on a directory without a model
@@ -125,6 +133,7 @@ def bench_infer(run: str | Path, *, batch_sizes: Sequence[int] = (1, 32), runtim
     with tempfile.TemporaryDirectory(prefix="transferlab-bench-") as workdir:
         for name in names:
             runner = RUNTIMES[name](run, Path(workdir), threads)
+            _runtime.setup_torch(threads)  # exporting set torch's threads back to its own default
             for b in batch_sizes:
                 x = rng.standard_normal((b, 3, size, size), dtype=np.float32)
                 row = {"runtime": name, "batch_size": b, **_time(runner, x, seconds, min_runs)}

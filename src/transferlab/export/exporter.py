@@ -149,5 +149,6 @@ def export_run(run: str | Path, fmt: str = "onnx", *, out: str | Path | None = N
         "transferlab_version": __version__,
     }
     atomic_write_json(sidecar_path(path), metadata)
+    os.chmod(sidecar_path(path), path.stat().st_mode & 0o777)  # deployable as the model is (temp files are 0600)
     return ExportResult(path=path, sidecar=sidecar_path(path), format=fmt, parity=parity, metadata=metadata,
                         seconds=time.perf_counter() - start)

@@ -18,7 +18,7 @@ from transferlab.errors import RunDirError
 from transferlab.export.preprocess import preprocess_image
 from transferlab.export.sidecar import read_sidecar
 
-__all__ = ["OnnxPredictor", "Predictor", "TorchPredictor", "load_predictor", "model_kind", "softmax"]
+__all__ = ["OnnxPredictor", "Predictor", "TorchPredictor", "inference_threads", "load_predictor", "model_kind", "softmax"]
 
 
 class Predictor(Protocol):
@@ -36,6 +36,15 @@ class Predictor(Protocol):
         """Prepared images → (N, classes) float32 probabilities."""
 
 
+def inference_threads() -> int:
+    """Threads for inference: TRANSFERLAB_THREADS (as ``_runtime.setup_torch`` reads it), else physical cores."""
+    import os
+
+    from transferlab._runtime import physical_cores
+
+    return int(os.environ.get("TRANSFERLAB_THREADS") or 0) or physical_cores()
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits.astype(np.float32) - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
@@ -48,12 +57,17 @@ class TorchPredictor:
     runtime = "pytorch"
 
     def __init__(self, path: str | Path) -> None:
+        import torch
+
         from transferlab import _runtime
         from transferlab.data.transforms import Preprocessing, eval_transform
         from transferlab.evaluation.predict import load_run_model
 
         _runtime.setup_torch()
-        self.model, meta = load_run_model(path)
+        model, meta = load_run_model(path)
+        # channels-last: oneDNN's depthwise and 1x1 convolutions are faster so (Lite0, 224 px, one thread:
+        # 276 → 217 ms CPU per batch of 8).
+        self.model = model.to(memory_format=torch.channels_last)
         self.name = str(path)
         self.classes = list(meta["classes"])
         preprocessing = Preprocessing.from_dict(meta["preprocessing"])
@@ -66,8 +80,9 @@ class TorchPredictor:
     def probabilities(self, batch: Sequence[Any]) -> np.ndarray:
         import torch
 
+        x = torch.stack(list(batch)).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            return self.model(torch.stack(list(batch))).float().softmax(dim=1).numpy()
+            return self.model(x).float().softmax(dim=1).numpy()
 
 
 class OnnxPredictor:
@@ -77,8 +92,6 @@ class OnnxPredictor:
 
     def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
         import onnxruntime as ort
-
-        from transferlab._runtime import physical_cores
 
         path = Path(path)
         if not path.is_file():
@@ -94,7 +107,7 @@ class OnnxPredictor:
         self._dtype = meta["input"].get("dtype", "float32")
         self.max_batch: int | None = meta["input"]["shape"][0]
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or physical_cores()
+        options.intra_op_num_threads = threads or inference_threads()
         options.log_severity_level = 3  # warnings about unused initialisers etc. are not the user's business
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
