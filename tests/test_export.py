@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +91,8 @@ def run_exported(path: Path, x: np.ndarray) -> np.ndarray:
         import onnxruntime as ort
 
         return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
         return torch.jit.load(str(path)).eval()(torch.from_numpy(x)).numpy()
 
 
