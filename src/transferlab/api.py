@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # the heavy stack (torch, Lightning) loads only when a comman
     from transferlab.evaluation.compare import CompareResult
     from transferlab.evaluation.evaluate import EvalResult
     from transferlab.evaluation.selection import SelectionResult
+    from transferlab.export.exporter import ExportResult
     from transferlab.recipes import Recipe
     from transferlab.recipes.runner import RecipeResult
     from transferlab.training.run import TrainResult
@@ -69,11 +70,59 @@ def shards(data: str | Path, out: str | Path, *, shard_size: int = 1000, val_spl
     return write_shards(data, out, shard_size=shard_size, val_split=val_split, seed=seed, progress=progress)
 
 
-def predict(run: str | Path, inputs: Iterable[str | Path], *, top_k: int = 3) -> list[dict]:
-    """Top-k predictions for images, folders or globs, using a trained run directory."""
-    from transferlab.evaluation.predict import predict as _predict
+def predict(model: str | Path, inputs: Iterable[str | Path], *, top_k: int = 3, batch_size: int = 32,
+            on_entry: Callable[[dict], None] | None = None) -> list[dict]:
+    """Top-k predictions for images, folders or globs: [{"path", "predictions": [{"label", "probability"}]}
+    or {"path", "error"}] in input order. `model`: a run directory, its model.safetensors, or an exported
+    .onnx (onnxruntime only: torch is never imported). `on_entry` sees each result as it is made."""
+    from transferlab.export.batch import iter_predictions
+    from transferlab.export.predictors import load_predictor
 
-    return _predict(run, inputs, top_k=top_k)
+    results = []
+    for entry in iter_predictions(load_predictor(model), inputs, top_k=top_k, batch_size=batch_size):
+        if on_entry is not None:
+            on_entry(entry)
+        results.append(entry)
+    return results
+
+
+def predict_to_file(model: str | Path, inputs: Iterable[str | Path], out: str | Path, *, top_k: int = 3,
+                    batch_size: int = 32, on_entry: Callable[[dict], None] | None = None) -> dict[str, int]:
+    """Like `predict`, streamed into `out` (.csv or .json) in constant memory; returns {"images", "failed"}."""
+    from transferlab.export.batch import iter_predictions, write_predictions
+    from transferlab.export.predictors import load_predictor
+
+    predictor = load_predictor(model)
+    results = iter_predictions(predictor, inputs, top_k=top_k, batch_size=batch_size)
+    return write_predictions(results, out, top_k=min(top_k, len(predictor.classes)), on_entry=on_entry)
+
+
+def export_model(run: str | Path, format: str = "onnx", *, out: str | Path | None = None, dynamic_batch: bool = False,
+           fp16: bool = False, opset: int | None = None, parity_images: int = 8) -> ExportResult:
+    """Export a run to ONNX or TorchScript (default RUN/export/model.onnx) with a JSON sidecar (classes,
+    preprocessing, parity). Raises if the file's probabilities differ from PyTorch's beyond tolerance."""
+    from transferlab.export.exporter import export_run
+    from transferlab.export.onnx import DEFAULT_OPSET
+
+    return export_run(run, format, out=out, dynamic_batch=dynamic_batch, fp16=fp16,
+                      opset=opset or DEFAULT_OPSET, parity_count=parity_images)
+
+
+def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, **limits: Any) -> None:
+    """Serve `model` (run directory or .onnx) over HTTP until interrupted: POST /predict, GET /health, GET /
+    (upload page). `limits`: max_upload_mb, max_files, max_pixels, max_batch, top_k (export.serve.ServeLimits)."""
+    from transferlab.export.serve import ServeLimits
+    from transferlab.export.serve import serve as _serve
+
+    _serve(model, host=host, port=port, limits=ServeLimits(**limits))
+
+
+def bench_infer(run: str | Path, **options: Any) -> dict:
+    """Latency (p50/p95) and images/s of a run's model per runtime (PyTorch eager, TorchScript, ONNX Runtime)
+    and batch size on this machine. Options: batch_sizes, runtimes, seconds, min_runs, threads, on_row."""
+    from transferlab.export.bench_infer import bench_infer as _bench
+
+    return _bench(run, **options)
 
 
 def list_models(search: str | None = None, *, offline_only: bool = False, max_params: float | str | None = None,

@@ -12,6 +12,10 @@
     transferlab demo
     transferlab recipe list
     transferlab recipe run flowers102-resnet50 --data-root ~/datasets
+    transferlab export runs/ants --format onnx --dynamic-batch
+    transferlab predict runs/ants/export/model.onnx photos/ --out preds.csv
+    transferlab serve runs/ants --port 8000
+    transferlab bench-infer runs/ants
 """
 
 from __future__ import annotations
@@ -163,27 +167,78 @@ def shards(
 
 @app.command()
 def predict(
-    run: Annotated[Path, typer.Argument(help="Run directory (or its model.safetensors)")],
+    model: Annotated[Path, typer.Argument(help="Run directory, its model.safetensors, or an exported .onnx")],
     inputs: Annotated[list[str], typer.Argument(help="Images, folders or glob patterns")],
     top_k: Annotated[int, typer.Option(help="How many labels per image")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Stream results to a .csv or .json file instead of printing them")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass")] = 32,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
-    """Predict labels for images with a trained run."""
-    from transferlab import api
+    """Predict labels for images with a trained run or an exported ONNX model (onnxruntime only, no torch).
 
-    results = api.predict(run, inputs, top_k=top_k)
-    failed = sum("error" in r for r in results)
+    transferlab predict runs/ants img1.jpg more_images/ "shots/*.png" --top-k 3
+    transferlab predict runs/ants/export/model.onnx photos/ --out preds.csv
+    """
+    from rich.markup import escape
+
+    from transferlab import api
+    from transferlab.export.batch import count_inputs
+
+    failures: list[dict] = []
+    with _progress_bar(progress, "predicting", lambda: count_inputs(inputs)) as advance:
+        def seen(entry: dict) -> None:
+            advance()
+            if "error" in entry:
+                failures.append(entry)
+
+        if out is not None:
+            counts = api.predict_to_file(model, inputs, out, top_k=top_k, batch_size=batch_size, on_entry=seen)
+        else:
+            results = api.predict(model, inputs, top_k=top_k, batch_size=batch_size, on_entry=seen)
+    if out is not None:
+        for r in failures[:10]:
+            console.print(f"[yellow]failed[/] {escape(r['path'])}: {escape(r['error'])}")
+        if len(failures) > 10:
+            console.print(f"[yellow]… {len(failures) - 10} more failures (see the file's error column)[/]")
+        out_console.print(f"predictions={counts['images'] - counts['failed']} failed={counts['failed']} out={out}",
+                          markup=False, highlight=False, soft_wrap=True)
+        return
     if as_json:
         out_console.print_json(json.dumps(results))
-    else:
-        table = Table(title=f"predictions ({len(results) - failed} images, {failed} failed)")
-        table.add_column("image", overflow="fold")
-        table.add_column("top predictions")
-        for r in results:
-            text = r.get("error") and f"[red]error: {r['error']}[/]" or ", ".join(
-                f"{p['label']} {p['probability']:.3f}" for p in r["predictions"])
-            table.add_row(r["path"], text)
-        out_console.print(table)
+        return
+    table = Table(title=f"predictions ({len(results) - len(failures)} images, {len(failures)} failed)")
+    table.add_column("image", overflow="fold")
+    table.add_column("top predictions")
+    for r in results:
+        text = f"[red]error: {escape(r['error'])}[/]" if "error" in r else ", ".join(
+            f"{escape(p['label'])} {p['probability']:.3f}" for p in r["predictions"])
+        table.add_row(escape(r["path"]), text)
+    out_console.print(table)
+
+
+class _progress_bar:
+    """``with _progress_bar(on, label, total) as advance:`` a transient bar on an interactive stderr, else nothing
+    (logs and pipes get no control characters). `total` is a callable: counting is skipped when no bar shows."""
+
+    def __init__(self, enabled: bool, label: str, total) -> None:
+        self.enabled = enabled and console.is_terminal
+        self.label, self.total = label, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                            console=console, transient=True)
+        self.bar.__enter__()
+        task = self.bar.add_task(self.label, total=self.total())
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.bar.__exit__(*exc)
 
 
 @app.command()
@@ -556,6 +611,115 @@ def recipe_run(
         console.print("the source publishes no figure to compare with")
     console.print(f"run → [bold]{escape(str(result.out_dir))}[/] (`transferlab report` shows it beside the source figures)")
     out_console.print(f"recipe={result.recipe.name} out={result.out_dir}", markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run directory (or its model.safetensors)")],
+    format: Annotated[str, typer.Option("--format", "-f", help="onnx | torchscript")] = "onnx",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Model file (default RUN/export/model[-fp16].onnx|.pt); metadata goes to FILE.json")] = None,
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Any batch size (default: batch 1, the edge/mobile shape)")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Half-precision weights and arithmetic (fp32 input/output; parity tolerance 1e-2)")] = False,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default 17)")] = None,
+    parity_images: Annotated[int, typer.Option(help="Validation images the parity check runs on")] = 8,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the sidecar JSON")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Export a trained run to ONNX or TorchScript, with its preprocessing metadata, after proving parity with
+    PyTorch on real validation images (max |Δ probability| ≤ 1e-4 in fp32, identical top-1). Fails otherwise.
+
+    transferlab export runs/ants
+    transferlab export runs/ants --format torchscript --dynamic-batch -o deploy/ants.pt
+    """
+    from rich.markup import escape
+
+    from transferlab import api
+
+    _setup_logging(verbose)
+    result = api.export_model(run, format, out=out, dynamic_batch=dynamic_batch, fp16=fp16, opset=opset,
+                              parity_images=parity_images)
+    if as_json:
+        out_console.print_json(json.dumps(result.metadata))
+        return
+    p = result.parity
+    size_mb = result.path.stat().st_size / 2**20
+    console.print(f"[bold green]{result.format}[/] ({result.metadata['precision']}, batch "
+                  f"{'dynamic' if dynamic_batch else 1}) → [bold]{escape(str(result.path))}[/] ({size_mb:.1f} MB) "
+                  f"+ {escape(result.sidecar.name)} in {result.seconds:.1f}s")
+    console.print(f"parity vs PyTorch: max |Δ probability| {p['max_abs_diff']:.2e} ≤ {p['tolerance']:.0e}, top-1 "
+                  f"identical {p['top1_identical']}/{p['images']} ({escape(p['source'])}; batch "
+                  f"{', '.join(map(str, p['batch_sizes']))})")
+    out_console.print(f"export={result.path} parity_max_abs_diff={p['max_abs_diff']:.3g} "
+                      f"top1_identical={p['top1_identical']}/{p['images']}", markup=False, highlight=False,
+                      soft_wrap=True)
+
+
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Argument(help="Run directory, its model.safetensors, or an exported .onnx")],
+    host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0: every interface, no authentication)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    top_k: Annotated[int, typer.Option(help="Labels per image unless the request says ?top_k=N")] = 3,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request body (413 above)")] = 20.0,
+    max_files: Annotated[int, typer.Option(help="Most images per request")] = 16,
+    max_pixels: Annotated[int, typer.Option(help="Most pixels per image, checked before decoding (413 above)")] = 50_000_000,
+    max_batch: Annotated[int, typer.Option(help="Most images per forward pass (concurrent requests share batches)")] = 32,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Serve a model over HTTP: POST /predict (multipart images → top-k JSON), GET /health, GET / (upload page).
+
+    transferlab serve runs/ants
+    transferlab serve runs/ants/export/model.onnx --port 9000
+    curl -F file=@photo.jpg http://127.0.0.1:8000/predict
+    """
+    from transferlab import api
+
+    _setup_logging(verbose)
+    api.serve(model, host=host, port=port, top_k=top_k, max_upload_mb=max_upload_mb, max_files=max_files,
+              max_pixels=max_pixels, max_batch=max_batch)
+
+
+@app.command("bench-infer")
+def bench_infer(
+    run: Annotated[Path, typer.Argument(help="Run directory (or its model.safetensors)")],
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes")] = "1,32",
+    runtimes: Annotated[str, typer.Option(help="Comma-separated: pytorch,torchscript,onnxruntime")] = "pytorch,torchscript,onnxruntime",
+    seconds: Annotated[float, typer.Option(help="Timed seconds per runtime and batch size")] = 3.0,
+    min_runs: Annotated[int, typer.Option(help="At least this many timed calls per cell")] = 5,
+    threads: Annotated[int | None, typer.Option(help="Threads for every runtime (default: physical cores)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Inference speed of a run's model on this machine: images/s and p50/p95 latency per batch, for PyTorch
+    eager, TorchScript and ONNX Runtime (both exported with a parity check first).
+
+    transferlab bench-infer runs/ants
+    transferlab bench-infer runs/ants --batch-sizes 1,8,64 --runtimes pytorch,onnxruntime --json
+    """
+    from transferlab import api
+
+    _setup_logging(verbose)
+    try:
+        sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise TransferlabError(f"--batch-sizes takes integers like 1,32; got '{batch_sizes}'") from None
+    result = api.bench_infer(run, batch_sizes=sizes, runtimes=[r.strip() for r in runtimes.split(",") if r.strip()],
+                             seconds=seconds, min_runs=min_runs, threads=threads)
+    if as_json:
+        out_console.print_json(json.dumps(result))
+        return
+    env = result["environment"]
+    load = env["load_average_before"]
+    table = Table(title=f"inference: {env['model']} at {env['input_size']} px, {env['threads']} threads")
+    caption = (f"model forward on preprocessed batches; {env['cpu']}; torch {env['torch']}, onnxruntime "
+               f"{env['onnxruntime']}; load average before {load}, after {env['load_average_after']}")
+    for col in ("runtime", "batch", "images/s", "p50 ms", "p95 ms", "CPU ms/image", "runs"):
+        table.add_column(col, justify="left" if col == "runtime" else "right")
+    for r in result["rows"]:
+        table.add_row(r["runtime"], str(r["batch_size"]), f"{r['images_per_second']:.1f}", f"{r['p50_ms']:.2f}",
+                      f"{r['p95_ms']:.2f}", f"{r['cpu_ms_per_image']:.2f}", str(r["runs"]))
+    out_console.print(table)
+    out_console.print(caption, highlight=False)
 
 
 def main() -> None:

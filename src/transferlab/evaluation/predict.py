@@ -2,7 +2,8 @@
 
 The model is rebuilt from model.json (architecture, head, classes, preprocessing) and its weights
 come only from model.safetensors — nothing is unpickled. Unreadable files get an "error" entry and
-never stop the batch.
+never stop the batch. Batches stream through ``export.batch`` (shared with ONNX models), and torch
+loads only inside ``load_run_model``: this module is imported on the torch-free ONNX path too.
 """
 
 from __future__ import annotations
@@ -10,21 +11,21 @@ from __future__ import annotations
 import glob
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from transferlab.data.images import IMAGE_EXTENSIONS
+from transferlab.errors import RunDirError
 
-from transferlab import _runtime
-from transferlab.data.images import IMAGE_EXTENSIONS, ImageError, load_image
-from transferlab.data.transforms import Preprocessing, eval_transform
-from transferlab.errors import RunDirError, TransferlabError
-from transferlab.models.heads import HeadConfig, build_classifier
-from transferlab.models.registry import BackboneSpec
-from transferlab.training.io import load_tensors, read_json
+if TYPE_CHECKING:
+    import torch
 
 
 def load_run_model(run: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """(model in eval mode, model.json metadata) from a run directory."""
+    from transferlab.models.heads import HeadConfig, build_classifier
+    from transferlab.models.registry import BackboneSpec
+    from transferlab.training.io import load_tensors, read_json
+
     run = Path(run)
     if not run.exists():
         raise RunDirError(f"Run directory '{run}' does not exist.")
@@ -69,44 +70,10 @@ def expand_inputs(inputs: Iterable[str | Path]) -> Iterator[tuple[Path, str | No
             yield p, "no such file or directory"
 
 
-@torch.no_grad()
 def predict(run: str | Path, inputs: Iterable[str | Path], *, top_k: int = 3, batch_size: int = 32) -> list[dict]:
-    """[{"path", "predictions": [{"label", "probability"}...]} or {"path", "error"}] in input order."""
-    _runtime.setup_torch()
-    model, meta = load_run_model(run)
-    if top_k < 1:
-        raise TransferlabError("--top-k must be at least 1")
-    classes = meta["classes"]
-    k = min(top_k, len(classes))
-    transform = eval_transform(Preprocessing.from_dict(meta["preprocessing"]))
-    results: list[dict] = []
-    pending: list[tuple[int, torch.Tensor]] = []
+    """[{"path", "predictions": [{"label", "probability"}...]} or {"path", "error"}] in input order.
+    `run`: a run directory, its model.safetensors, or an exported .onnx."""
+    from transferlab.export.batch import iter_predictions
+    from transferlab.export.predictors import load_predictor
 
-    def flush() -> None:
-        if not pending:
-            return
-        batch = torch.stack([t for _, t in pending])
-        probs = model(batch).float().softmax(dim=1)
-        values, indices = probs.topk(k, dim=1)
-        for (slot, _), v, i in zip(pending, values.tolist(), indices.tolist()):
-            results[slot]["predictions"] = [
-                {"label": classes[c], "probability": round(float(p), 6)} for p, c in zip(v, i)
-            ]
-        pending.clear()
-
-    for path, error in expand_inputs(inputs):
-        entry: dict[str, Any] = {"path": str(path)}
-        results.append(entry)
-        if error is not None:
-            entry["error"] = error
-            continue
-        try:
-            tensor = transform(load_image(path))
-        except ImageError as exc:
-            entry["error"] = exc.reason if hasattr(exc, "reason") else str(exc)
-            continue
-        pending.append((len(results) - 1, tensor))
-        if len(pending) >= batch_size:
-            flush()
-    flush()
-    return results
+    return list(iter_predictions(load_predictor(run), inputs, top_k=top_k, batch_size=batch_size))
