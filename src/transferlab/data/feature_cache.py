@@ -25,7 +25,9 @@ from torch.utils.data import DataLoader
 from transferlab.data.datasets import ImageDataset
 from transferlab.data.images import file_digest
 from transferlab.data.sources import Sample
+from transferlab._testing import pause_point
 from transferlab.models.heads import features_only, head_slot
+from transferlab.training.memory import AdaptiveBatch, activation_budget
 from transferlab.training.io import load_tensors, save_tensors
 
 log = logging.getLogger("transferlab")
@@ -104,8 +106,10 @@ def extract_features(
     num_workers: int = 0,
     generator_seed: int | None = None,
     progress: Callable[[int], None] | None = None,
+    max_memory: int | None = None,
 ) -> torch.Tensor:
-    """One forward pass of the frozen backbone over `samples` → float32 [N, feature_dim]."""
+    """One forward pass of the frozen backbone over `samples` → float32 [N, feature_dim].
+    A batch that runs out of memory (or over `max_memory` bytes of activations) is split in halves."""
     was_training = model.training
     model.eval()
     dataset = ImageDataset(list(samples), transform)
@@ -130,13 +134,17 @@ def extract_features(
     )
     # channels-last convolutions are ~1.5x faster on CPU with bf16 (measured, Lite0 224 px)
     model.to(memory_format=torch.channels_last)
+    passes = AdaptiveBatch("feature extraction")
     try:
-        with features_only(model), autocast:
+        with features_only(model), autocast, activation_budget(model, max_memory):
             for images, _ in loader:
                 images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                chunks.append(model(images).float().cpu())
+                done: list[torch.Tensor] = []
+                passes.run(len(images), lambda a, b: done.append(model(images[a:b]).float().cpu()), done.clear)
+                chunks.extend(done)
                 if progress is not None:
                     progress(len(images))
+                pause_point("extract_batch")
     finally:
         model.train(was_training)
     dim = head_slot(model).in_features
