@@ -22,13 +22,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from transferlab._testing import pause_point
 from transferlab.data.datasets import ImageDataset
 from transferlab.data.images import file_digest
 from transferlab.data.sources import Sample
-from transferlab._testing import pause_point
 from transferlab.models.heads import features_only, head_slot
-from transferlab.training.memory import AdaptiveBatch, activation_budget
 from transferlab.training.io import load_tensors, save_tensors
+from transferlab.training.memory import AdaptiveBatch, activation_budget
 
 log = logging.getLogger("transferlab")
 
@@ -139,9 +139,7 @@ def extract_features(
         with features_only(model), autocast, activation_budget(model, max_memory):
             for images, _ in loader:
                 images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                done: list[torch.Tensor] = []
-                passes.run(len(images), lambda a, b: done.append(model(images[a:b]).float().cpu()), done.clear)
-                chunks.extend(done)
+                chunks.extend(_forward_in_passes(model, images, passes))
                 if progress is not None:
                     progress(len(images))
                 pause_point("extract_batch")
@@ -149,6 +147,12 @@ def extract_features(
         model.train(was_training)
     dim = head_slot(model).in_features
     return torch.cat(chunks) if chunks else torch.empty(0, dim)
+
+
+def _forward_in_passes(model: nn.Module, images: torch.Tensor, passes: AdaptiveBatch) -> list[torch.Tensor]:
+    done: list[torch.Tensor] = []
+    passes.run(len(images), lambda a, b: done.append(model(images[a:b]).float().cpu()), done.clear)
+    return done
 
 
 def cached_features(

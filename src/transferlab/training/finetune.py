@@ -76,7 +76,7 @@ class FineTuneModule(L.LightningModule):
         # would zero the gradients of all but the last half.
         self.automatic_optimization = False
         self.max_memory = max_memory
-        self.train_passes = AdaptiveBatch("fine-tuning")
+        self.train_passes = AdaptiveBatch("fine-tuning", min_size=2 if bn_mode == "train" else 1)
         self.val_passes = AdaptiveBatch("validation")
         self.model = model
         self._param_groups = param_groups

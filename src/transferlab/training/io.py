@@ -10,6 +10,8 @@ import errno
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +136,25 @@ def refuse_pickle(path: Path) -> None:
             "files. If you trust its source, convert it once: `python -c \"import torch, safetensors.torch as s; "
             "s.save_file(torch.load('IN.pt', weights_only=True), 'OUT.safetensors')\"`."
         )
+
+
+@contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Inside, every torch.load — including third-party ones that pass weights_only=False, such as
+    torchvision's weight download — loads tensors only and refuses code-carrying pickles (torch's
+    own TORCH_FORCE_WEIGHTS_ONLY_LOAD switch, read at each call)."""
+    previous = os.environ.get(_FORCE_WEIGHTS_ONLY)
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(_FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[_FORCE_WEIGHTS_ONLY] = previous
+
+
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

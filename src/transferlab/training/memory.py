@@ -74,8 +74,9 @@ def _free_memory() -> None:
 class AdaptiveBatch:
     """How many images one pass may take: unlimited until an out-of-memory error, halved at each."""
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, min_size: int = 1) -> None:
         self.what = what
+        self.min_size = min_size  # 2 where BatchNorm normalises with the batch's own statistics
         self.size: int | None = None  # None: the whole batch in one pass
 
     def run(self, n: int, step: Callable[[int, int], None], reset: Callable[[], None]) -> None:
@@ -90,12 +91,12 @@ class AdaptiveBatch:
                 for start in range(0, n, size):
                     step(start, min(n, start + size))
                 return
-            except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+            except Exception as exc:
                 if not is_oom(exc):
                     raise
-                if size <= 1:
+                if size // 2 < self.min_size:
                     raise OutOfMemory(
-                        f"{self.what}: out of memory with a single image per pass ({exc}). Use a smaller "
+                        f"{self.what}: out of memory with {size} image(s) per pass ({exc}). Use a smaller "
                         "--img-size, a smaller backbone, or raise --max-memory."
                     ) from exc
             # outside the except block, so the failed pass's tensors (held by the traceback) are freed

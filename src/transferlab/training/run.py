@@ -45,7 +45,6 @@ from transferlab.training import distributed
 from transferlab.training.checkpoint import load_training_state, save_training_state, set_rng_state
 from transferlab.training.finetune import FineTuneModule, TrainingDiverged
 from transferlab.training.head_stage import selection_score, train_head
-from transferlab.training.memory import parse_size
 from transferlab.training.io import (
     atomic_write_json,
     atomic_write_text,
@@ -54,6 +53,7 @@ from transferlab.training.io import (
     read_json,
     save_tensors,
 )
+from transferlab.training.memory import parse_size
 
 log = logging.getLogger("transferlab")
 
