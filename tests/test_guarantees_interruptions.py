@@ -45,14 +45,10 @@ def _kill_when_paused(proc: subprocess.Popen, marker: Path) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The uninterrupted run (same data, same seed), in this process."""
-    tmp = tmp_path_factory.mktemp("ref")
-    data = make_image_folder(tmp / "data")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRANSFERLAB_HOME", str(tmp / "home"))
-        return transferlab.train(data, out=str(tmp / "run"), **TINY).run_dir
+@pytest.fixture
+def reference(tiny_run):
+    """The uninterrupted run: same data (make_image_folder), same options, same seed."""
+    return tiny_run
 
 
 def test_kill_9_during_feature_extraction_and_during_fine_tuning_then_resume_equals_an_uninterrupted_run(

@@ -3,9 +3,10 @@
 When a forward (or forward + backward) pass runs out of memory — CUDA's ``OutOfMemoryError``, the
 CPU allocator's failure (both recognised by Lightning's ``is_oom_error``, as its batch-size finder
 does), or the ``--max-memory`` activation budget below — the batch is redone in halves, and the
-smaller size is kept for the rest of the stage and logged. Fine-tuning accumulates the halves'
-gradients before its one optimizer step, so the effective batch size, the LR schedule and the step
-count stay as configured (only BatchNorm in train mode sees the smaller batches).
+smaller size is kept (for the rest of that pass over the data, or of the fine-tuning) and logged.
+Fine-tuning accumulates the halves' gradients before its one optimizer step, so the effective batch
+size, the LR schedule and the step count stay as configured (only BatchNorm in train mode sees the
+smaller batches).
 
 CPU memory cannot be measured per batch (the process keeps freed memory, see ``_runtime``), so the
 ``--max-memory`` guard is an estimate: the bytes of every layer's output during one pass, which is
