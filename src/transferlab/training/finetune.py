@@ -7,6 +7,7 @@ best model) lives in a callback owned by the caller.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -146,8 +147,12 @@ class FineTuneModule(L.LightningModule):
             loss = F.cross_entropy(logits.float(), y[start:stop], label_smoothing=self.label_smoothing)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"Training diverged: the loss became {loss.item()} at batch {batch_idx}.")
-            # each part weighs its share of the batch: the summed gradient is the whole batch's
-            self.manual_backward(loss if stop - start == n else loss * ((stop - start) / n))
+            # each part weighs its share of the batch: the summed gradient is the whole batch's.
+            # Under DDP only the last part syncs gradients, so every rank syncs once per step
+            # however many parts its own out-of-memory errors made.
+            sync = stop == n or not hasattr(self.trainer.strategy, "block_backward_sync")
+            with contextlib.nullcontext() if sync else self.trainer.strategy.block_backward_sync():
+                self.manual_backward(loss if stop - start == n else loss * ((stop - start) / n))
             totals["loss"] += loss.detach().item() * (stop - start)
             totals["correct"] += (logits.argmax(1) == y[start:stop]).sum().item()
 
