@@ -82,3 +82,17 @@ TINY = {
     "lr_head": 0.05,
     "report": False,
 }
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """One finished TINY two-stage run (seed 0) on `make_image_folder` data, shared by the tests that
+    compare against an uninterrupted run or need a trained run: copy it before changing anything."""
+    import transferlab
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    data = make_image_folder(tmp / "data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRANSFERLAB_HOME", str(tmp / "home"))
+        mp.setenv("TRANSFERLAB_OFFLINE", "1")
+        return transferlab.train(data, out=str(tmp / "run"), **TINY).run_dir

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 import transferlab
 from transferlab.config import TrainConfig
 from transferlab.errors import TransferlabError
+from transferlab.training.checkpoint import tensors_path
 from transferlab.training.distributed import ShardSampler, shard_bounds
 from transferlab.training.run import EpochSeededSampler
 
@@ -160,8 +161,8 @@ def test_ddp_run_matches_single_process_run(ddp_run):
         for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy"):
             assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-4), (a["phase"], key)
     # the fine-tuned weights: same global batches, gradients averaged over the ranks
-    w_ddp = load_file(ddp_run["ddp"] / "checkpoints" / "last.safetensors")
-    w_single = load_file(ddp_run["single"] / "checkpoints" / "last.safetensors")
+    w_ddp = load_file(tensors_path(ddp_run["ddp"] / "checkpoints" / "last"))
+    w_single = load_file(tensors_path(ddp_run["single"] / "checkpoints" / "last"))
     weights = [k for k in w_single if k.startswith("model.")]
     assert weights and set(weights) == {k for k in w_ddp if k.startswith("model.")}
     worst = max((w_ddp[k].float() - w_single[k].float()).abs().max().item() for k in weights)

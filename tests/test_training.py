@@ -14,6 +14,7 @@ import transferlab
 from transferlab.config import TrainConfig
 from transferlab.data import feature_cache
 from transferlab.training import run as run_module
+from transferlab.training.checkpoint import load_training_state
 
 
 def read_metrics(run_dir):
@@ -112,8 +113,8 @@ def test_batchnorm_policy_is_applied_while_fine_tuning(tiny_data, tmp_path, bn, 
     opts = {**TINY, "strategy": "two-stage"}
     r = transferlab.train(tiny_data, out=str(tmp_path / bn), bn=bn, **opts)
     stage1 = load_file(r.run_dir / "checkpoints" / "stage1.safetensors")
-    last = load_file(r.run_dir / "checkpoints" / "last.safetensors")
-    changed = any(not torch.equal(stage1[k], last["model." + k]) for k in stage1 if "running_mean" in k)
+    last = load_training_state(r.run_dir / "checkpoints" / "last")[0]
+    changed = any(not torch.equal(stage1[k], last[k]) for k in stage1 if "running_mean" in k)
     assert changed is should_change
 
 
@@ -122,10 +123,10 @@ def test_mlp_head_and_partial_unfreeze(tiny_data, tmp_path):
     meta = json.loads((r.run_dir / "model.json").read_text())
     assert meta["head"]["kind"] == "mlp" and meta["head"]["hidden"] == 16
     stage1 = load_file(r.run_dir / "checkpoints" / "stage1.safetensors")
-    last = load_file(r.run_dir / "checkpoints" / "last.safetensors")
+    last = load_training_state(r.run_dir / "checkpoints" / "last")[0]
     # the stem is below the last block: frozen, so byte-identical after fine-tuning
     stem = [k for k in stage1 if k.startswith("conv_stem")]
-    assert stem and all(torch.equal(stage1[k], last["model." + k]) for k in stem)
+    assert stem and all(torch.equal(stage1[k], last[k]) for k in stem)
 
 
 def test_resume_continues_an_interrupted_fine_tuning(tiny_data, tmp_path, monkeypatch):

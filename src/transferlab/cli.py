@@ -101,6 +101,7 @@ def train(
     dist_strategy: Annotated[str, typer.Option(help="How fine-tuning spreads over devices: auto | ddp | fsdp (--strategy is the training recipe)")] = "auto",
     feature_cache: Annotated[str, typer.Option(help="disk | memory")] = "disk",
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache directory")] = None,
+    max_memory: Annotated[str | None, typer.Option(help="Activation memory per pass, e.g. 8G; over it (or on out-of-memory) batches are halved")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<time>-<backbone>)")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run directory")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
@@ -123,7 +124,7 @@ def train(
             "feature_views": feature_views, "img_size": img_size, "val_split": val_split, "batch_size": batch_size,
             "num_workers": num_workers, "decode_cache": decode_cache, "seed": seed, "precision": precision, "device": device, "devices": devices,
             "num_nodes": num_nodes, "dist_strategy": dist_strategy,
-            "feature_cache": feature_cache, "cache_dir": str(cache_dir) if cache_dir else None,
+            "feature_cache": feature_cache, "cache_dir": str(cache_dir) if cache_dir else None, "max_memory": max_memory,
             "out": str(out) if out else None, "progress": progress, "report": report,
         })
     except KeyboardInterrupt:

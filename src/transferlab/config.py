@@ -93,6 +93,7 @@ class TrainConfig:
     dist_strategy: str = "auto"
     feature_cache: str = "disk"
     cache_dir: str | None = None
+    max_memory: str | None = None  # e.g. "8G": activation budget per pass; over it, batches are halved
     progress: bool = True
     report: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -146,6 +147,13 @@ class TrainConfig:
             bad("decode_cache_mb must be >= 0")
         if self.img_size is not None and self.img_size < 16:
             bad("img_size must be >= 16 pixels")
+        if self.max_memory is not None:
+            from transferlab.training.memory import parse_size
+
+            try:
+                parse_size(self.max_memory)
+            except ValueError as exc:
+                bad(str(exc))
         for name in ("lr_head", "lr_finetune"):
             if getattr(self, name) <= 0:
                 bad(f"{name} must be > 0")

@@ -27,6 +27,7 @@ __all__ = [
     "file_digest",
     "has_image_extension",
     "load_image",
+    "looks_like_image",
     "probe_image",
 ]
 
@@ -133,6 +134,19 @@ def _open_checked(path: Path, max_pixels: int) -> Iterator[Image.Image]:
                     f"decompression bomb: {width}x{height} pixels exceeds limit {max_pixels}"
                 )
             yield image
+
+
+def looks_like_image(path: str | Path) -> bool:
+    """Whether the file's content is an image format we read (header only, nothing decoded).
+
+    For files without an extension, which are judged by content rather than name; a damaged
+    image counts as one, so that validation then reports why it cannot be used.
+    """
+    try:
+        with _open_checked(Path(path), MAX_PIXELS):
+            return True
+    except ImageError as exc:
+        return not exc.reason.startswith(("not an image", "zero-byte", "unreadable"))
 
 
 def probe_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> None:

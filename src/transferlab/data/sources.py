@@ -33,6 +33,7 @@ from transferlab.data.images import (
     ImageError,
     file_digest,
     has_image_extension,
+    looks_like_image,
     probe_image,
 )
 from transferlab.errors import DataError
@@ -211,6 +212,7 @@ def _walk_images(folder: Path, found: _Found) -> list[Path]:
     """Image files below ``folder``, recursively; each real directory is visited once,
     so symlink loops terminate and linked folders do not duplicate samples."""
     images: list[Path] = []
+    unnamed = 0
     visited: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -218,16 +220,37 @@ def _walk_images(folder: Path, found: _Found) -> list[Path]:
             dirnames[:] = []
             continue
         visited.add(real)
-        dirnames[:] = [name for name in dirnames if not _is_ignored(name)]
+        dirnames[:] = [name for name in dirnames if not _is_ignored(name) and not _is_loop(Path(dirpath, name), real, found)]
         for name in filenames:
             path = Path(dirpath, name)
-            if _is_ignored(name) or not has_image_extension(path):
+            if _is_ignored(name) or (path.suffix and not has_image_extension(path)):
                 continue
             if not path.exists():
                 found.skip(path, "broken symlink")
                 continue
+            if not path.suffix:  # no extension (web downloads): an image if its content says so
+                if not looks_like_image(path):
+                    continue
+                unnamed += 1
             images.append(path)
+    if unnamed:
+        found.warnings.append(
+            f"{unnamed} file(s) without an extension in {_display(folder, found.root)} were recognised "
+            "as images by their content and used"
+        )
     return sorted(images)
+
+
+def _is_loop(folder: Path, parent_real: str, found: _Found) -> bool:
+    """A linked folder pointing at one of its own ancestors: following it would re-read (and
+    mislabel) the images above it, so it is skipped and reported."""
+    if not folder.is_symlink():
+        return False
+    target = os.path.realpath(folder)
+    if parent_real == target or parent_real.startswith(target.rstrip(os.sep) + os.sep):
+        found.skip(folder, f"symlink loop: links back to its parent folder {target}")
+        return True
+    return False
 
 
 def _split_folders(subdirs: Sequence[Path]) -> dict[str, Path]:

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import socket
 import threading
 from collections.abc import Callable, Mapping
@@ -36,6 +37,7 @@ from torch import nn
 from transferlab.data.transforms import INTERPOLATIONS, Preprocessing
 from transferlab.errors import BackboneUnavailable
 from transferlab.models import offline
+from transferlab.training.io import weights_only_loads
 
 __all__ = [
     "SOURCES",
@@ -612,7 +614,13 @@ def create_backbone(spec: BackboneSpec) -> nn.Module:
     if needs_download and not is_online():
         raise _offline_error(spec.name)
     try:
-        model = source.create(spec)
+        with weights_only_loads():  # never unpickle code from a (possibly tampered) weights cache
+            model = source.create(spec)
+    except pickle.UnpicklingError as exc:
+        raise BackboneUnavailable(
+            f"Refusing the weights of backbone '{spec.name}': the file holds more than tensors ({exc}). "
+            "Delete it from the cache and download it again, or pass --no-pretrained."
+        ) from exc
     except OSError as exc:
         if not needs_download:
             raise

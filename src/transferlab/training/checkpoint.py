@@ -7,13 +7,15 @@ safetensors file under a flat key, and the tree keeps a {"__tensor__": key} plac
 from __future__ import annotations
 
 import random
+import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from transferlab.training.io import atomic_write_json, load_tensors, read_json, save_tensors
+from transferlab.errors import RunDirError
+from transferlab.training.io import atomic_write_json, load_tensors, read_json, save_tensors, tensor_metadata
 
 
 def split_tensors(tree: Any, prefix: str, out: dict[str, torch.Tensor]) -> Any:
@@ -64,25 +66,41 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
 
 
 def save_training_state(path: Path, model_state: dict[str, torch.Tensor], trees: dict[str, Any], info: dict[str, Any]) -> None:
-    """`path`.safetensors holds tensors, `path`.json the rest; the JSON is written last and is the
-    commit point: a state whose JSON is missing or names tensors that are absent is not resumable."""
+    """`path`.json holds the tree and names the tensors file, `path`-<id>.safetensors. The tensors are
+    written under a fresh name first, then the JSON replaces the old one (the commit point), then the
+    older tensors file is removed: a kill at any moment leaves one complete, matching pair."""
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model_state.items()}
     skeleton = {name: split_tensors(tree, name, tensors) for name, tree in trees.items()}
     rng_tensors, rng_meta = rng_state()
     tensors.update(rng_tensors)
-    save_tensors(path.with_suffix(".safetensors"), tensors)
+    state_id = uuid.uuid4().hex
+    tensors_file = f"{path.name}-{state_id[:12]}.safetensors"
+    save_tensors(path.parent / tensors_file, tensors, metadata={"state_id": state_id})
     atomic_write_json(path.with_suffix(".json"), {"info": info, "trees": skeleton, "rng": rng_meta,
-                                                  "num_tensors": len(tensors)})
+                                                  "num_tensors": len(tensors), "state_id": state_id,
+                                                  "tensors_file": tensors_file})
+    for old in path.parent.glob(f"{path.name}-*.safetensors"):
+        if old.name != tensors_file:
+            old.unlink(missing_ok=True)
+
+
+def tensors_path(path: Path) -> Path:
+    """The safetensors file that the checkpoint `path` (without suffix) commits to."""
+    return path.parent / read_json(path.with_suffix(".json"))["tensors_file"]
 
 
 def load_training_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any], dict]:
     """→ (model_state, trees, info, rng) ; raises FileNotFoundError/RunDirError when absent/corrupt."""
     meta = read_json(path.with_suffix(".json"))
-    tensors = load_tensors(path.with_suffix(".safetensors"))
-    if len(tensors) != meta.get("num_tensors"):
-        from transferlab.errors import RunDirError
-
-        raise RunDirError(f"{path} is incomplete (tensor count mismatch); it cannot be resumed from")
+    if not isinstance(meta, dict) or not isinstance(meta.get("tensors_file"), str):
+        raise RunDirError(f"{path.with_suffix('.json')} is not a transferlab checkpoint; it cannot be resumed from")
+    weights = path.parent / meta["tensors_file"]
+    if not weights.exists():
+        raise RunDirError(f"{weights} is missing; the checkpoint {path.with_suffix('.json')} cannot be resumed from")
+    tensors = load_tensors(weights)
+    if len(tensors) != meta.get("num_tensors") or tensor_metadata(weights).get("state_id") != meta.get("state_id"):
+        raise RunDirError(f"{weights} does not match {path.with_suffix('.json')} (different saves); "
+                          "this checkpoint cannot be resumed from")
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     trees = {name: join_tensors(tree, tensors) for name, tree in meta["trees"].items()}
     return model_state, trees, meta["info"], {"tensors": tensors, "meta": meta["rng"]}

@@ -7,6 +7,7 @@ best model) lives in a callback owned by the caller.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -16,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from transferlab._testing import pause_point
 from transferlab.errors import TransferlabError
+from transferlab.training.memory import AdaptiveBatch, activation_budget
 
 
 class TrainingDiverged(TransferlabError):
@@ -66,8 +69,16 @@ class FineTuneModule(L.LightningModule):
         label_smoothing: float = 0.0,
         bn_mode: str = "eval",
         restore: dict[str, Any] | None = None,
+        max_memory: int | None = None,
     ) -> None:
         super().__init__()
+        # Manual optimization: a batch that runs out of memory is redone in halves whose gradients
+        # add up before the one optimizer step (training/memory.py); Lightning's automatic loop
+        # would zero the gradients of all but the last half.
+        self.automatic_optimization = False
+        self.max_memory = max_memory
+        self.train_passes = AdaptiveBatch("fine-tuning", min_size=2 if bn_mode == "train" else 1)
+        self.val_passes = AdaptiveBatch("validation")
         self.model = model
         self._param_groups = param_groups
         self.optimizer_name = optimizer
@@ -121,27 +132,53 @@ class FineTuneModule(L.LightningModule):
         return self.model(x)
 
     def training_step(self, batch, batch_idx):
+        pause_point("finetune_step")
         x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"Training diverged: the loss became {loss.item()} at epoch {self.current_epoch + 1}, "
-                f"batch {batch_idx}. The last good checkpoint is kept; try a lower --lr-finetune."
-            )
         n = len(y)
-        self.stats["train_loss"] += loss.detach().item() * n
-        self.stats["train_correct"] += (logits.argmax(1) == y).sum().item()
+        optimizer = self.optimizers()
+        totals = {"loss": 0.0, "correct": 0}
+
+        def reset() -> None:
+            optimizer.zero_grad()
+            totals.update(loss=0.0, correct=0)
+
+        def step(start: int, stop: int) -> None:
+            logits = self(x[start:stop])
+            loss = F.cross_entropy(logits.float(), y[start:stop], label_smoothing=self.label_smoothing)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"Training diverged: the loss became {loss.item()} at batch {batch_idx}.")
+            # each part weighs its share of the batch: the summed gradient is the whole batch's.
+            # Under DDP only the last part syncs gradients, so every rank syncs once per step
+            # however many parts its own out-of-memory errors made.
+            sync = stop == n or not hasattr(self.trainer.strategy, "block_backward_sync")
+            with contextlib.nullcontext() if sync else self.trainer.strategy.block_backward_sync():
+                self.manual_backward(loss if stop - start == n else loss * ((stop - start) / n))
+            totals["loss"] += loss.detach().item() * (stop - start)
+            totals["correct"] += (logits.argmax(1) == y[start:stop]).sum().item()
+
+        reset()
+        with activation_budget(self.model, self.max_memory):
+            self.train_passes.run(n, step, reset)
+        optimizer.step()
+        self.lr_schedulers().step()
+        self.stats["train_loss"] += totals["loss"]
+        self.stats["train_correct"] += totals["correct"]
         self.stats["train_n"] += n
-        self.log("train_loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
-        return loss
+        self.log("train_loss", totals["loss"] / n, prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        logits = self(x).float()
-        loss = F.cross_entropy(logits, y, reduction="sum")
-        self.stats["val_loss"] += loss.item()
-        self.stats["val_correct"] += (logits.argmax(1) == y).sum().item()
+        totals = {"loss": 0.0, "correct": 0}
+
+        def step(start: int, stop: int) -> None:
+            logits = self(x[start:stop]).float()
+            totals["loss"] += F.cross_entropy(logits, y[start:stop], reduction="sum").item()
+            totals["correct"] += (logits.argmax(1) == y[start:stop]).sum().item()
+
+        with activation_budget(self.model, self.max_memory):
+            self.val_passes.run(len(y), step, lambda: totals.update(loss=0.0, correct=0))
+        self.stats["val_loss"] += totals["loss"]
+        self.stats["val_correct"] += totals["correct"]
         self.stats["val_n"] += len(y)
 
     def on_validation_epoch_end(self) -> None:
@@ -179,4 +216,4 @@ class FineTuneModule(L.LightningModule):
             optimizer.load_state_dict(self.restore["optimizer"])
         if "scheduler" in self.restore:
             scheduler.load_state_dict(self.restore["scheduler"])
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}  # stepped per batch in training_step

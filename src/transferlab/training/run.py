@@ -44,7 +44,7 @@ from transferlab.reporting.curves import plot_curves
 from transferlab.training import budget as budget_mod
 from transferlab.training import distributed
 from transferlab.training.checkpoint import load_training_state, save_training_state, set_rng_state
-from transferlab.training.finetune import FineTuneModule
+from transferlab.training.finetune import FineTuneModule, TrainingDiverged
 from transferlab.training.head_stage import selection_score, train_head
 from transferlab.training.io import (
     atomic_write_json,
@@ -54,6 +54,7 @@ from transferlab.training.io import (
     read_json,
     save_tensors,
 )
+from transferlab.training.memory import parse_size
 from transferlab.training.progressive import ProgressiveResize, progressive_sizes
 
 log = logging.getLogger("transferlab")
@@ -464,6 +465,7 @@ def _features(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneSpec, r
                 ranks, model, samples, transform, tag, cache_dir=cache_dir, fingerprint=fingerprint,
                 batch_size=max(cfg.batch_size, 64), device=device, autocast_dtype=autocast,
                 num_workers=cfg.num_workers, generator_seed=seed, decoded=decoded,
+                max_memory=parse_size(cfg.max_memory),
                 progress=lambda n: bar.advance(task, n),
             )
             if hit:
@@ -497,7 +499,12 @@ def _finetune(model, splits, cfg, spec, state, run_dir, accelerator, precision, 
             # the saved optimizer state is the full (unsharded) one; FSDP would need it re-sharded
             raise RunDirError(f"Resuming FSDP fine-tuning mid-way is not supported; {run_dir} finished "
                               f"{done} fine-tuning epoch(s) and its best model is saved in model.safetensors.")
-        model_state, trees, _info, rng_to_restore = load_training_state(last)
+        model_state, trees, info, rng_to_restore = load_training_state(last)
+        if info.get("epoch", done) > done and "run_state" in info:  # killed before state.json caught up
+            state.data.update(info["run_state"])
+            done = state.data["finetune_epochs_done"]
+            if ranks.is_zero:
+                state.save()
         model.load_state_dict(model_state)
         restore = {"optimizer": trees["optimizer"], "scheduler": trees["scheduler"]}
         early_state = trees.get("early_stopping")
@@ -542,7 +549,7 @@ def _finetune(model, splits, cfg, spec, state, run_dir, accelerator, precision, 
     module = FineTuneModule(
         model, groups, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
         total_steps=steps_per_epoch * epochs, label_smoothing=cfg.label_smoothing,
-        bn_mode=cfg.bn_mode, restore=restore,
+        bn_mode=cfg.bn_mode, restore=restore, max_memory=parse_size(cfg.max_memory),
     )
     early = EarlyStopping(monitor="val_loss", patience=max(1, cfg.early_stop), mode="min") if cfg.early_stop > 0 else None
     if early is not None and early_state is not None:
@@ -585,6 +592,13 @@ def _finetune(model, splits, cfg, spec, state, run_dir, accelerator, precision, 
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning vs torch 2.15, harmless
     try:
         trainer.fit(module, train_loader, val_loader)
+    except TrainingDiverged as exc:
+        good = state.data["finetune_epochs_done"]
+        kept = (f"the checkpoint of fine-tuning epoch {good} is kept in {checkpoints}" if good
+                else "no fine-tuning epoch finished")
+        raise TrainingDiverged(f"{exc} Training stopped; {kept}, and the best model so far "
+                               f"({run_dir / 'model.safetensors'}) is usable with `transferlab predict`. "
+                               "Train again with a lower --lr-finetune.") from None
     except SystemExit as exc:
         # Lightning turns Ctrl+C into sys.exit(1) after its graceful shutdown; API callers should
         # see an interrupt instead (the last finished epoch is saved: `--resume` continues it).
@@ -672,10 +686,15 @@ class _RunCallback(L.Callback):
         # joins (rank 0 receives them); under DDP or one device it is a plain state_dict().
         weights = {k.removeprefix("model."): v for k, v in trainer.strategy.lightning_module_state_dict().items()}
         optimizer_state = trainer.strategy.optimizer_state(trainer.optimizers[0])
-        if not trainer.is_global_zero:
-            return
         epoch = self.start_epoch + trainer.current_epoch + 1
         metrics = pl_module.epoch_metrics()
+        if not math.isfinite(metrics["val_loss"]) and pl_module.stats["val_n"]:
+            # weights that give a NaN loss must not overwrite the last good checkpoint (checked on
+            # every rank: the weights are the same everywhere, so all ranks stop together)
+            raise TrainingDiverged(f"Training diverged: the validation loss became {metrics['val_loss']} "
+                                   f"after fine-tuning epoch {epoch}.")
+        if not trainer.is_global_zero:
+            return
         lr = trainer.optimizers[0].param_groups[-1]["lr"]
         self.record("finetune", {"epoch": epoch, **metrics, "lr": lr, "epoch_seconds": time.perf_counter() - self.t0})
         self.maybe_save_best("finetune", epoch, metrics["val_accuracy"], metrics["val_loss"], weights)
@@ -685,8 +704,10 @@ class _RunCallback(L.Callback):
         }
         if self.early is not None:
             trees["early_stopping"] = dict(self.early.state_dict())
-        save_training_state(self.run_dir / "checkpoints" / "last", weights, trees,
-                            {"epoch": epoch})
         self.state.data["finetune_epochs_done"] = epoch
+        # The checkpoint carries the run state too: it is the commit point of the epoch, so a kill
+        # between it and state.json loses nothing (resume takes the newer of the two).
+        save_training_state(self.run_dir / "checkpoints" / "last", weights, trees,
+                            {"epoch": epoch, "run_state": self.state.data})
         self.state.save()
         write_metrics(self.run_dir, self.state.rows)
