@@ -2,13 +2,37 @@
 
 __version__ = "0.1.0"
 
-from transferlab.api import compare, demo, evaluate, list_models, predict, report, select, train
-from transferlab.api import bench_infer, export_model, predict_to_file, serve  # shipping a model (export/)
+from transferlab.api import (  # shipping a model (export/)
+    bench_infer,
+    compare,
+    demo,
+    evaluate,
+    export_model,
+    list_models,
+    predict,
+    predict_to_file,
+    report,
+    select,
+    serve,
+    train,
+)
 from transferlab.config import TrainConfig
 from transferlab.errors import TransferlabError
 
 __all__ = [
-    "TrainConfig", "TransferlabError", "__version__", "compare", "demo", "evaluate", "list_models", "predict", "report",
-    "select", "train",
-    "bench_infer", "export_model", "predict_to_file", "serve",
+    "TrainConfig",
+    "TransferlabError",
+    "__version__",
+    "bench_infer",
+    "compare",
+    "demo",
+    "evaluate",
+    "export_model",
+    "list_models",
+    "predict",
+    "predict_to_file",
+    "report",
+    "select",
+    "serve",
+    "train",
 ]
