@@ -139,6 +139,12 @@ def model_kind(path: str | Path) -> str:
         return "run"
     if not path.exists():
         raise RunDirError(f"Model '{path}' does not exist.")
+    try:  # a pickle checkpoint deserves the security explanation, not just "unsupported"
+        from transferlab.training.io import refuse_pickle
+    except ImportError:  # an ONNX-only install without torch
+        pass
+    else:
+        refuse_pickle(path)
     raise RunDirError(f"'{path}' is not a model transferlab can predict with: give a run directory, its "
                       "model.safetensors, or an exported .onnx (`transferlab export RUN`).")
 
