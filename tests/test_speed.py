@@ -154,3 +154,41 @@ def test_progressive_resizing_trains_small_first_and_validates_at_full_size(tiny
     assert sorted({s for _, s in seen}) == [32, 64] and seen[-1][1] == 64
     assert {s for e, s in seen if e == 0} == {32}
     assert result.summary["img_size"] == 64
+
+
+def test_compile_auto_only_for_large_cpu_passes():
+    from transferlab.data.feature_cache import COMPILE_MIN_IMAGES, should_compile
+
+    assert not should_compile("auto", "cpu", COMPILE_MIN_IMAGES - 1)
+    assert should_compile("auto", "cpu", COMPILE_MIN_IMAGES)
+    assert not should_compile("auto", "cuda", 10 * COMPILE_MIN_IMAGES)  # not measured on GPUs: eager
+    assert should_compile("on", "cpu", 1) and not should_compile("off", "cpu", 10**9)
+
+
+def test_compiled_extraction_pads_the_last_batch_and_falls_back_to_eager_when_compilation_fails(
+        tiny_data, monkeypatch, caplog):
+    """A failing compiler (no C toolchain, unsupported op) must never cost a run: features come out
+    equal to the eager ones, with a warning."""
+    import torch
+
+    from transferlab.data import feature_cache
+    from transferlab.data.sources import load_splits
+    from transferlab.data.transforms import Preprocessing, eval_transform
+    from transferlab.models.heads import HeadConfig, build_classifier
+    from transferlab.models.registry import resolve_backbone
+
+    def broken_compile(model, **kwargs):
+        def fail(x):
+            raise RuntimeError("no C compiler")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    spec = resolve_backbone("test_efficientnet", pretrained=False, img_size=32)
+    model = build_classifier(spec, 2, HeadConfig())
+    samples = load_splits(str(tiny_data), val_split=0.2, seed=0).train  # 24 images: 16 + a padded 8
+    tf = eval_transform(Preprocessing(input_size=32))
+    eager = feature_cache.extract_features(model, samples, tf, batch_size=16)
+    compiled = feature_cache.extract_features(model, samples, tf, batch_size=16, compiled=True)
+    assert compiled.shape == eager.shape == (24, eager.shape[1])
+    assert torch.allclose(compiled, eager, atol=1e-6)
+    assert "torch.compile failed" in caplog.text

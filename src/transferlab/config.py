@@ -83,6 +83,7 @@ class TrainConfig:
     batch_size: int = 32
     num_workers: int | None = None
     decode_cache: bool = True
+    compile: str = "auto"  # torch.compile the frozen forward: auto (CPU, >= 20k images) | on | off
     decode_cache_mb: float = 2048.0
     # machinery
     seed: int = 0
@@ -143,6 +144,8 @@ class TrainConfig:
                 bad(str(exc))
         if self.progressive_resize is not None and not 0.0 < self.progressive_resize <= 1.0:
             bad("progressive_resize is the starting fraction of the image size, in (0, 1]")
+        if self.compile not in ("auto", "on", "off"):
+            bad(f"compile '{self.compile}' is not one of auto, on, off")
         if self.decode_cache_mb < 0:
             bad("decode_cache_mb must be >= 0")
         if self.img_size is not None and self.img_size < 16:

@@ -77,12 +77,44 @@ def _slot_prefix(model: nn.Module) -> str:
 EXTRACTION_VERSION = 2  # 2: channels-last
 
 
-def transform_tag(pre, autocast_dtype: torch.dtype | None, view: str = "eval") -> str:
+def transform_tag(pre, autocast_dtype: torch.dtype | None, view: str = "eval", compiled: bool = False) -> str:
     """The part of a cache key that says how images became features: preprocessing (and which
-    augmented view), the autocast precision and the extraction code version. Training and
-    `select` both build their keys here, so they share cached features."""
+    augmented view), the autocast precision, compiled or eager kernels (they differ in the last
+    bits) and the extraction code version. Training and `select` both build their keys here, so
+    they share cached features."""
     return (f"{view}:{json.dumps(pre.to_dict(), sort_keys=True)}:{autocast_dtype}:"
-            f"v{EXTRACTION_VERSION}")
+            f"v{EXTRACTION_VERSION}" + (":compiled" if compiled else ""))
+
+
+# torch.compile of the frozen forward, measured on Lite0 at 224 px, bf16, batch 64, on this
+# project's 2-core Xeon: 142 -> 221 img/s after 32.5 s of compilation, so it pays from about
+# 13 000 images in one pass; "auto" compiles from 20 000 on CPU (GPUs: not measured, eager).
+COMPILE_MIN_IMAGES = 20_000
+
+
+def should_compile(setting: str, device: str, n_images: int) -> bool:
+    """Whether the frozen forward is worth compiling: `setting` is on | off | auto."""
+    if setting == "auto":
+        return torch.device(device).type == "cpu" and n_images >= COMPILE_MIN_IMAGES
+    return setting == "on"
+
+
+class _CompiledForward:
+    """torch.compile'd model, falling back to eager (with a warning) if compilation fails — no
+    C compiler, an unsupported op — so a speed option can never cost a run."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.failed = model, False
+        self.compiled = torch.compile(model, dynamic=False)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.failed:
+            try:
+                return self.compiled(x)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: eager is always correct
+                self.failed = True
+                log.warning("torch.compile failed (%s: %s); extracting features eagerly", type(exc).__name__, exc)
+        return self.model(x)
 
 
 def feature_key(fingerprint: str, transform_tag: str, samples: Sequence[Sample]) -> str:
@@ -108,8 +140,11 @@ def extract_features(
     progress: Callable[[int], None] | None = None,
     decoded: DecodedImages | None = None,
     max_memory: int | None = None,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """One forward pass of the frozen backbone over `samples` → float32 [N, feature_dim].
+
+    `compiled`: through torch.compile (fixed shapes: the last batch is padded, not recompiled).
 
     A batch that runs out of memory (or over `max_memory` bytes of activations) is split in halves.
     `decoded` (optional) keeps the decoded images for the fine-tuning epochs that follow; the
@@ -142,9 +177,14 @@ def extract_features(
     passes = AdaptiveBatch("feature extraction")
     try:
         with features_only(model), autocast, activation_budget(model, max_memory):
+            forward = _CompiledForward(model) if compiled else model
             for images, _ in loader:
                 images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                chunks.extend(_forward_in_passes(model, images, passes))
+                n = len(images)
+                if compiled and n < batch_size:
+                    pad = images.new_zeros((batch_size - n, *images.shape[1:]))
+                    images = torch.cat([images, pad]).contiguous(memory_format=torch.channels_last)
+                chunks.append(torch.cat(_forward_in_passes(forward, images, passes))[:n])
                 if progress is not None:
                     progress(len(images))
                 pause_point("extract_batch")
@@ -154,7 +194,7 @@ def extract_features(
     return torch.cat(chunks) if chunks else torch.empty(0, dim)
 
 
-def _forward_in_passes(model: nn.Module, images: torch.Tensor, passes: AdaptiveBatch) -> list[torch.Tensor]:
+def _forward_in_passes(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, passes: AdaptiveBatch) -> list[torch.Tensor]:
     done: list[torch.Tensor] = []
     passes.run(len(images), lambda a, b: done.append(model(images[a:b]).float().cpu()), done.clear)
     return done

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from transferlab import _runtime
 from transferlab.config import TrainConfig, parse_duration
 from transferlab.data.datasets import DecodedImages, ImageDataset
-from transferlab.data.feature_cache import backbone_fingerprint, transform_tag, usable_cache_dir
+from transferlab.data.feature_cache import backbone_fingerprint, should_compile, transform_tag, usable_cache_dir
 from transferlab.data.sources import DataSplits, load_splits
 from transferlab.data.transforms import eval_transform, train_transform
 from transferlab.errors import RunDirError, TransferlabError
@@ -441,12 +441,17 @@ def _features(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneSpec, r
     cache_dir = usable_cache_dir(cfg.cache_dir) if cfg.feature_cache == "disk" else None
     fingerprint = backbone_fingerprint(model) if cache_dir is not None and ranks.is_zero else None
     cfg_pre = spec.preprocessing.with_size(cfg.img_size)
-    jobs = [("train", splits.train, eval_transform(cfg_pre), transform_tag(cfg_pre, autocast), None)]
+    n_images = len(splits.train) * (1 + cfg.feature_views) + len(splits.val)
+    compiled = should_compile(cfg.compile, device, n_images)
+    if compiled:
+        log.info("frozen forward through torch.compile (%d images)", n_images)
+    jobs = [("train", splits.train, eval_transform(cfg_pre), transform_tag(cfg_pre, autocast, compiled=compiled), None)]
     # Augmented views draw their randomness per shard, so N processes make other (equally valid)
     # views than one: their cache entries are kept apart by the process count.
     views_by = f":world{ranks.world_size}" if ranks.world_size > 1 else ""
     for v in range(1, cfg.feature_views + 1):
-        tag = transform_tag(cfg_pre, autocast, view=f"aug:{cfg.augment}:view{v}:seed{cfg.seed}{views_by}")
+        tag = transform_tag(cfg_pre, autocast, view=f"aug:{cfg.augment}:view{v}:seed{cfg.seed}{views_by}",
+                            compiled=compiled)
         jobs.append(("train", splits.train, train_transform(cfg_pre, cfg.augment), tag,
                      cfg.seed * 1000 + v + 7919 * ranks.rank))
     jobs.append(("val", splits.val, eval_transform(cfg_pre), jobs[0][3], None))
@@ -465,7 +470,7 @@ def _features(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneSpec, r
                 ranks, model, samples, transform, tag, cache_dir=cache_dir, fingerprint=fingerprint,
                 batch_size=max(cfg.batch_size, 64), device=device, autocast_dtype=autocast,
                 num_workers=cfg.num_workers, generator_seed=seed, decoded=decoded,
-                max_memory=parse_size(cfg.max_memory),
+                max_memory=parse_size(cfg.max_memory), compiled=compiled,
                 progress=lambda n: bar.advance(task, n),
             )
             if hit:
