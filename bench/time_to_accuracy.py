@@ -376,6 +376,9 @@ def run_transferlab(args) -> dict:
     print(f"  $ {result['cmd']}" + (f"   (TRANSFERLAB_HOME={env['TRANSFERLAB_HOME']}: cold feature cache)"
                                     if args.transferlab_cache == "cold" else "   (warm feature cache)"), flush=True)
     log_path = args.out / "transferlab_stdout.txt"
+    import _classic as C
+
+    C.release_memory()  # this process's retained heap would slow the child's page faults (see _classic)
     tail: deque[str] = deque(maxlen=25)
     c0 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
     t0 = time.perf_counter()
