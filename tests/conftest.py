@@ -88,11 +88,16 @@ TINY = {
 def tiny_run(tmp_path_factory) -> Path:
     """One finished TINY two-stage run (seed 0) on `make_image_folder` data, shared by the tests that
     compare against an uninterrupted run or need a trained run: copy it before changing anything."""
+    return train_tiny_run(tmp_path_factory.mktemp("tiny_run"), **TINY)
+
+
+def train_tiny_run(root: Path, **options) -> Path:
+    """Train on `make_image_folder` data under `root` with its own offline TRANSFERLAB_HOME (for
+    fixtures wider than one test, where the autouse `isolated_home` does not reach)."""
     import transferlab
 
-    tmp = tmp_path_factory.mktemp("tiny_run")
-    data = make_image_folder(tmp / "data")
+    data = make_image_folder(root / "data")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRANSFERLAB_HOME", str(tmp / "home"))
+        mp.setenv("TRANSFERLAB_HOME", str(root / "home"))
         mp.setenv("TRANSFERLAB_OFFLINE", "1")
-        return transferlab.train(data, out=str(tmp / "run"), **TINY).run_dir
+        return transferlab.train(data, out=str(root / "run"), **options).run_dir

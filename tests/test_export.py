@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, make_image_folder
+from conftest import TINY, train_tiny_run
 from PIL import Image
 
 import transferlab
@@ -36,12 +36,7 @@ FAST = {**TINY, "strategy": "head-only", "feature_cache": "memory"}
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """One tiny trained run (random-init timm test model, 32 px, two colour classes)."""
-    root = tmp_path_factory.mktemp("export")
-    data = make_image_folder(root / "data")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRANSFERLAB_HOME", str(root / "home"))
-        mp.setenv("TRANSFERLAB_OFFLINE", "1")
-        return transferlab.train(data, out=str(root / "run"), **FAST).run_dir
+    return train_tiny_run(tmp_path_factory.mktemp("export"), **FAST)
 
 
 @pytest.fixture(scope="module")

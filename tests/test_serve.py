@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import COLOURS, TINY, make_image_folder
+from conftest import COLOURS, TINY, train_tiny_run
 from PIL import Image
 from test_report import chromium
 
@@ -35,12 +35,7 @@ LIMITS = {"max_upload_mb": 0.25, "max_files": 4, "max_pixels": 200_000}
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("serve")
-    data = make_image_folder(root / "data")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRANSFERLAB_HOME", str(root / "home"))
-        mp.setenv("TRANSFERLAB_OFFLINE", "1")
-        return transferlab.train(data, out=str(root / "run"), **FAST).run_dir
+    return train_tiny_run(tmp_path_factory.mktemp("serve"), **FAST)
 
 
 @pytest.fixture(scope="module", params=["run", "onnx"])
