@@ -138,7 +138,7 @@ def test_progressive_sizes_rise_to_the_full_size_on_the_last_epoch():
     assert all(s % 32 == 0 for s in progressive_sizes(300, 6, 0.3)[:-1])
 
 
-def test_progressive_resizing_trains_small_first_and_validates_at_full_size(tiny_data, tmp_path, monkeypatch):
+def test_progressive_resizing_trains_small_first_and_validates_at_full_size(tiny_data, tmp_path, monkeypatch, caplog):
     from transferlab.training import finetune
 
     seen = []
@@ -154,6 +154,15 @@ def test_progressive_resizing_trains_small_first_and_validates_at_full_size(tiny
     assert sorted({s for _, s in seen}) == [32, 64] and seen[-1][1] == 64
     assert {s for e, s in seen if e == 0} == {32}
     assert result.summary["img_size"] == 64
+    # after a frozen stage at full size, the smaller first epochs are a mismatch worth a warning
+    assert "progressive resizing after the frozen stage" in caplog.text
+
+
+def test_progressive_resizing_without_a_frozen_stage_does_not_warn(tiny_data, tmp_path, caplog):
+    opts = {**TINY, "img_size": 64, "epochs_finetune": 2, "strategy": "full"}
+    transferlab.train(tiny_data, out=str(tmp_path / "run"), progressive_resize=0.5, **opts)
+    assert "progressive resizing: fine-tuning epochs at [32, 64]" in caplog.text
+    assert "progressive resizing after the frozen stage" not in caplog.text
 
 
 def test_compile_auto_only_for_large_cpu_passes():
