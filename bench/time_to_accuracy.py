@@ -61,6 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(CONTENDERS),
                    help="comma-separated contenders to run (always run in the order classic, fastai, transferlab)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds, e.g. 0,1,2: every contender once per seed; per-seed ratios, "
+                        "and the last line is the median time_ratio (one run's best val accuracy on 153 images "
+                        "moves by a few images with the seed)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results/)")
     p.add_argument("--transferlab-args", default="",
                    help='extra CLI arguments for `transferlab train`, one string, e.g. "--backbone efficientnet_lite0"')
@@ -100,6 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown or not only:
         p.error(f"--only: unknown contender(s) {unknown}; choose from {','.join(CONTENDERS)}")
     args.only = [c for c in CONTENDERS if c in only]
+    try:
+        args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else [args.seed]
+    except ValueError:
+        p.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     if "classic" not in args.only and "transferlab" in args.only:
         if args.classic_best is None or args.classic_seconds is None:
             p.error("without the classic contender, pass --classic-best ACC and --classic-seconds S")
@@ -316,11 +324,14 @@ def _num(v) -> float | None:
     return None if math.isnan(x) else x
 
 
-def measure_forward_floor(args) -> dict:
+def measure_forward_floor(args, size: int | None = None) -> dict:
     """The physical floor of a frozen stage: ONE forward pass of the frozen backbone over the train
     and val images (decode + resize included, batch 64), in the precision transferlab extracts in
-    (bf16 autocast + channels-last on CPUs with native bf16, else fp32). Timed twice; the second
-    (warm) pass is the floor."""
+    (bf16 autocast + channels-last on CPUs with native bf16, else fp32), at `size` px (default: the
+    backbone's native size; transferlab's frozen stage is compared with the floor at its own
+    eval_size). Timed twice; the second (warm) pass is the floor."""
+    import dataclasses
+
     import _classic as C
     import torch
     from torch.utils.data import ConcatDataset, DataLoader
@@ -329,6 +340,8 @@ def measure_forward_floor(args) -> dict:
     from transferlab._runtime import cpu_supports_bf16
 
     model, pp = C.load_backbone(args.backbone, len(C.class_names(args.data)))
+    if size is not None:
+        pp = dataclasses.replace(pp, size=size)
     model.reset_classifier(0)
     model.eval().to(memory_format=torch.channels_last)
     bf16 = cpu_supports_bf16()
@@ -341,7 +354,7 @@ def measure_forward_floor(args) -> dict:
             for x, _y in loader:
                 model(x.contiguous(memory_format=torch.channels_last))
         times.append(time.perf_counter() - t0)
-    return {"images": len(ds), "precision": "bf16 autocast" if bf16 else "fp32", "cold_s": times[0],
+    return {"images": len(ds), "size": pp.size, "precision": "bf16 autocast" if bf16 else "fp32", "cold_s": times[0],
             "floor_s": times[1], "records": [], "wall_s": sum(times), "minflt": None}
 
 
@@ -452,30 +465,52 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(cores)
     n_val = len(datasets.ImageFolder(str(args.data / "val")).samples)
     n_train = len(datasets.ImageFolder(str(args.data / "train")).samples)
-    # "reached" = at least as many val images right as the classic best; half an image of slack
-    # absorbs accuracies that were rounded when written to CSV.
-    tol = 0.5 / n_val
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     print(f"time_to_accuracy: data={args.data} (train {n_train}"
           f"{f', limited to {args.limit_train}' if args.limit_train else ''}, val {n_val}) backbone={args.backbone} "
-          f"seed={args.seed} contenders={','.join(args.only)}", flush=True)
+          f"seed{'s' if len(args.seeds) > 1 else ''}={','.join(map(str, args.seeds))} "
+          f"contenders={','.join(args.only)}", flush=True)
     print(f"machine: {cpu}; os.cpu_count()={os.cpu_count()}, physical cores={cores}, "
           f"torch {torch.__version__} threads={torch.get_num_threads()}; DataLoader num_workers={args.num_workers}",
           flush=True)
     print(alloc.line() + " [applies to classic/fastai in this process; transferlab runs in its own process]",
           flush=True)
+    machine = {"cpu": cpu, "cpu_count": os.cpu_count(), "physical_cores": cores, "torch": torch.__version__,
+               "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0]}
 
+    ratios: dict[int, float] = {}
+    for seed in args.seeds:
+        args.seed = seed
+        ratios[seed] = run_seed(args, C, machine, alloc.line(), n_train, n_val, cores)
+    if len(args.seeds) > 1:
+        ordered = sorted(ratios.values())
+        median = ordered[len(ordered) // 2] if len(ordered) % 2 else (
+            (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2)
+        print("\n== over seeds ==")
+        for seed, r in ratios.items():
+            print(f"seed {seed}: time_ratio={r:.3f}")
+        reached = sum(math.isfinite(r) for r in ratios.values())
+        print(f"transferlab reached the classic best in {reached} of {len(ratios)} seeds; "
+              f"{sum(r <= 0.1 for r in ratios.values())} within a tenth of its time. Median:")
+        print(f"time_ratio={median:.3f}", flush=True)
+    return 0
+
+
+def run_seed(args, C, machine: dict, alloc_line: str, n_train: int, n_val: int, cores: int) -> float:
+    """Every contender once, at args.seed; prints the summary and `time_ratio=R`, returns R."""
+    # "reached" = at least as many val images right as the classic best; half an image of slack
+    # absorbs accuracies that were rounded when written to CSV.
+    tol = 0.5 / n_val
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_json = args.out / f"time_to_accuracy_{'-'.join(args.only)}_{stamp}.json"
     doc = {
         "argv": sys.argv, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "machine": {"cpu": cpu, "cpu_count": os.cpu_count(), "physical_cores": cores,
-                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                    "python": sys.version.split()[0]},
-        "allocator": alloc.line(), "n_train": n_train, "n_val": n_val, "contenders": {},
+        "machine": machine, "allocator": alloc_line, "n_train": n_train, "n_val": n_val, "contenders": {},
     }
+    if len(args.seeds) > 1:
+        print(f"\n######## seed {args.seed} ########", flush=True)
 
     def save() -> None:
         out_json.write_text(json.dumps(doc, indent=2, default=str))
@@ -483,15 +518,6 @@ def main(argv: list[str] | None = None) -> int:
     classic_best, classic_seconds = args.classic_best, args.classic_seconds
     runners = {"classic": run_classic, "fastai": run_fastai, "transferlab": run_transferlab}
     summary_lines = []
-    floor = None
-    if "transferlab" in args.only:
-        print("\n== floor: one frozen forward pass ==", flush=True)
-        floor = measure_forward_floor(args)
-        doc["floor"] = floor
-        line = (f"[floor] one frozen forward pass over train+val ({floor['images']} images, decode included, "
-                f"{floor['precision']}, channels-last): {floor['floor_s']:.1f}s warm ({floor['cold_s']:.1f}s cold)")
-        print(line, flush=True)
-        summary_lines.append(line)
     for name in args.only:
         print(f"\n== {name} ==", flush=True)
         meter = C.LoadMeter()
@@ -514,19 +540,33 @@ def main(argv: list[str] | None = None) -> int:
         if res.get("error"):
             line = f"[{name}] FAILED: {res['error']}"
         elif name == "transferlab":
+            summary = res.get("summary_json") or {}
+            # the floor at the resolution transferlab's frozen stage ran at (its eval_size), measured
+            # after it, so the two never share the machine
+            size = summary.get("eval_size") or summary.get("img_size")
+            print("\n== floor: one frozen forward pass ==", flush=True)
+            floor = measure_forward_floor(args, size)
+            doc["floor"] = floor
+            save()
+            floor_line = (f"[floor] one frozen forward pass over train+val ({floor['images']} images at {floor['size']} px, "
+                          f"decode included, {floor['precision']}, channels-last): {floor['floor_s']:.1f}s warm "
+                          f"({floor['cold_s']:.1f}s cold)")
+            print(floor_line, flush=True)
+            summary_lines.append(floor_line)
             internal = res.get("internal_s")
             startup = (res["wall_s"] - internal) if internal is not None else None
             reach_ext = f" (~{reach + startup:.1f}s incl. {startup:.1f}s process start-up)" if (
                 reach is not None and startup is not None) else ""
-            phases = (res.get("summary_json") or {}).get("phase_seconds") or {}
+            phases = summary.get("phase_seconds") or {}
             frozen = (phases["feature_extraction"] + phases.get("head_training", 0.0)
                       if "feature_extraction" in phases else None)
             frozen_part = "" if frozen is None else f"  frozen_stage_s={frozen:.1f}" + (
                 f" ({frozen / floor['floor_s']:.2f}x the floor)" if floor else "")
+            sizes = f"  sizes: train {summary.get('img_size')} px, eval {size} px" if size else ""
             line = (f"[{name}] best_val_acc={fmt_acc(best)}  wall_s={res['wall_s']:.1f} (external, incl. start-up)  "
                     f"internal_s={'?' if internal is None else f'{internal:.1f}'}{frozen_part}  "
                     f"first_reach_classic_best={fmt_s(reach)}{reach_ext}  "
-                    f"minflt={res['minflt']} (RUSAGE_CHILDREN delta)  other_cpu_s={load['other_cpu_s']}")
+                    f"minflt={res['minflt']} (RUSAGE_CHILDREN delta)  other_cpu_s={load['other_cpu_s']}{sizes}")
         else:
             target = "n/a (no classic figure)" if classic_best is None else fmt_s(reach)
             line = (f"[{name}] best_val_acc={fmt_acc(best)}  wall_s={res['wall_s']:.1f}  "
@@ -542,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
             print(warn, flush=True)
             summary_lines.append(warn)
 
-    print("\n== summary ==", flush=True)
+    print(f"\n== summary{f' (seed {args.seed})' if len(args.seeds) > 1 else ''} ==", flush=True)
     if classic_best is not None:
         src = "measured" if "classic" in args.only else "given"
         print(f"classic best val accuracy {classic_best:.4f} in {classic_seconds:.1f}s ({src}); "
@@ -557,11 +597,9 @@ def main(argv: list[str] | None = None) -> int:
         print("note: transferlab was not run; time_ratio=inf stands for 'not measured'")
     elif reach is None and not tl.get("error"):
         print("note: transferlab never reached the classic best val accuracy")
-    if reach is None or not classic_seconds:
-        print("time_ratio=inf", flush=True)
-    else:
-        print(f"time_ratio={reach / classic_seconds:.3f}", flush=True)
-    return 0
+    ratio = math.inf if reach is None or not classic_seconds else reach / classic_seconds
+    print(f"time_ratio={ratio:.3f}" if math.isfinite(ratio) else "time_ratio=inf", flush=True)
+    return ratio
 
 
 if __name__ == "__main__":

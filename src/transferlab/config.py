@@ -53,7 +53,10 @@ class TrainConfig:
     head: str = "linear"
     head_hidden: int = 512
     head_dropout: float = 0.2
-    img_size: int | None = None
+    img_size: int | None = None  # training resolution (fine-tuning crops); default: the backbone's
+    # Resolution of frozen features, validation, prediction and export; default: the backbone's test
+    # size when it has a measured one and img_size is not set (efficientnet_lite0: 288), else img_size.
+    eval_size: int | None = None
     # schedule
     strategy: str = "two-stage"
     epochs_frozen: int = 16
@@ -150,6 +153,8 @@ class TrainConfig:
             bad("decode_cache_mb must be >= 0")
         if self.img_size is not None and self.img_size < 16:
             bad("img_size must be >= 16 pixels")
+        if self.eval_size is not None and self.eval_size < 16:
+            bad("eval_size must be >= 16 pixels")
         if self.max_memory is not None:
             from transferlab.training.memory import parse_size
 

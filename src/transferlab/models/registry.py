@@ -73,6 +73,11 @@ class BackboneSpec:
     pretrained: bool
     weights: str | None  # offline: pip package; timm: "arch.tag" or "hf-hub:id"; torchvision: "Enum.MEMBER"
     preprocessing: Preprocessing
+    # The resolution at which these pretrained weights see objects at the size they learned them,
+    # when larger than the training size: networks trained on random-resized crops classify better
+    # at a higher test resolution (FixRes, Touvron et al. 2019; timm's pretrained_cfg test_input_size).
+    # Frozen features, validation and prediction use it by default. None: no measured gain.
+    test_size: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -250,6 +255,16 @@ def _preprocessing_from_timm(cfg: Mapping[str, Any]) -> Preprocessing:
     )
 
 
+def _timm_test_size(cfg: Mapping[str, Any], pre: Preprocessing) -> int | None:
+    """timm's `test_input_size` when it is larger than the training size and the model takes any
+    input size (a ViT's position embeddings fix its size)."""
+    test = cfg.get("test_input_size")
+    if not test or cfg.get("fixed_input_size"):
+        return None
+    side = int(test[-1])
+    return side if side > pre.input_size else None
+
+
 def _preprocessing_from_tv(weights: Any) -> Preprocessing:
     """torchvision weights.transforms() (resize, crop, mean, std) -> Preprocessing."""
     if weights is None:
@@ -297,6 +312,8 @@ def _offline_resolve(name: str, pretrained: bool, img_size: int | None) -> Backb
         pretrained=pretrained,
         weights=shipped.package if pretrained else None,
         preprocessing=_sized(shipped.preprocessing, img_size),
+        # measured for these weights at their native size; an explicit size is the user's choice
+        test_size=shipped.test_size if pretrained and img_size is None else None,
     )
 
 
@@ -504,7 +521,8 @@ def _timm_resolve(name: str, pretrained: bool, img_size: int | None) -> Backbone
             architecture=arch,
             pretrained=pretrained,
             weights=name if pretrained else None,
-            preprocessing=_sized(_preprocessing_from_timm(cfg), img_size),
+            preprocessing=_sized(pre := _preprocessing_from_timm(cfg), img_size),
+            test_size=_timm_test_size(cfg, pre) if pretrained and img_size is None else None,
         )
 
     arch, tag = split_model_name_tag(name)
@@ -539,6 +557,7 @@ def _timm_resolve(name: str, pretrained: bool, img_size: int | None) -> Backbone
         pretrained=pretrained,
         weights=f"{arch}.{cfg.tag}" if pretrained else None,
         preprocessing=_sized(pre, img_size),
+        test_size=_timm_test_size(cfg.to_dict(), pre) if cfg is not None and pretrained and img_size is None else None,
     )
 
 
