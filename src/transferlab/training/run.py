@@ -45,6 +45,7 @@ from transferlab.training import budget as budget_mod
 from transferlab.training import distributed
 from transferlab.training.checkpoint import load_training_state, save_training_state, set_rng_state
 from transferlab.training.finetune import FineTuneModule, TrainingDiverged
+from transferlab.training.gate import FrozenStageGate, beat_frozen_stage
 from transferlab.training.head_stage import selection_score, train_head
 from transferlab.training.io import (
     atomic_write_json,
@@ -305,6 +306,7 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
                 )
                 head.load_state_dict(best_state)
                 best_rec = max(records, key=lambda r: selection_score(r["val_accuracy"], r["val_loss"]))
+                state.data["frozen_val_loss"] = best_rec["val_loss"]  # what fine-tuning has to beat
                 maybe_save_best("frozen", best_rec["epoch"], best_rec["val_accuracy"], best_rec["val_loss"])
                 save_tensors(checkpoints / "stage1.safetensors", model.state_dict())
                 state.data["phase_seconds"]["feature_extraction"] = extract_seconds
@@ -315,9 +317,11 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
                 return best_state
 
             best_head = ranks.on_zero(head_stage)
+            frozen_val_loss = ranks.broadcast(state.data.get("frozen_val_loss"))
             if not ranks.is_zero:
                 head_slot(model).head.load_state_dict(best_head)
                 state.data["frozen_done"] = True
+                state.data["frozen_val_loss"] = frozen_val_loss
 
     # ---- stage 2: fine-tuning
     if (cfg.strategy in ("two-stage", "full", "scratch") and cfg.epochs_finetune > 0
@@ -532,6 +536,17 @@ def _finetune(model, splits, cfg, spec, pre, state, run_dir, accelerator, precis
     checkpoints = run_dir / "checkpoints"
     last = checkpoints / "last"
     done = state.data["finetune_epochs_done"]
+    baseline = state.data.get("frozen_val_loss")
+    gated = cfg.finetune_gate > 0 and cfg.strategy == "two-stage" and baseline is not None
+    earlier = ranks.broadcast([r["val_loss"] for r in state.rows if r["phase"] == "finetune"][:done]) if gated else []
+    if gated and done >= cfg.finetune_gate and not state.data.get("finetune_stopped_early") and not beat_frozen_stage(
+            earlier[: cfg.finetune_gate], baseline):
+        # killed after the gate's epoch was saved but before its stop was: decide as the first run did
+        log.info("fine-tuning did not beat the frozen stage in %d epoch(s): not resuming it", cfg.finetune_gate)
+        state.data["finetune_stopped_early"] = True
+        if ranks.is_zero:
+            state.save()
+        return
     restore: dict[str, Any] = {}
     early_state = rng_to_restore = None
     if done > 0:
@@ -605,6 +620,10 @@ def _finetune(model, splits, cfg, spec, pre, state, run_dir, accelerator, precis
                         cfg.img_size, sizes[0])
         callbacks.append(ProgressiveResize(
             train_ds, lambda side: train_transform(pre.with_size(side), cfg.augment), sizes, start_epoch=done))
+    gate = None
+    if gated and done < cfg.finetune_gate:
+        gate = FrozenStageGate(baseline, cfg.finetune_gate, start_epoch=done, losses=earlier)
+        callbacks.append(gate)
     budget_stop = None
     if deadline is not None:
         budget_stop = budget_mod.TimeBudgetStop(deadline)
@@ -656,7 +675,7 @@ def _finetune(model, splits, cfg, spec, pre, state, run_dir, accelerator, precis
     state.data["phase_seconds"]["finetune"] = state.data["phase_seconds"].get("finetune", 0.0) + time.perf_counter() - t0
     if trainer.should_stop and state.data["finetune_epochs_done"] < epochs:
         state.data["finetune_stopped_early"] = True
-        if budget_stop is None or not budget_stop.stopped:
+        if (budget_stop is None or not budget_stop.stopped) and (gate is None or not gate.stopped):
             log.info("early stop: val loss did not improve for %d epochs", cfg.early_stop)
     state.save()
 
