@@ -141,7 +141,9 @@ def evaluate_run(
     if num_workers is None:
         num_workers = _runtime.default_num_workers()
     accelerator = _runtime.resolve_accelerator(device)
-    model.to(accelerator)
+    # channels-last as fine-tuning's validation, predict and serve run it (Lite0 fp32 at 288 px on
+    # this 2-core CPU: 18.1 -> 25.8 img/s)
+    model.to(accelerator, memory_format=torch.channels_last)
     loader = DataLoader(_Images(chosen.samples, eval_transform(pre), pre.input_size), batch_size=batch_size,
                         num_workers=num_workers, shuffle=False)
     plain, averaged, kept = [], [], []
@@ -156,7 +158,7 @@ def evaluate_run(
                     log.warning("skipped %s: %s", path, reason)
                     skipped.append({"path": path, "reason": reason})
             if ok:
-                x = batch[ok].to(accelerator)
+                x = batch[ok].to(accelerator).contiguous(memory_format=torch.channels_last)
                 if tta:
                     p, q = tta_probabilities(model, x)
                     averaged.append(q.cpu())
