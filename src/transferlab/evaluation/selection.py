@@ -10,6 +10,7 @@ sweep, the cross-validation and the learning curve only refit the probe on cache
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import time
@@ -167,7 +168,7 @@ def _evaluate_candidate(spec, splits, *, seed: int, device: str, autocast, cache
     t2 = time.perf_counter()
     cost = inference_cost(model, pre.input_size, batch_sizes=(1, 32), device=device, autocast_dtype=autocast)
     benchmark_seconds = time.perf_counter() - t2
-    size = measure_backbone(spec)
+    size = measure_backbone(dataclasses.replace(spec, preprocessing=pre))  # GFLOPs at the size it runs at
     del model  # reference counting frees it; a full gc.collect() here cost 0.2 s per candidate
     row = {
         "backbone": spec.name, "source": spec.source, "pretrained": spec.pretrained, "input_size": pre.input_size,
