@@ -35,6 +35,7 @@ import platform
 import resource
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -485,9 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seed = seed
         ratios[seed] = run_seed(args, C, machine, alloc.line(), n_train, n_val, cores)
     if len(args.seeds) > 1:
-        ordered = sorted(ratios.values())
-        median = ordered[len(ordered) // 2] if len(ordered) % 2 else (
-            (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2)
+        median = statistics.median(ratios.values())
         print("\n== over seeds ==")
         for seed, r in ratios.items():
             print(f"seed {seed}: time_ratio={r:.3f}")
@@ -560,8 +559,8 @@ def run_seed(args, C, machine: dict, alloc_line: str, n_train: int, n_val: int, 
             phases = summary.get("phase_seconds") or {}
             frozen = (phases["feature_extraction"] + phases.get("head_training", 0.0)
                       if "feature_extraction" in phases else None)
-            frozen_part = "" if frozen is None else f"  frozen_stage_s={frozen:.1f}" + (
-                f" ({frozen / floor['floor_s']:.2f}x the floor)" if floor else "")
+            frozen_part = "" if frozen is None else (
+                f"  frozen_stage_s={frozen:.1f} ({frozen / floor['floor_s']:.2f}x the floor)")
             sizes = f"  sizes: train {summary.get('img_size')} px, eval {size} px" if size else ""
             line = (f"[{name}] best_val_acc={fmt_acc(best)}  wall_s={res['wall_s']:.1f} (external, incl. start-up)  "
                     f"internal_s={'?' if internal is None else f'{internal:.1f}'}{frozen_part}  "

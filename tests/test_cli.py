@@ -81,7 +81,7 @@ def test_interrupting_train_says_how_to_resume(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "transferlab", "train", str(data), "--backbone", "test_efficientnet",
          "--no-pretrained", "--img-size", "32", "--epochs-frozen", "1", "--epochs-finetune", "200",
-         "--batch-size", "8", "--out", str(run), "--no-progress", "--no-report"],
+         "--batch-size", "8", "--finetune-gate", "0", "--out", str(run), "--no-progress", "--no-report"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 120
     while time.time() < deadline and not (run / "checkpoints" / "last.json").exists():

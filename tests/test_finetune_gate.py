@@ -17,7 +17,7 @@ from transferlab.training.gate import FrozenStageGate, beat_frozen_stage
 
 
 def _epoch(gate: FrozenStageGate, current_epoch: int, val_loss: float) -> SimpleNamespace:
-    trainer = SimpleNamespace(current_epoch=current_epoch, should_stop=False)
+    trainer = SimpleNamespace(current_epoch=current_epoch, should_stop=False)  # as Lightning's, counted per fit
     module = SimpleNamespace(epoch_metrics=lambda: {"val_loss": val_loss})
     gate.on_train_epoch_end(trainer, module)
     return trainer
@@ -38,7 +38,7 @@ def test_the_gate_waits_for_its_epoch_and_counts_epochs_before_a_resume():
     gate = FrozenStageGate(baseline=0.2, epochs=2)
     assert not _epoch(gate, 0, 0.3).should_stop
     assert _epoch(gate, 1, 0.25).should_stop
-    resumed = FrozenStageGate(baseline=0.2, epochs=2, start_epoch=1, losses=[0.1])
+    resumed = FrozenStageGate(baseline=0.2, epochs=2, losses=[0.1])
     assert not _epoch(resumed, 0, 0.25).should_stop  # epoch 1 (before the resume) beat it
     assert beat_frozen_stage([0.3, 0.19], 0.2) and not beat_frozen_stage([0.2], 0.2)
 

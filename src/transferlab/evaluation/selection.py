@@ -145,7 +145,7 @@ def _evaluate_candidate(spec, splits, *, seed: int, device: str, autocast, cache
     model = build_classifier(spec, len(splits.classes), HeadConfig()).to(device)
     # at the size training evaluates at (the backbone's test size, when it has one): the same
     # accuracy, latency and cached features as `train` will have
-    pre = spec.preprocessing if spec.test_size is None else spec.preprocessing.with_size(spec.test_size)
+    pre = spec.eval_preprocessing
     tag = feature_cache.transform_tag(pre, autocast)  # the same key as training: shared cached features
     fingerprint = feature_cache.backbone_fingerprint(model) if cache_dir is not None else None
     t0 = time.perf_counter()

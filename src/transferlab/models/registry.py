@@ -79,6 +79,11 @@ class BackboneSpec:
     # Frozen features, validation and prediction use it by default. None: no measured gain.
     test_size: int | None = None
 
+    @property
+    def eval_preprocessing(self) -> Preprocessing:
+        """The preprocessing at the size this backbone is best evaluated at (its test size, if any)."""
+        return self.preprocessing if self.test_size is None else self.preprocessing.with_size(self.test_size)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         data = dataclasses.asdict(self)
@@ -312,8 +317,7 @@ def _offline_resolve(name: str, pretrained: bool, img_size: int | None) -> Backb
         pretrained=pretrained,
         weights=shipped.package if pretrained else None,
         preprocessing=_sized(shipped.preprocessing, img_size),
-        # measured for these weights at their native size; an explicit size is the user's choice
-        test_size=shipped.test_size if pretrained and img_size is None else None,
+        test_size=shipped.test_size,
     )
 
 
@@ -522,7 +526,7 @@ def _timm_resolve(name: str, pretrained: bool, img_size: int | None) -> Backbone
             pretrained=pretrained,
             weights=name if pretrained else None,
             preprocessing=_sized(pre := _preprocessing_from_timm(cfg), img_size),
-            test_size=_timm_test_size(cfg, pre) if pretrained and img_size is None else None,
+            test_size=_timm_test_size(cfg, pre),
         )
 
     arch, tag = split_model_name_tag(name)
@@ -557,7 +561,7 @@ def _timm_resolve(name: str, pretrained: bool, img_size: int | None) -> Backbone
         pretrained=pretrained,
         weights=f"{arch}.{cfg.tag}" if pretrained else None,
         preprocessing=_sized(pre, img_size),
-        test_size=_timm_test_size(cfg.to_dict(), pre) if cfg is not None and pretrained and img_size is None else None,
+        test_size=_timm_test_size(cfg.to_dict(), pre) if cfg is not None else None,
     )
 
 
@@ -617,6 +621,9 @@ def resolve_backbone(name: str, *, pretrained: bool = True, img_size: int | None
         raise BackboneUnavailable(f"Image size must be a positive number of pixels, got {img_size}.")
     source = next(s for s in SOURCES.values() if s.claims(name, pretrained))
     spec = source.resolve(name, pretrained, img_size)
+    if spec.test_size is not None and (not spec.pretrained or img_size is not None):
+        # a test size belongs to pretrained weights at their native size; an explicit size is the user's choice
+        spec = dataclasses.replace(spec, test_size=None)
     if spec.pretrained and not source.weights_local(spec) and not is_online():
         raise _offline_error(spec.name)
     return spec

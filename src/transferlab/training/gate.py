@@ -23,21 +23,25 @@ def beat_frozen_stage(val_losses: Sequence[float], baseline: float) -> bool:
 
 
 class FrozenStageGate(L.Callback):
-    """Stops fine-tuning after epoch `epochs` (counted from the start of fine-tuning) unless one of
-    the epochs so far beat `baseline`, the val loss of the frozen-stage model it started from.
+    """Stops fine-tuning after its epoch `epochs` unless one of the epochs so far beat `baseline`, the
+    val loss of the frozen-stage model it started from. `losses`: those of the fine-tuning epochs
+    already done (a resumed run), so the epoch count is the number of losses seen.
     Metrics are summed over ranks before this runs, so every process decides the same."""
 
-    def __init__(self, baseline: float, epochs: int, start_epoch: int = 0, losses: Sequence[float] = ()) -> None:
-        self.baseline, self.epochs, self.start_epoch = baseline, epochs, start_epoch
-        self.losses = list(losses)  # of the epochs before start_epoch (a resumed run)
+    def __init__(self, baseline: float, epochs: int, losses: Sequence[float] = ()) -> None:
+        self.baseline, self.epochs = baseline, epochs
+        self.losses = list(losses)
         self.stopped = False
 
+    def closed(self) -> bool:
+        """The gate's epoch is done and none of the epochs up to it beat the frozen stage."""
+        return len(self.losses) >= self.epochs and not beat_frozen_stage(self.losses[: self.epochs], self.baseline)
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        epoch = self.start_epoch + trainer.current_epoch + 1
         self.losses.append(pl_module.epoch_metrics()["val_loss"])
-        if epoch == self.epochs and not beat_frozen_stage(self.losses, self.baseline) and not trainer.should_stop:
+        if len(self.losses) == self.epochs and self.closed() and not trainer.should_stop:
             self.stopped = True
             trainer.should_stop = True
             log.info("fine-tuning did not beat the frozen stage in %d epoch(s) (val loss %.4f vs %.4f): stopping; "
                      "the best model so far is kept (--finetune-gate 0 runs every epoch)",
-                     epoch, min(self.losses), self.baseline)
+                     self.epochs, min(self.losses), self.baseline)

@@ -45,7 +45,7 @@ from transferlab.training import budget as budget_mod
 from transferlab.training import distributed
 from transferlab.training.checkpoint import load_training_state, save_training_state, set_rng_state
 from transferlab.training.finetune import FineTuneModule, TrainingDiverged
-from transferlab.training.gate import FrozenStageGate, beat_frozen_stage
+from transferlab.training.gate import FrozenStageGate
 from transferlab.training.head_stage import selection_score, train_head
 from transferlab.training.io import (
     atomic_write_json,
@@ -287,7 +287,7 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
             t1 = time.perf_counter()
             freeze_backbone(model)
             # every rank extracts its shard; rank 0 alone holds the assembled features
-            features, n_extracted = _features(model, splits, cfg, spec, ranks, autocast, decoded)
+            features, n_extracted = _features(model, splits, cfg, spec, train_pre, ranks, autocast, decoded)
             extract_seconds = time.perf_counter() - t1
             if n_extracted:  # the measured frozen-forward throughput plans a --time-budget
                 state.data["forward_images_per_second"] = n_extracted / max(extract_seconds, 1e-9)
@@ -464,11 +464,11 @@ def _decoded_images(cfg: TrainConfig) -> DecodedImages | None:
     Only with in-process loading: each loader worker would hold its own copy."""
     if not cfg.decode_cache or cfg.num_workers:
         return None
-    return DecodedImages(max_side=4 * max(cfg.img_size, cfg.eval_size or 0), max_bytes=int(cfg.decode_cache_mb * 2**20))
+    return DecodedImages(max_side=4 * max(cfg.img_size, cfg.eval_size), max_bytes=int(cfg.decode_cache_mb * 2**20))
 
 
-def _features(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneSpec, ranks: distributed.Ranks, autocast,
-              decoded: DecodedImages | None = None):
+def _features(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneSpec, views_pre: Preprocessing,
+              ranks: distributed.Ranks, autocast, decoded: DecodedImages | None = None):
     """Train features (plain + K augmented views) and val features, from the cache when valid.
     Over several processes each extracts its shard; the result is on rank 0 (None elsewhere)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -477,8 +477,7 @@ def _features(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneSpec, r
     model.to(device)
     cache_dir = usable_cache_dir(cfg.cache_dir) if cfg.feature_cache == "disk" else None
     fingerprint = backbone_fingerprint(model) if cache_dir is not None and ranks.is_zero else None
-    cfg_pre = spec.preprocessing  # at eval_size: plain train and val features
-    views_pre = spec.preprocessing.with_size(cfg.img_size)  # augmented views: random crops at the training size
+    cfg_pre = spec.preprocessing  # at eval_size: plain train and val features; views_pre (img_size): augmented views
     n_images = len(splits.train) * (1 + cfg.feature_views) + len(splits.val)
     compiled = should_compile(cfg.compile, device, n_images)
     if compiled:
@@ -536,17 +535,18 @@ def _finetune(model, splits, cfg, spec, pre, state, run_dir, accelerator, precis
     checkpoints = run_dir / "checkpoints"
     last = checkpoints / "last"
     done = state.data["finetune_epochs_done"]
+    gate = None
     baseline = state.data.get("frozen_val_loss")
-    gated = cfg.finetune_gate > 0 and cfg.strategy == "two-stage" and baseline is not None
-    earlier = ranks.broadcast([r["val_loss"] for r in state.rows if r["phase"] == "finetune"][:done]) if gated else []
-    if gated and done >= cfg.finetune_gate and not state.data.get("finetune_stopped_early") and not beat_frozen_stage(
-            earlier[: cfg.finetune_gate], baseline):
-        # killed after the gate's epoch was saved but before its stop was: decide as the first run did
-        log.info("fine-tuning did not beat the frozen stage in %d epoch(s): not resuming it", cfg.finetune_gate)
-        state.data["finetune_stopped_early"] = True
-        if ranks.is_zero:
-            state.save()
-        return
+    if cfg.finetune_gate > 0 and cfg.strategy == "two-stage" and baseline is not None:
+        earlier = ranks.broadcast([r["val_loss"] for r in state.rows if r["phase"] == "finetune"][:done])
+        gate = FrozenStageGate(baseline, cfg.finetune_gate, losses=earlier)
+        if gate.closed() and not state.data.get("finetune_stopped_early"):
+            # killed after the gate's epoch was saved but before its stop was: decide as the first run did
+            log.info("fine-tuning did not beat the frozen stage in %d epoch(s): not resuming it", cfg.finetune_gate)
+            state.data["finetune_stopped_early"] = True
+            if ranks.is_zero:
+                state.save()
+            return
     restore: dict[str, Any] = {}
     early_state = rng_to_restore = None
     if done > 0:
@@ -620,9 +620,7 @@ def _finetune(model, splits, cfg, spec, pre, state, run_dir, accelerator, precis
                         cfg.img_size, sizes[0])
         callbacks.append(ProgressiveResize(
             train_ds, lambda side: train_transform(pre.with_size(side), cfg.augment), sizes, start_epoch=done))
-    gate = None
-    if gated and done < cfg.finetune_gate:
-        gate = FrozenStageGate(baseline, cfg.finetune_gate, start_epoch=done, losses=earlier)
+    if gate is not None and done < cfg.finetune_gate:
         callbacks.append(gate)
     budget_stop = None
     if deadline is not None:
