@@ -335,7 +335,7 @@ def measure_forward_floor(args, size: int | None = None) -> dict:
 
     import _classic as C
     import torch
-    from torch.utils.data import ConcatDataset, DataLoader
+    from torch.utils.data import ConcatDataset, DataLoader, Subset
     from torchvision import datasets
 
     from transferlab._runtime import cpu_supports_bf16
@@ -346,7 +346,10 @@ def measure_forward_floor(args, size: int | None = None) -> dict:
     model.reset_classifier(0)
     model.eval().to(memory_format=torch.channels_last)
     bf16 = cpu_supports_bf16()
-    ds = ConcatDataset([datasets.ImageFolder(str(args.data / d), C.val_transform(pp)) for d in ("train", "val")])
+    train = datasets.ImageFolder(str(args.data / "train"), C.val_transform(pp))
+    if args.limit_train is not None:  # the same subsample every contender trains on
+        train = Subset(train, C.limited_indices(train.targets, args.limit_train, args.seed))
+    ds = ConcatDataset([train, datasets.ImageFolder(str(args.data / "val"), C.val_transform(pp))])
     loader = DataLoader(ds, batch_size=64, shuffle=False, num_workers=0)
     times = []
     for _ in range(2):
