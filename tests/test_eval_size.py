@@ -95,3 +95,32 @@ def test_a_fixed_size_backbone_refuses_a_different_eval_size_before_any_training
 def test_eval_size_is_recorded_in_the_config_so_a_resumed_run_keeps_it(tiny_data, tmp_path):
     result = transferlab.train(tiny_data, out=str(tmp_path / "run"), **{**TINY, "img_size": 32, "eval_size": 40})
     assert TrainConfig.load(result.run_dir / "config.yaml").eval_size == 40
+
+
+def test_select_probes_and_measures_at_the_test_size_and_training_reuses_its_features(
+        tiny_data, tmp_path, monkeypatch, extraction_calls):
+    import dataclasses
+
+    from transferlab.models import registry
+    from transferlab.models.catalog import measure_backbone
+    from transferlab.training import run as run_mod
+
+    real = registry.resolve_backbone
+
+    def with_test_size(name, **kw):  # a random-init test model standing in for pretrained weights with one
+        spec = real(name, **kw)
+        return dataclasses.replace(spec, test_size=48) if kw.get("img_size") is None else spec
+
+    monkeypatch.setattr(registry, "resolve_backbone", with_test_size)
+    monkeypatch.setattr(run_mod, "resolve_backbone", with_test_size)
+    row = transferlab.select(tiny_data, "test_efficientnet", out=tmp_path / "sel", pretrained=False,
+                             progress=False).rows[0]
+    spec = real("test_efficientnet", pretrained=False)
+    assert row["input_size"] == 48
+    at_48 = dataclasses.replace(spec, preprocessing=spec.preprocessing.with_size(48))
+    assert row["gflops"] == pytest.approx(measure_backbone(at_48)["gflops"])
+    assert row["gflops"] != pytest.approx(measure_backbone(spec)["gflops"])  # not at the native 160 px
+    passes = len(extraction_calls)
+    result = transferlab.train(tiny_data, out=str(tmp_path / "run"),
+                               **{**TINY, "img_size": None, "strategy": "head-only"})
+    assert result.summary["eval_size"] == 48 and len(extraction_calls) == passes  # select's cached features
