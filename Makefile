@@ -9,8 +9,14 @@ STAMP   = $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "transferlab needs Python >= 3.11")'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	@# torch's CUDA build pulls several GB of wheels; a download cut off mid-way (seen on CI: stuck at
+	@# 99.6 of 228 MB through pip's own resumes) gets the whole install tried again, from pip's cache.
+	for attempt in 1 2 3 4; do \
+	  $(BIN)/pip install --quiet --upgrade pip && \
+	  $(BIN)/pip install --quiet --resume-retries 10 -e '.[test]' && break; \
+	  [ $$attempt -lt 4 ] || exit 1; \
+	  echo "pip install failed (attempt $$attempt of 4); trying again in 20 s"; sleep 20; \
+	done
 	touch $(STAMP)
 
 install: $(STAMP)
