@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -399,6 +400,7 @@ def run_transferlab(args) -> dict:
     tail: deque[str] = deque(maxlen=25)
     c0 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
     t0 = time.perf_counter()
+    launched = time.time()  # against summary.json's started_at: the child's start-up
     try:
         with log_path.open("w") as log, subprocess.Popen(
                 cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -438,6 +440,9 @@ def run_transferlab(args) -> dict:
         result["summary_json"] = summary
         result["metrics_rows"] = rows
         result["internal_s"] = _num(summary.get("total_seconds"))
+        if summary.get("started_at"):  # interpreter, imports and CLI parsing before train() began
+            started = datetime.fromisoformat(summary["started_at"]).timestamp()
+            result["startup_s"] = max(0.0, started - launched)
         if result["internal_s"] is None and result["records"]:
             result["internal_s"] = result["records"][-1]["elapsed_s"]
         result["ok"] = True
@@ -556,16 +561,20 @@ def run_seed(args, C, machine: dict, alloc_line: str, n_train: int, n_val: int, 
             print(floor_line, flush=True)
             summary_lines.append(floor_line)
             internal = res.get("internal_s")
-            startup = (res["wall_s"] - internal) if internal is not None else None
-            reach_ext = f" (~{reach + startup:.1f}s incl. {startup:.1f}s process start-up)" if (
+            startup = res.get("startup_s")
+            reach_ext = f" ({reach + startup:.1f}s after launch: {startup:.1f}s process start-up)" if (
                 reach is not None and startup is not None) else ""
+            # wall = start-up + train + what follows it (the report: evaluation, plots, HTML)
+            parts = ("external, incl. start-up" if startup is None or internal is None else
+                     f"external: start-up {startup:.1f}s + train {internal:.1f}s + "
+                     f"report {max(0.0, res['wall_s'] - startup - internal):.1f}s")
             phases = summary.get("phase_seconds") or {}
             frozen = (phases["feature_extraction"] + phases.get("head_training", 0.0)
                       if "feature_extraction" in phases else None)
             frozen_part = "" if frozen is None else (
                 f"  frozen_stage_s={frozen:.1f} ({frozen / floor['floor_s']:.2f}x the floor)")
             sizes = f"  sizes: train {summary.get('img_size')} px, eval {size} px" if size else ""
-            line = (f"[{name}] best_val_acc={fmt_acc(best)}  wall_s={res['wall_s']:.1f} (external, incl. start-up)  "
+            line = (f"[{name}] best_val_acc={fmt_acc(best)}  wall_s={res['wall_s']:.1f} ({parts})  "
                     f"internal_s={'?' if internal is None else f'{internal:.1f}'}{frozen_part}  "
                     f"first_reach_classic_best={fmt_s(reach)}{reach_ext}  "
                     f"minflt={res['minflt']} (RUSAGE_CHILDREN delta)  other_cpu_s={load['other_cpu_s']}{sizes}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import time
+from datetime import datetime, timedelta
 
 import pytest
 import torch
@@ -28,7 +30,9 @@ def metrics_without_timings(run_dir):
 
 
 def test_two_stage_run_writes_complete_run_directory(tiny_data, tmp_path):
+    called = time.time()
     result = transferlab.train(tiny_data, out=str(tmp_path / "run"), **{**TINY, "report": True})
+    returned = time.time()
     run = result.run_dir
     for name in ("config.yaml", "metrics.csv", "summary.json", "curves.png", "model.safetensors",
                  "model.json", "train.log", "data.json", "report.html", "eval-val.json"):
@@ -39,6 +43,10 @@ def test_two_stage_run_writes_complete_run_directory(tiny_data, tmp_path):
         assert key in summary
     assert summary["classes"] == ["blue", "red"]
     assert summary["num_train"] == 24 and summary["num_val"] == 12
+    # when training began (UTC), so an outside timer can tell start-up and the report from training
+    started = datetime.fromisoformat(summary["started_at"])
+    assert started.utcoffset() == timedelta(0)
+    assert called - 0.001 <= started.timestamp() <= returned - summary["total_seconds"] + 0.01  # kept to the ms
     assert {"feature_extraction", "head_training", "finetune"} <= set(summary["phase_seconds"])
     rows = read_metrics(run)
     assert [r["phase"] for r in rows] == ["frozen"] * 3 + ["finetune"] * 2

@@ -22,7 +22,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -334,13 +334,17 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
                   maybe_save_best, ranks, decoded, deadline)
 
     # ---- final outputs (rank 0 writes them; every rank returns the same result)
+    # wall-clock start of this invocation: lets an outside timer split its own figure into process
+    # start-up (imports), training and what follows (the report)
+    started_at = datetime.fromtimestamp(time.time() - (time.perf_counter() - start), UTC)
     summary, rows = ranks.on_zero(lambda: _finish(run_dir, cfg, spec, splits, state, elapsed(),
-                                                   extract_precision, precision, accelerator))
+                                                   extract_precision, precision, accelerator, started_at))
     return TrainResult(run_dir=run_dir, summary=summary, rows=rows, is_global_zero=ranks.is_zero)
 
 
 def _finish(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, splits: DataSplits, state: RunState,
-            elapsed: float, extract_precision: str, precision: str, accelerator: str) -> tuple[dict, list[dict]]:
+            elapsed: float, extract_precision: str, precision: str, accelerator: str,
+            started_at: datetime) -> tuple[dict, list[dict]]:
     if state.data["best"] is None:
         raise TransferlabError("Training produced no evaluated epoch; nothing to save.")
     rows = state.rows
@@ -359,7 +363,8 @@ def _finish(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, splits: DataSpl
         "best": state.data["best"],
         "phase_seconds": {k: round(v, 3) for k, v in state.data["phase_seconds"].items()},
         "time_budget": state.data.get("time_budget"),
-        "total_seconds": round(elapsed, 3),
+        "total_seconds": round(elapsed, 3),  # all invocations of this run (a resumed one adds up)
+        "started_at": started_at.isoformat(timespec="milliseconds"),  # this invocation, UTC
         "skipped_files": splits.skipped,
         "warnings": splits.warnings,
         "img_size": cfg.img_size,
