@@ -636,42 +636,45 @@ def _finetune(model, splits, cfg, spec, pre, state, run_dir, accelerator, precis
         from lightning.pytorch.callbacks import RichProgressBar
 
         callbacks.append(RichProgressBar(leave=False))
-    trainer = L.Trainer(
-        accelerator=accelerator,
-        devices=cfg.devices,
-        num_nodes=cfg.num_nodes,
-        strategy=distributed.trainer_strategy(cfg.dist_strategy, ranks.world_size),
-        use_distributed_sampler=False,  # our samplers shard (and seed) the data themselves
-        precision=precision,
-        max_epochs=epochs - done,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-        deterministic=accelerator == "cpu",
-        log_every_n_steps=max(1, min(50, steps_per_epoch)),
-    )
-    if rng_to_restore is not None:
-        set_rng_state(rng_to_restore["tensors"], rng_to_restore["meta"])
-    t0 = time.perf_counter()
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning vs torch 2.15, harmless
-    try:
-        trainer.fit(module, train_loader, val_loader)
-    except TrainingDiverged as exc:
-        good = state.data["finetune_epochs_done"]
-        kept = (f"the checkpoint of fine-tuning epoch {good} is kept in {checkpoints}" if good
-                else "no fine-tuning epoch finished")
-        raise TrainingDiverged(f"{exc} Training stopped; {kept}, and the best model so far "
-                               f"({run_dir / 'model.safetensors'}) is usable with `transferlab predict`. "
-                               "Train again with a lower --lr-finetune.") from None
-    except SystemExit as exc:
-        # Lightning turns Ctrl+C into sys.exit(1) after its graceful shutdown; API callers should
-        # see an interrupt instead (the last finished epoch is saved: `--resume` continues it).
-        if trainer.interrupted:
-            raise KeyboardInterrupt from exc
-        raise
+    # Lightning would leave torch's deterministic mode on in this process for good
+    with _runtime.deterministic_scope():
+        trainer = L.Trainer(
+            accelerator=accelerator,
+            devices=cfg.devices,
+            num_nodes=cfg.num_nodes,
+            strategy=distributed.trainer_strategy(cfg.dist_strategy, ranks.world_size),
+            use_distributed_sampler=False,  # our samplers shard (and seed) the data themselves
+            precision=precision,
+            max_epochs=epochs - done,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=progress,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            callbacks=callbacks,
+            deterministic=accelerator == "cpu",
+            log_every_n_steps=max(1, min(50, steps_per_epoch)),
+        )
+        _runtime.skip_uninitialized_fill()
+        if rng_to_restore is not None:
+            set_rng_state(rng_to_restore["tensors"], rng_to_restore["meta"])
+        t0 = time.perf_counter()
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning vs torch 2.15, harmless
+        try:
+            trainer.fit(module, train_loader, val_loader)
+        except TrainingDiverged as exc:
+            good = state.data["finetune_epochs_done"]
+            kept = (f"the checkpoint of fine-tuning epoch {good} is kept in {checkpoints}" if good
+                    else "no fine-tuning epoch finished")
+            raise TrainingDiverged(f"{exc} Training stopped; {kept}, and the best model so far "
+                                   f"({run_dir / 'model.safetensors'}) is usable with `transferlab predict`. "
+                                   "Train again with a lower --lr-finetune.") from None
+        except SystemExit as exc:
+            # Lightning turns Ctrl+C into sys.exit(1) after its graceful shutdown; API callers should
+            # see an interrupt instead (the last finished epoch is saved: `--resume` continues it).
+            if trainer.interrupted:
+                raise KeyboardInterrupt from exc
+            raise
     model.to("cpu")
     if not ranks.is_zero:  # rank 0 keeps the run's state
         return
