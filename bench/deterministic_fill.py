@@ -3,7 +3,7 @@
 `torch.use_deterministic_algorithms(True)` (what Lightning's `Trainer(deterministic=True)` sets,
 on CPU in transferlab) also fills every newly allocated tensor with NaN unless
 `torch.utils.deterministic.fill_uninitialized_memory` is False, which transferlab sets while it
-fine-tunes (`_runtime.skip_uninitialized_fill`). Each mode runs in its own process, interleaved over
+fine-tunes (`_runtime.deterministic_scope`). Each mode runs in its own process, interleaved over
 rounds so that the machine's drift hits all three alike.
 
     .venv/bin/python bench/deterministic_fill.py [--rounds 4] [--steps 10] [--size 224] [--batch 32]

@@ -108,11 +108,16 @@ def setup_torch(threads: int | None = None) -> None:
 
 @contextlib.contextmanager
 def deterministic_scope():
-    """Put torch's process-wide determinism flags back as they were on leaving.
+    """Deterministic mode without its NaN fill inside; torch's process-wide determinism flags as they
+    were on leaving.
 
-    Lightning's ``Trainer(deterministic=True)`` switches deterministic algorithms on for the whole
-    process and never off, so a Python caller of ``train`` would keep them (and their cost) after it
-    returned. Inside the scope, call ``skip_uninitialized_fill`` once the Trainer exists.
+    Deterministic mode also fills every new uninitialised tensor with NaN, so that a kernel reading
+    memory it never wrote fails the same way each time. Our kernels write what they allocate: the fill
+    only costs memory bandwidth — measured, a Lite0 fine-tuning step at 224 px, batch 32, fp32 on this
+    2-core CPU: 19.7-21.1 img/s with it, 25.2-26.5 without (deterministic mode off: 25.4-26.9), and
+    same-seed runs still give identical metrics. Lightning's ``Trainer(deterministic=True)``, created
+    inside, switches deterministic algorithms on (it leaves the fill alone) for the whole process and
+    never off, so a Python caller of ``train`` would otherwise keep them, and their cost, after it returned.
     """
     import torch
     import torch.utils.deterministic
@@ -120,22 +125,12 @@ def deterministic_scope():
     enabled = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
         torch.utils.deterministic.fill_uninitialized_memory = fill
-
-
-def skip_uninitialized_fill() -> None:
-    """Deterministic mode also fills every new uninitialised tensor with NaN, so that a kernel reading
-    memory it never wrote fails the same way each time. Our kernels write what they allocate: the fill
-    only costs memory bandwidth — measured, a Lite0 fine-tuning step at 224 px, batch 32, fp32 on this
-    2-core CPU: 19.7-21.1 img/s with it, 25.2-26.5 without (deterministic mode off: 25.4-26.9), and
-    same-seed runs still give identical metrics."""
-    import torch.utils.deterministic
-
-    torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def resolve_accelerator(device: str = "auto") -> str:

@@ -636,7 +636,7 @@ def _finetune(model, splits, cfg, spec, pre, state, run_dir, accelerator, precis
         from lightning.pytorch.callbacks import RichProgressBar
 
         callbacks.append(RichProgressBar(leave=False))
-    # Lightning would leave torch's deterministic mode on in this process for good
+    # deterministic without the NaN fill; Lightning would leave deterministic mode on in this process for good
     with _runtime.deterministic_scope():
         trainer = L.Trainer(
             accelerator=accelerator,
@@ -655,7 +655,6 @@ def _finetune(model, splits, cfg, spec, pre, state, run_dir, accelerator, precis
             deterministic=accelerator == "cpu",
             log_every_n_steps=max(1, min(50, steps_per_epoch)),
         )
-        _runtime.skip_uninitialized_fill()
         if rng_to_restore is not None:
             set_rng_state(rng_to_restore["tensors"], rng_to_restore["meta"])
         t0 = time.perf_counter()
