@@ -3,6 +3,8 @@ process back with the determinism flags it had (Lightning's Trainer would leave 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.utils.deterministic
@@ -44,3 +46,25 @@ def test_cpu_fine_tuning_is_deterministic_without_the_uninitialized_memory_fill(
     monkeypatch.setattr(run_module._RunCallback, "on_train_epoch_end", spy)
     transferlab.train(tiny_data, out=str(tmp_path / "run"), **{**TINY, "device": "cpu"})
     assert seen and all(s == (True, False) for s in seen)
+
+
+@pytest.mark.parametrize("cublas_before", [None, ":16:8"])
+def test_train_gives_back_cudnn_autotuning_and_the_cublas_setting(tiny_data, tmp_path, monkeypatch, restore_flags,
+                                                                 cublas_before):
+    if cublas_before is None:
+        monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", cublas_before)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    seen = []
+    original = run_module._RunCallback.on_train_epoch_end
+
+    def spy(self, trainer, pl_module):
+        seen.append((torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        return original(self, trainer, pl_module)
+
+    monkeypatch.setattr(run_module._RunCallback, "on_train_epoch_end", spy)
+    transferlab.train(tiny_data, out=str(tmp_path / "run"), **{**TINY, "device": "cpu"})
+    assert seen and seen[0] == (False, ":4096:8")  # what Lightning's deterministic mode set inside
+    assert torch.backends.cudnn.benchmark is True
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == cublas_before

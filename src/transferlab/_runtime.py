@@ -118,6 +118,9 @@ def deterministic_scope():
     same-seed runs still give identical metrics. Lightning's ``Trainer(deterministic=True)``, created
     inside, switches deterministic algorithms on (it leaves the fill alone) for the whole process and
     never off, so a Python caller of ``train`` would otherwise keep them, and their cost, after it returned.
+    It also sets ``torch.backends.cudnn.benchmark`` (off when deterministic) and the environment's
+    ``CUBLAS_WORKSPACE_CONFIG``; both are handed back too, or a GPU user's own code after ``train``
+    would lose cuDNN's autotuning.
     """
     import torch
     import torch.utils.deterministic
@@ -125,12 +128,19 @@ def deterministic_scope():
     enabled = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     fill = torch.utils.deterministic.fill_uninitialized_memory
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    cublas_workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
         torch.utils.deterministic.fill_uninitialized_memory = fill
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        if cublas_workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas_workspace
 
 
 def resolve_accelerator(device: str = "auto") -> str:
