@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY
 from PIL import Image
 from test_training import metrics_without_timings, read_metrics
@@ -42,6 +43,49 @@ def test_huge_images_are_kept_downscaled_but_exact_reads_return_the_file_pixels(
     kept = cache.get(path)
     assert exact.size == (300, 200) and kept.size == (75, 50)
     assert np.array_equal(np.asarray(cache.get(path, exact=True)), np.asarray(Image.open(path).convert("RGB")))
+
+
+def test_huge_images_are_kept_reduced_by_a_whole_factor_to_at_least_max_side(tmp_path):
+    sizes = {"huge": (200, 330), "between": (120, 90)}  # (height, width); max_side 64: 200 // 64 = 3, 120 < 2 * 64
+    for name, (h, w) in sizes.items():
+        Image.fromarray(np.random.default_rng(1).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
+    cache = DecodedImages(max_side=64)
+    huge, between = cache.get(tmp_path / "huge.png"), cache.get(tmp_path / "between.png")
+    assert huge.size == (110, 67) and min(huge.size) >= 64  # a partial last block of rows is averaged too
+    assert between.size == (90, 120) and cache.downscaled == {str(tmp_path / "huge.png")}
+    exact = np.asarray(Image.open(tmp_path / "huge.png").convert("RGB"), dtype=np.float64)
+    box = exact[:198, :330].reshape(66, 3, 110, 3, 3).mean(axis=(1, 3))  # a 3x3 box average, not a subsample
+    assert np.abs(np.asarray(huge, dtype=np.float64)[:66] - box).max() <= 1
+
+
+def test_eval_views_are_computed_once_and_equal_the_eval_transform(tmp_path):
+    from transferlab.data.transforms import Preprocessing, eval_transform, eval_view
+
+    path = tmp_path / "a.jpg"
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(path)
+    pre = Preprocessing(input_size=32)
+    key, pixels, to_input = eval_view(pre)
+    calls = []
+    cache = DecodedImages(max_side=64)
+    ds = datasets.ImageDataset([Sample(path=path, label=1)], eval_transform(pre), decoded=cache, exact_pixels=True,
+                               kept_view=(key, lambda im: calls.append(1) or pixels(im), to_input))
+    first, again = ds[0], ds[0]
+    assert len(calls) == 1 and cache.views[(str(path), key)].dtype == torch.uint8
+    expected = eval_transform(pre)(Image.open(path).convert("RGB"))
+    assert torch.equal(first[0], expected) and torch.equal(again[0], expected) and first[1] == 1
+    assert cache.nbytes == 50 * 70 * 3 + 3 * 32 * 32  # the decoded image and its view share one budget
+
+
+def test_validation_images_are_resized_once_per_run_not_once_per_epoch(tiny_data, tmp_path, monkeypatch):
+    from torchvision.transforms import v2
+
+    resizes = []
+    real = v2.Resize.__call__
+    monkeypatch.setattr(v2.Resize, "__call__", lambda self, *a, **k: resizes.append(1) or real(self, *a, **k))
+    transferlab.train(tiny_data, out=str(tmp_path / "run"), feature_cache="memory", **{**TINY, "epochs_finetune": 3})
+    # the feature pass resizes the 24 train and 12 val images once; 3 epochs of validation reuse the val
+    # views (training crops are RandomResizedCrop, not Resize); without them: 36 + 3 x 12
+    assert len(resizes) == 36
 
 
 def test_decoded_image_cache_stops_growing_at_its_memory_cap(tmp_path):
@@ -201,3 +245,15 @@ def test_compiled_extraction_pads_the_last_batch_and_falls_back_to_eager_when_co
     assert compiled.shape == eager.shape == (24, eager.shape[1])
     assert torch.allclose(compiled, eager, atol=1e-6)
     assert "torch.compile failed" in caplog.text
+
+
+def test_the_report_after_training_evaluates_from_the_kept_val_views(tiny_data, tmp_path, monkeypatch):
+    from torchvision.transforms import v2
+
+    resizes = []
+    real = v2.Resize.__call__
+    monkeypatch.setattr(v2.Resize, "__call__", lambda self, *a, **k: resizes.append(1) or real(self, *a, **k))
+    result = transferlab.train(tiny_data, out=str(tmp_path / "run"), feature_cache="memory",
+                               **{**TINY, "epochs_finetune": 1, "report": True})
+    assert (result.run_dir / "report.html").is_file() and (result.run_dir / "eval-val.json").is_file()
+    assert len(resizes) == 36  # the feature pass only; the report's evaluation of the 12 val images reuses them

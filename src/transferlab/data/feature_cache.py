@@ -141,6 +141,7 @@ def extract_features(
     decoded: DecodedImages | None = None,
     max_memory: int | None = None,
     compiled: bool = False,
+    kept_view: tuple | None = None,
 ) -> torch.Tensor:
     """One forward pass of the frozen backbone over `samples` → float32 [N, feature_dim].
 
@@ -149,10 +150,12 @@ def extract_features(
     A batch that runs out of memory (or over `max_memory` bytes of activations) is split in halves.
     `decoded` (optional) keeps the decoded images for the fine-tuning epochs that follow; the
     pixels fed to the backbone are the file's own either way (exact), so features do not depend on it.
+    `kept_view` (``transforms.eval_view``, the split of `transform`) also keeps the resized uint8 images
+    there, for validation images that fine-tuning evaluates every epoch.
     """
     was_training = model.training
     model.eval()
-    dataset = ImageDataset(list(samples), transform, decoded=decoded, exact_pixels=True)
+    dataset = ImageDataset(list(samples), transform, decoded=decoded, exact_pixels=True, kept_view=kept_view)
     # An explicit generator: iterating a DataLoader without one draws from torch's global RNG,
     # which would make a cache miss and a cache hit leave different RNG states behind.
     generator = torch.Generator().manual_seed(generator_seed if generator_seed is not None else 0)

@@ -7,6 +7,7 @@ with the run, so prediction and export reproduce it exactly. Built on torchvisio
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
@@ -23,6 +24,7 @@ __all__ = [
     "Preprocessing",
     "Transform",
     "eval_transform",
+    "eval_view",
     "train_transform",
 ]
 
@@ -114,6 +116,15 @@ def _resize(pre: Preprocessing) -> list[v2.Transform]:
 def eval_transform(pre: Preprocessing) -> Transform:
     """Deterministic resize/crop + normalise: used for validation, test, prediction, export."""
     return v2.Compose([*_resize(pre), *_to_normalized_tensor(pre), v2.ToPureTensor()])
+
+
+def eval_view(pre: Preprocessing) -> tuple[str, Transform, Transform]:
+    """:func:`eval_transform` cut where its output is still uint8 pixels: ``(key, pixels, to_input)``,
+    with ``to_input(pixels(image))`` exactly ``eval_transform(pre)(image)`` and `key` naming the cut, so
+    the uint8 half (a quarter of the float tensor's bytes) can be kept for images evaluated every epoch."""
+    key = "eval:" + json.dumps(pre.to_dict(), sort_keys=True)
+    return (key, v2.Compose([*_resize(pre), v2.ToImage(), v2.ToPureTensor()]),
+            v2.Compose([*_to_normalized_tensor(pre)[1:], v2.ToPureTensor()]))
 
 
 def _random_crop_flip(pre: Preprocessing, min_scale: float) -> list[v2.Transform]:

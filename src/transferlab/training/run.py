@@ -35,7 +35,7 @@ from transferlab.config import TrainConfig, parse_duration
 from transferlab.data.datasets import DecodedImages, ImageDataset
 from transferlab.data.feature_cache import backbone_fingerprint, should_compile, transform_tag, usable_cache_dir
 from transferlab.data.sources import DataSplits, load_splits
-from transferlab.data.transforms import Preprocessing, eval_transform, train_transform
+from transferlab.data.transforms import Preprocessing, eval_transform, eval_view, train_transform
 from transferlab.errors import RunDirError, TransferlabError
 from transferlab.models.heads import HeadConfig, build_classifier, head_slot
 from transferlab.models.param_groups import discriminative_param_groups, freeze_backbone, unfreeze
@@ -338,13 +338,13 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
     # start-up (imports), training and what follows (the report)
     started_at = datetime.fromtimestamp(time.time() - (time.perf_counter() - start), UTC)
     summary, rows = ranks.on_zero(lambda: _finish(run_dir, cfg, spec, splits, state, elapsed(),
-                                                   extract_precision, precision, accelerator, started_at))
+                                                   extract_precision, precision, accelerator, started_at, decoded))
     return TrainResult(run_dir=run_dir, summary=summary, rows=rows, is_global_zero=ranks.is_zero)
 
 
 def _finish(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, splits: DataSplits, state: RunState,
             elapsed: float, extract_precision: str, precision: str, accelerator: str,
-            started_at: datetime) -> tuple[dict, list[dict]]:
+            started_at: datetime, decoded: DecodedImages | None = None) -> tuple[dict, list[dict]]:
     if state.data["best"] is None:
         raise TransferlabError("Training produced no evaluated epoch; nothing to save.")
     rows = state.rows
@@ -386,17 +386,20 @@ def _finish(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, splits: DataSpl
     plot_curves(rows, run_dir / "curves.png", title=f"{spec.name} — {cfg.strategy}")
     atomic_write_json(run_dir / "summary.json", summary)
     if cfg.report:
-        _write_report(run_dir, cfg.progress)
+        _write_report(run_dir, cfg.progress, decoded)
     log.info("best val accuracy %.4f (%s epoch %d); run saved to %s", summary["val_accuracy_best"],
              state.data["best"]["phase"], state.data["best"]["epoch"], run_dir)
     return summary, rows
 
 
-def _write_report(run_dir: Path, progress: bool) -> None:
-    """The HTML report (evaluates the val split first). A failure here never costs the trained run."""
+def _write_report(run_dir: Path, progress: bool, decoded: DecodedImages | None = None) -> None:
+    """The HTML report, after evaluating the best model on the val split (from the val images this
+    run already decoded and resized, when it kept them). A failure here never costs the trained run."""
+    from transferlab.evaluation.evaluate import evaluate_run
     from transferlab.reporting.html import write_report
 
     try:
+        evaluate_run(run_dir, split="val", progress=progress, decoded=decoded)
         path = write_report([run_dir], progress=progress)
         log.info("report: %s", path)
     except (TransferlabError, OSError, ValueError, RuntimeError) as exc:
@@ -469,7 +472,8 @@ def _decoded_images(cfg: TrainConfig) -> DecodedImages | None:
     Only with in-process loading: each loader worker would hold its own copy."""
     if not cfg.decode_cache or cfg.num_workers:
         return None
-    return DecodedImages(max_side=4 * max(cfg.img_size, cfg.eval_size), max_bytes=int(cfg.decode_cache_mb * 2**20))
+    # what the training augmentations read: twice the crop side is more than any preset's crop needs
+    return DecodedImages(max_side=2 * cfg.img_size, max_bytes=int(cfg.decode_cache_mb * 2**20))
 
 
 def _features(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneSpec, views_pre: Preprocessing,
@@ -513,6 +517,7 @@ def _features(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneSpec, v
                 batch_size=max(cfg.batch_size, 64), device=device, autocast_dtype=autocast,
                 num_workers=cfg.num_workers, generator_seed=seed, decoded=decoded,
                 max_memory=parse_size(cfg.max_memory), compiled=compiled,
+                kept_view=eval_view(cfg_pre) if split == "val" else None,  # fine-tuning's validation reads them
                 progress=lambda n: bar.advance(task, n),
             )
             if hit:
@@ -587,8 +592,9 @@ def _finetune(model, splits, cfg, spec, pre, state, run_dir, accelerator, precis
         if cfg.lr_floor is None:  # an explicit floor asks for those tiny LRs: keep every block training
             groups = freeze_negligible_groups(groups, cfg.lr_finetune)
     train_ds = ImageDataset(splits.train, train_transform(pre, cfg.augment), decoded=decoded)
-    # val pixels exactly as evaluate/predict see them (a downscaled huge image is decoded again)
-    val_ds = ImageDataset(splits.val, eval_transform(spec.preprocessing), decoded=decoded, exact_pixels=True)
+    # val pixels exactly as evaluate/predict see them, resized once per run (kept since the feature pass)
+    val_ds = ImageDataset(splits.val, eval_transform(spec.preprocessing), decoded=decoded, exact_pixels=True,
+                          kept_view=eval_view(spec.preprocessing))
     # --batch-size is the global batch (images per optimizer step): each of N processes takes 1/N
     # of it, so a recipe's batch and learning rates mean the same on 1 device or 64.
     batch_size = cfg.batch_size // ranks.world_size
