@@ -73,7 +73,7 @@ def test_eval_views_are_computed_once_and_equal_the_eval_transform(tmp_path):
     assert len(calls) == 1 and cache.views[(str(path), key)].dtype == torch.uint8
     expected = eval_transform(pre)(Image.open(path).convert("RGB"))
     assert torch.equal(first[0], expected) and torch.equal(again[0], expected) and first[1] == 1
-    assert cache.nbytes == 50 * 70 * 3 + 3 * 32 * 32  # the decoded image and its view share one budget
+    assert cache.nbytes == 3 * 32 * 32 and not cache.images  # the view is kept, not the decoded image it came from
 
 
 def test_validation_images_are_resized_once_per_run_not_once_per_epoch(tiny_data, tmp_path, monkeypatch):

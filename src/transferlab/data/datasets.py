@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from transferlab.data.images import ImageError, load_image
 from transferlab.data.sources import Sample
+from transferlab.data.transforms import EvalView
 
 __all__ = ["DecodedImages", "ImageDataset"]
 
@@ -54,7 +55,8 @@ class DecodedImages:
                         self.nbytes / 2**20)
         return False
 
-    def get(self, path, exact: bool = False) -> Image.Image:
+    def get(self, path, exact: bool = False, keep: bool = True) -> Image.Image:
+        """The image (exact: the file's own pixels); `keep=False` reads without storing a new image."""
         key = str(path)
         image = self.images.get(key)
         if image is not None and not (exact and key in self.downscaled):
@@ -62,7 +64,7 @@ class DecodedImages:
             return image
         self.misses += 1
         decoded = image = load_image(path)
-        if key in self.images:
+        if key in self.images or not keep:
             return decoded
         if min(image.size) >= 2 * self.max_side:
             image = image.reduce(min(image.size) // self.max_side)
@@ -71,15 +73,17 @@ class DecodedImages:
             self.images[key] = image
         return decoded if exact else image
 
-    def view(self, path, key: str, make: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
-        """`make` (a deterministic transform, named by `key`) of the file's exact pixels, computed once."""
+    def view(self, path, view: EvalView) -> torch.Tensor:
+        """The model input of ``view`` (:func:`~transferlab.data.transforms.eval_view`) for the file: its
+        uint8 pixels are computed once and kept; the decoded image itself is not kept for them."""
+        key, pixels, to_input = view
         slot = (str(path), key)
-        out = self.views.get(slot)
-        if out is None:
-            out = make(self.get(path, exact=True))
-            if self._fits(out.numel() * out.element_size()):
-                self.views[slot] = out
-        return out
+        kept = self.views.get(slot)
+        if kept is None:
+            kept = pixels(self.get(path, exact=True, keep=False))
+            if self._fits(kept.numel() * kept.element_size()):
+                self.views[slot] = kept
+        return to_input(kept)
 
 
 class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
@@ -97,10 +101,10 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
         transform: Callable[[Image.Image], torch.Tensor],
         decoded: DecodedImages | None = None,
         exact_pixels: bool = False,
-        kept_view: tuple[str, Callable[[Image.Image], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None = None,
+        kept_view: EvalView | None = None,
     ) -> None:
-        """`kept_view` = ``(key, pixels, to_input)`` with ``to_input(pixels(image)) == transform(image)``:
-        the uint8 ``pixels`` output is kept in `decoded` (:meth:`DecodedImages.view`) and reused."""
+        """`kept_view`: :func:`~transferlab.data.transforms.eval_view` of the preprocessing `transform` is the
+        eval transform of; its uint8 pixels are kept in `decoded` (:meth:`DecodedImages.view`) and reused."""
         self.samples = list(samples)
         self.transform = transform
         self.decoded, self.exact_pixels = decoded, exact_pixels
@@ -118,9 +122,8 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         sample = self.samples[index]
         if self.kept_view is not None:
-            key, pixels, to_input = self.kept_view
             try:
-                return to_input(self.decoded.view(sample.path, key, pixels)), sample.label
+                return self.decoded.view(sample.path, self.kept_view), sample.label
             except ImageError:
                 pass  # reported, and replaced by a black image, below
         try:

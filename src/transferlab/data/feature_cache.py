@@ -26,6 +26,7 @@ from transferlab._testing import pause_point
 from transferlab.data.datasets import DecodedImages, ImageDataset
 from transferlab.data.images import file_digest
 from transferlab.data.sources import Sample
+from transferlab.data.transforms import EvalView
 from transferlab.models.heads import features_only, head_slot
 from transferlab.training.io import load_tensors, save_tensors
 from transferlab.training.memory import AdaptiveBatch, activation_budget
@@ -141,7 +142,7 @@ def extract_features(
     decoded: DecodedImages | None = None,
     max_memory: int | None = None,
     compiled: bool = False,
-    kept_view: tuple | None = None,
+    kept_view: EvalView | None = None,
 ) -> torch.Tensor:
     """One forward pass of the frozen backbone over `samples` → float32 [N, feature_dim].
 

@@ -21,6 +21,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "INTERPOLATIONS",
+    "EvalView",
     "Preprocessing",
     "Transform",
     "eval_transform",
@@ -94,12 +95,12 @@ class Preprocessing:
         return replace(self, input_size=size)
 
 
+def _scale_and_normalize(pre: Preprocessing) -> list[v2.Transform]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(pre.mean), std=list(pre.std))]
+
+
 def _to_normalized_tensor(pre: Preprocessing) -> list[v2.Transform]:
-    return [
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(pre.mean), std=list(pre.std)),
-    ]
+    return [v2.ToImage(), *_scale_and_normalize(pre)]
 
 
 def _resize(pre: Preprocessing) -> list[v2.Transform]:
@@ -118,13 +119,17 @@ def eval_transform(pre: Preprocessing) -> Transform:
     return v2.Compose([*_resize(pre), *_to_normalized_tensor(pre), v2.ToPureTensor()])
 
 
-def eval_view(pre: Preprocessing) -> tuple[str, Transform, Transform]:
+EvalView = tuple[str, Transform, Callable[[torch.Tensor], torch.Tensor]]
+"""``(key, pixels, to_input)``: see :func:`eval_view`."""
+
+
+def eval_view(pre: Preprocessing) -> EvalView:
     """:func:`eval_transform` cut where its output is still uint8 pixels: ``(key, pixels, to_input)``,
     with ``to_input(pixels(image))`` exactly ``eval_transform(pre)(image)`` and `key` naming the cut, so
     the uint8 half (a quarter of the float tensor's bytes) can be kept for images evaluated every epoch."""
     key = "eval:" + json.dumps(pre.to_dict(), sort_keys=True)
     return (key, v2.Compose([*_resize(pre), v2.ToImage(), v2.ToPureTensor()]),
-            v2.Compose([*_to_normalized_tensor(pre)[1:], v2.ToPureTensor()]))
+            v2.Compose([*_scale_and_normalize(pre), v2.ToPureTensor()]))
 
 
 def _random_crop_flip(pre: Preprocessing, min_scale: float) -> list[v2.Transform]:

@@ -106,7 +106,7 @@ class _Images(Dataset):
 
     def __init__(self, samples: list[Sample], pre: Preprocessing, decoded: DecodedImages | None = None) -> None:
         self.samples, self.transform, self.size = samples, eval_transform(pre), pre.input_size
-        self.decoded, self.view = decoded, eval_view(pre)
+        self.decoded, self.view = decoded, eval_view(pre) if decoded is not None else None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -115,8 +115,7 @@ class _Images(Dataset):
         path = self.samples[i].path
         try:
             if self.decoded is not None:
-                key, pixels, to_input = self.view
-                return to_input(self.decoded.view(path, key, pixels)), ""
+                return self.decoded.view(path, self.view), ""
             return self.transform(load_image(path)), ""
         except ImageError as exc:
             return torch.zeros(3, self.size, self.size), exc.reason
