@@ -76,6 +76,12 @@ def default_num_workers() -> int:
     return 0 if cores <= 2 else min(8, cores // 2)
 
 
+def decode_threads() -> int:
+    """Threads that decode images for an in-process, deterministic pass (``data.threaded``): PIL
+    works without the GIL, so decoding overlaps the forward pass even on 2 cores."""
+    return max(2, min(8, physical_cores()))
+
+
 @functools.cache
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bf16 (AVX512-BF16 or AMX): detected, never assumed."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -34,6 +35,7 @@ class DecodedImages:
     filled by the feature pass and read by every fine-tuning epoch, so a huge val photo is not decoded
     and resized again each epoch (measured: that was two thirds of a fine-tuning epoch on 12-MP photos).
     Past `max_bytes` (images and views together) new entries are computed as before and not kept.
+    Safe to share between the threads of ``data.threaded`` (decoding runs outside the lock).
     """
 
     def __init__(self, max_side: int, max_bytes: int = 2 << 30) -> None:
@@ -44,6 +46,7 @@ class DecodedImages:
         self.nbytes = 0
         self.hits = self.misses = 0
         self._full_reported = False
+        self._lock = threading.Lock()
 
     def _fits(self, size: int) -> bool:
         if self.nbytes + size <= self.max_bytes:
@@ -58,19 +61,25 @@ class DecodedImages:
     def get(self, path, exact: bool = False, keep: bool = True) -> Image.Image:
         """The image (exact: the file's own pixels); `keep=False` reads without storing a new image."""
         key = str(path)
-        image = self.images.get(key)
-        if image is not None and not (exact and key in self.downscaled):
-            self.hits += 1
-            return image
-        self.misses += 1
+        with self._lock:
+            image = self.images.get(key)
+            if image is not None and not (exact and key in self.downscaled):
+                self.hits += 1
+                return image
+            self.misses += 1
         decoded = image = load_image(path)
-        if key in self.images or not keep:
+        if not keep or (exact and key in self.images):  # an exact re-read of a reduced image
             return decoded
-        if min(image.size) >= 2 * self.max_side:
+        reduced = min(image.size) >= 2 * self.max_side
+        if reduced:
             image = image.reduce(min(image.size) // self.max_side)
-            self.downscaled.add(key)
-        if self._fits(image.width * image.height * 3):
-            self.images[key] = image
+        with self._lock:
+            if key in self.images:  # kept meanwhile (by another thread, or an earlier exact read)
+                return decoded if exact else self.images[key]
+            if reduced:
+                self.downscaled.add(key)
+            if self._fits(image.width * image.height * 3):
+                self.images[key] = image
         return decoded if exact else image
 
     def view(self, path, view: EvalView) -> torch.Tensor:
@@ -81,8 +90,9 @@ class DecodedImages:
         kept = self.views.get(slot)
         if kept is None:
             kept = pixels(self.get(path, exact=True, keep=False))
-            if self._fits(kept.numel() * kept.element_size()):
-                self.views[slot] = kept
+            with self._lock:
+                if slot not in self.views and self._fits(kept.numel() * kept.element_size()):
+                    self.views[slot] = kept
         return to_input(kept)
 
 

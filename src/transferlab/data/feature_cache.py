@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from transferlab._testing import pause_point
 from transferlab.data.datasets import DecodedImages, ImageDataset
 from transferlab.data.images import file_digest
 from transferlab.data.sources import Sample
+from transferlab.data.threaded import threaded_batches
 from transferlab.data.transforms import EvalView
 from transferlab.models.heads import features_only, head_slot
 from transferlab.training.io import load_tensors, save_tensors
@@ -143,6 +144,7 @@ def extract_features(
     max_memory: int | None = None,
     compiled: bool = False,
     kept_view: EvalView | None = None,
+    decode_threads: int = 1,
 ) -> torch.Tensor:
     """One forward pass of the frozen backbone over `samples` → float32 [N, feature_dim].
 
@@ -153,6 +155,8 @@ def extract_features(
     pixels fed to the backbone are the file's own either way (exact), so features do not depend on it.
     `kept_view` (``transforms.eval_view``, the split of `transform`) also keeps the resized uint8 images
     there, for validation images that fine-tuning evaluates every epoch.
+    `decode_threads` > 1 (in-process loading, ``num_workers=0``): images are decoded on that many
+    threads while the backbone runs (``data.threaded``); only for a deterministic `transform`.
     """
     was_training = model.training
     model.eval()
@@ -161,15 +165,19 @@ def extract_features(
     # which would make a cache miss and a cache hit leave different RNG states behind.
     generator = torch.Generator().manual_seed(generator_seed if generator_seed is not None else 0)
     device_type = torch.device(device).type  # "cuda:1" (one rank's GPU) autocasts as "cuda"
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        generator=generator,
-        pin_memory=device_type == "cuda",
-        persistent_workers=False,
-    )
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    if num_workers == 0 and decode_threads > 1:
+        loader = threaded_batches(dataset, batch_size, decode_threads)
+    else:
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            generator=generator,
+            pin_memory=device_type == "cuda",
+            persistent_workers=False,
+        )
     chunks = []
     autocast = (
         torch.autocast(device_type=device_type, dtype=autocast_dtype)

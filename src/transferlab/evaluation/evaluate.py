@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,7 @@ from transferlab import _runtime
 from transferlab.data.datasets import DecodedImages
 from transferlab.data.images import ImageError, load_image
 from transferlab.data.sources import Sample
+from transferlab.data.threaded import threaded_batches
 from transferlab.data.transforms import Preprocessing, eval_transform, eval_view
 from transferlab.errors import DataError, TransferlabError
 from transferlab.evaluation.interpret import interpret
@@ -156,8 +157,12 @@ def evaluate_run(
     # channels-last as fine-tuning's validation, predict and serve run it (Lite0 fp32 at 288 px on
     # this 2-core CPU: 18.1 -> 25.8 img/s)
     model.to(accelerator, memory_format=torch.channels_last)
-    loader = DataLoader(_Images(chosen.samples, pre, decoded), batch_size=batch_size,
-                        num_workers=num_workers, shuffle=False)
+    images = _Images(chosen.samples, pre, decoded)
+    loader: Iterable[tuple[torch.Tensor, list[str]]]
+    if num_workers == 0:  # decoded on threads beside the forward pass (the eval transform is deterministic)
+        loader = threaded_batches(images, batch_size, _runtime.decode_threads())
+    else:
+        loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     plain, averaged, kept = [], [], []
     skipped = list(chosen.skipped)
     with _progress_bar(len(chosen.samples), enabled=progress) as advance:

@@ -134,6 +134,7 @@ def _evaluate_candidate(spec, splits, *, seed: int, device: str, autocast, cache
     import numpy as np
     import torch
 
+    from transferlab import _runtime
     from transferlab.data import feature_cache
     from transferlab.data.transforms import eval_transform
     from transferlab.evaluation.benchmark import inference_cost
@@ -153,7 +154,8 @@ def _evaluate_candidate(spec, splits, *, seed: int, device: str, autocast, cache
     for samples in (splits.train, splits.val):
         x, hit = feature_cache.cached_features(model, samples, eval_transform(pre), tag, cache_dir=cache_dir,
                                                fingerprint=fingerprint, batch_size=batch_size, device=device,
-                                               autocast_dtype=autocast, num_workers=num_workers)
+                                               autocast_dtype=autocast, num_workers=num_workers,
+                                               decode_threads=_runtime.decode_threads())
         feats.append(x.numpy())
         hits.append(hit)
     extract_seconds = time.perf_counter() - t0

@@ -518,6 +518,8 @@ def _features(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneSpec, v
                 num_workers=cfg.num_workers, generator_seed=seed, decoded=decoded,
                 max_memory=parse_size(cfg.max_memory), compiled=compiled,
                 kept_view=eval_view(cfg_pre) if split == "val" else None,  # fine-tuning's validation reads them
+                # decoding on threads beside the forward pass; augmented views stay in one thread (RNG order)
+                decode_threads=_runtime.decode_threads() if seed is None else 1,
                 progress=lambda n: bar.advance(task, n),
             )
             if hit:
