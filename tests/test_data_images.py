@@ -63,6 +63,32 @@ def test_zero_byte_file_is_rejected(tmp_path):
         load_image(path)
 
 
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("kept", [0.9, 0.99])
+def test_jpeg_cut_near_its_end_is_rejected_by_the_reduced_scale_probe(tmp_path, kept, progressive):
+    """The probe decodes JPEGs at 1/8 scale; the last rows of compressed data must still be checked."""
+    full = io.BytesIO()
+    _noise((512, 384)).save(full, "JPEG", quality=90, progressive=progressive)
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(full.getvalue()[: int(len(full.getvalue()) * kept)])
+    with pytest.raises(ImageError, match="truncated or corrupt"):
+        probe_image(path)
+
+
+def test_the_probe_decodes_jpegs_at_one_eighth_scale_and_other_formats_in_full(tmp_path, monkeypatch):
+    from PIL import JpegImagePlugin, PngImagePlugin
+
+    loaded = []
+    for plugin in (JpegImagePlugin.JpegImageFile, PngImagePlugin.PngImageFile):
+        real = plugin.load
+        monkeypatch.setattr(plugin, "load", lambda self, real=real: loaded.append(self.size) or real(self))
+    for suffix in ("jpg", "png"):
+        _noise((512, 384)).save(tmp_path / f"a.{suffix}")
+        probe_image(tmp_path / f"a.{suffix}")
+    assert loaded[0] == (64, 48) and loaded[-1] == (512, 384)
+    assert load_image(tmp_path / "a.jpg").size == (512, 384)  # training reads the file's own pixels
+
+
 def test_truncated_jpeg_is_rejected_even_though_its_header_is_fine(tmp_path):
     full = io.BytesIO()
     _noise((256, 256)).save(full, "JPEG", quality=95)

@@ -150,13 +150,18 @@ def looks_like_image(path: str | Path) -> bool:
 
 
 def probe_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> None:
-    """Fully decode the file once so bad images are found up front, not mid-training.
+    """Decode the whole file once so bad images are found up front, not mid-training.
 
     Raises :class:`ImageError` for zero-byte, unreadable, non-image, oversized (checked from
-    the header, before decoding) and truncated or corrupt files.
+    the header, before decoding) and truncated or corrupt files. A JPEG is decoded at libjpeg's
+    1/8 scale: every byte of its compressed data is still read and decoded, only the inverse DCT
+    is skipped, and nothing here keeps the pixels. Measured: 71 -> 25 ms for a 12-MP photo,
+    1.45 -> 0.95 ms for a 500x338 one; a full decode and this one judged 350 truncated and
+    byte-corrupted JPEGs alike.
     """
     with _open_checked(Path(path), max_pixels) as image:
         try:
+            image.draft(None, (1, 1))  # JPEG (and MPO): the smallest scale; other formats: a no-op
             image.load()
         except _DECODE_ERRORS as exc:
             raise ImageError(f"truncated or corrupt image: {exc}") from exc
