@@ -89,6 +89,16 @@ def test_the_probe_decodes_jpegs_at_one_eighth_scale_and_other_formats_in_full(t
     assert load_image(tmp_path / "a.jpg").size == (512, 384)  # training reads the file's own pixels
 
 
+def test_pictures_may_decode_big_jpegs_at_a_reduced_scale_that_keeps_the_size_asked_for(tmp_path):
+    _noise((1600, 1200)).save(tmp_path / "big.jpg")
+    _noise((1600, 1200)).save(tmp_path / "big.png")
+    assert load_image(tmp_path / "big.jpg", at_least=140).size == (200, 150)  # 1/8
+    assert load_image(tmp_path / "big.jpg", at_least=160).size == (400, 300)  # 1/4: at 1/8 the short side is 150
+    assert load_image(tmp_path / "big.jpg", at_least=700).size == (1600, 1200)
+    assert load_image(tmp_path / "big.png", at_least=160).size == (1600, 1200)  # only JPEG has the scales
+    assert load_image(tmp_path / "big.jpg").size == (1600, 1200)
+
+
 def test_truncated_jpeg_is_rejected_even_though_its_header_is_fine(tmp_path):
     full = io.BytesIO()
     _noise((256, 256)).save(full, "JPEG", quality=95)

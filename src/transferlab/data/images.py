@@ -167,13 +167,17 @@ def probe_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> None:
             raise ImageError(f"truncated or corrupt image: {exc}") from exc
 
 
-def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, *, at_least: int | None = None) -> Image.Image:
     """Decode any supported image to 8-bit RGB, upright, with transparency on white.
 
     Animated images yield their first frame. Raises :class:`ImageError` if unusable.
+    `at_least` is for pictures of an image, never for model inputs: a JPEG may then be decoded at a
+    reduced DCT scale whose sides stay >= `at_least` (a 12-MP photo for a 160-px thumbnail: 1/8).
     """
     with _open_checked(Path(path), max_pixels) as image:
         try:
+            if at_least is not None:
+                image.draft(None, (at_least, at_least))
             image.load()
         except _DECODE_ERRORS as exc:
             raise ImageError(f"truncated or corrupt image: {exc}") from exc

@@ -104,7 +104,7 @@ def plot_reliability(bins: Sequence[Mapping[str, Any]], ece: float, path: Path, 
 
 def _thumbnail(path: str, size: int) -> np.ndarray | None:
     try:
-        image = load_image(path)
+        image = load_image(path, at_least=size)  # a picture: big JPEGs decode at a reduced scale
     except (ImageError, OSError):
         return None
     image.thumbnail((size, size), Image.Resampling.BILINEAR)
