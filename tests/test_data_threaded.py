@@ -61,19 +61,22 @@ def test_at_most_ahead_batches_are_prepared_beyond_the_one_consumed():
     items = _Items(100)
     batches = threaded_batches(items, batch_size=4, threads=2, ahead=2)
     next(batches)
-    time.sleep(0.2)  # time enough for the threads to run ahead, were they allowed to
+    deadline = time.monotonic() + 10
+    while len(items.started) < 4 * (1 + 2) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # time enough for the threads to run further ahead, were they allowed to
     assert len(items.started) == 4 * (1 + 2)
     batches.close()
 
 
 def test_an_items_error_is_raised_with_its_batch_and_the_work_queued_behind_it_is_dropped():
-    items = _Items(100, fail_at=6, delay=0.05)
+    items = _Items(100, fail_at=6, delay=0.2)
     batches = threaded_batches(items, batch_size=4, threads=1)
     first, _ = next(batches)
     assert first[:, 0, 0].tolist() == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="item 6 is broken"):
         next(batches)
-    # items 7..15 were queued (batches 1-3); at most the one running when 6 failed still ran
+    # items 7..15 were queued (batches 1-3); only the one already running when 6 failed still ran
     assert items.started[:7] == list(range(7)) and len(items.started) <= 8
     with pytest.raises(ValueError, match="must be >= 1"):
         next(threaded_batches(items, batch_size=4, threads=0))

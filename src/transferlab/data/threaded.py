@@ -46,7 +46,9 @@ def threaded_batches(dataset: _Indexable, batch_size: int, threads: int, ahead: 
             for _ in range(1 + ahead):
                 submit_next()
             while pending:
-                yield default_collate([future.result() for future in pending.popleft()])
+                batch = default_collate([future.result() for future in pending[0]])
+                pending.popleft()
+                yield batch
                 submit_next()  # once the consumer is back for more: `ahead` batches beyond the one it held
         finally:
             # an abandoned iteration (an error, a break, Ctrl-C) leaves no decoding behind it
