@@ -257,3 +257,19 @@ def test_the_report_after_training_evaluates_from_the_kept_val_views(tiny_data, 
                                **{**TINY, "epochs_finetune": 1, "report": True})
     assert (result.run_dir / "report.html").is_file() and (result.run_dir / "eval-val.json").is_file()
     assert len(resizes) == 36  # the feature pass only; the report's evaluation of the 12 val images reuses them
+
+
+def test_fine_tuning_after_cached_features_decodes_on_threads_before_its_first_epoch(tiny_data, tmp_path, monkeypatch):
+    """With features from the disk cache the feature pass decodes nothing; the first fine-tuning epoch
+    would then decode every file in line with training. They are decoded on threads first instead."""
+    import threading
+
+    cold = transferlab.train(tiny_data, out=str(tmp_path / "cold"), feature_cache="disk", **TINY)
+    decoded_on = []
+    real = datasets.load_image
+    monkeypatch.setattr(datasets, "load_image",
+                        lambda p, *a: decoded_on.append(threading.current_thread().name) or real(p, *a))
+    warm = transferlab.train(tiny_data, out=str(tmp_path / "warm"), feature_cache="disk", **TINY)
+    assert len(decoded_on) == 24 + 12 and all(name.startswith("transferlab-prefill") for name in decoded_on)
+    assert metrics_without_timings(warm.run_dir) == metrics_without_timings(cold.run_dir)
+    assert "decoding" in warm.summary["phase_seconds"] and "decoding" not in cold.summary["phase_seconds"]

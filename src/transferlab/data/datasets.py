@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -81,6 +85,29 @@ class DecodedImages:
             if self._fits(image.width * image.height * 3):
                 self.images[key] = image
         return decoded if exact else image
+
+    def prefill(self, images: Sequence[Path | str], views: Sequence[Path | str], view: EvalView, threads: int) -> int:
+        """Decode `images` (kept as `get` keeps them) and compute `view` of `views`, on threads, skipping
+        what is kept already; returns how many files it read. For fine-tuning whose features came from
+        the disk cache: the feature pass decoded nothing then, and the first epoch would decode every
+        file in line with training (measured on 12-MP photos: a 45.9 s first epoch, 10.0 s the second)."""
+
+        def image(path) -> bool:
+            if str(path) in self.images or self._full_reported:
+                return False
+            with contextlib.suppress(ImageError):  # reported by the dataset that reads it
+                self.get(path)
+            return True
+
+        def pixels(path) -> bool:
+            if (str(path), view[0]) in self.views or self._full_reported:
+                return False
+            with contextlib.suppress(ImageError):
+                self.view(path, view)
+            return True
+
+        with ThreadPoolExecutor(threads, thread_name_prefix="transferlab-prefill") as pool:
+            return sum(itertools.chain(pool.map(image, images), pool.map(pixels, views)))
 
     def view(self, path, view: EvalView) -> torch.Tensor:
         """The model input of ``view`` (:func:`~transferlab.data.transforms.eval_view`) for the file: its

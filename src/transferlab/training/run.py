@@ -593,6 +593,12 @@ def _finetune(model, splits, cfg, spec, pre, state, run_dir, accelerator, precis
                     g["lr"] = cfg.lr_head  # a fresh head needs the head LR, not the body's
         if cfg.lr_floor is None:  # an explicit floor asks for those tiny LRs: keep every block training
             groups = freeze_negligible_groups(groups, cfg.lr_finetune)
+    if decoded is not None and ranks.world_size == 1:  # nothing to do when the feature pass decoded them
+        t_fill = time.perf_counter()
+        if decoded.prefill([s.path for s in splits.train], [s.path for s in splits.val], eval_view(spec.preprocessing),
+                           _runtime.decode_threads()):
+            seconds = state.data["phase_seconds"]
+            seconds["decoding"] = seconds.get("decoding", 0.0) + time.perf_counter() - t_fill
     train_ds = ImageDataset(splits.train, train_transform(pre, cfg.augment), decoded=decoded)
     # val pixels exactly as evaluate/predict see them, resized once per run (kept since the feature pass)
     val_ds = ImageDataset(splits.val, eval_transform(spec.preprocessing), decoded=decoded, exact_pixels=True,
