@@ -103,7 +103,7 @@ class DecodedImages:
             if (str(path), view[0]) in self.views or self._full_reported:
                 return False
             with contextlib.suppress(ImageError):
-                self.view(path, view)
+                self._view_pixels(path, view)
             return True
 
         with ThreadPoolExecutor(threads, thread_name_prefix="transferlab-prefill") as pool:
@@ -112,7 +112,12 @@ class DecodedImages:
     def view(self, path, view: EvalView) -> torch.Tensor:
         """The model input of ``view`` (:func:`~transferlab.data.transforms.eval_view`) for the file: its
         uint8 pixels are computed once and kept; the decoded image itself is not kept for them."""
-        key, pixels, to_input = view
+        _, _, to_input = view
+        return to_input(self._view_pixels(path, view))
+
+    def _view_pixels(self, path, view: EvalView) -> torch.Tensor:
+        """The kept uint8 pixels of ``view`` for the file (computed and kept on first use)."""
+        key, pixels, _ = view
         slot = (str(path), key)
         kept = self.views.get(slot)
         if kept is None:
@@ -120,7 +125,7 @@ class DecodedImages:
             with self._lock:
                 if slot not in self.views and self._fits(kept.numel() * kept.element_size()):
                     self.views[slot] = kept
-        return to_input(kept)
+        return kept
 
 
 class ImageDataset(Dataset[tuple[torch.Tensor, int]]):

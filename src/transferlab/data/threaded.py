@@ -37,12 +37,13 @@ def threaded_batches(dataset: _Indexable, batch_size: int, threads: int, ahead: 
     starts = iter(range(0, n, batch_size))
     pending: deque[list[Future]] = deque()
     with ThreadPoolExecutor(threads, thread_name_prefix="transferlab-decode") as pool:
-        try:
-            def submit_next() -> None:
-                start = next(starts, None)
-                if start is not None:
-                    pending.append([pool.submit(dataset.__getitem__, i) for i in range(start, min(n, start + batch_size))])
 
+        def submit_next() -> None:
+            start = next(starts, None)
+            if start is not None:
+                pending.append([pool.submit(dataset.__getitem__, i) for i in range(start, min(n, start + batch_size))])
+
+        try:
             for _ in range(1 + ahead):
                 submit_next()
             while pending:
