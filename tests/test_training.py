@@ -219,3 +219,38 @@ def test_blocks_with_negligible_learning_rate_are_frozen_not_back_propagated():
     kept = run_module.freeze_negligible_groups(groups, top_lr=1e-4)
     assert [g["name"] for g in kept] == ["0", "1"]
     assert [p.requires_grad for p in params] == [True, True, False]
+
+
+@pytest.mark.parametrize("requested, accelerator, training, bf16_cpu, expected", [
+    ("auto", "cpu", "32-true", True, torch.bfloat16),   # features in bf16, training steps fp32
+    ("auto", "cpu", "32-true", False, None),            # no native bf16: everything fp32
+    ("32-true", "cpu", "32-true", True, None),          # asked for full precision: validation too
+    ("auto", "cuda", "bf16-mixed", True, None),         # Lightning's autocast already covers validation
+])
+def test_validation_precision_follows_the_frozen_features_when_training_is_full_precision(
+        monkeypatch, requested, accelerator, training, bf16_cpu, expected):
+    from transferlab import _runtime
+
+    monkeypatch.setattr(_runtime, "cpu_supports_bf16", lambda: bf16_cpu)
+    assert run_module._validation_autocast(requested, accelerator, training) == expected
+
+
+def test_fine_tuning_validates_in_bf16_and_trains_in_fp32_on_a_cpu_with_native_bf16(tiny_data, tmp_path, monkeypatch):
+    from transferlab import _runtime
+    from transferlab.training import finetune
+
+    monkeypatch.setattr(_runtime, "cpu_supports_bf16", lambda: True)
+    passes = []  # (gradients on, autocast dtype or None) per forward of the fine-tuning module
+    real_forward = finetune.FineTuneModule.forward
+
+    def spy(self, x):
+        passes.append((torch.is_grad_enabled(),
+                       torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
+        return real_forward(self, x)
+
+    monkeypatch.setattr(finetune.FineTuneModule, "forward", spy)
+    r = transferlab.train(tiny_data, out=str(tmp_path / "run"), **TINY)
+    training = {dtype for grad, dtype in passes if grad}
+    validation = {dtype for grad, dtype in passes if not grad}
+    assert training == {None} and validation == {torch.bfloat16}
+    assert r.summary["precision"] == {"features": "bf16-mixed", "training": "32-true"}

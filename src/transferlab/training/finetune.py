@@ -70,6 +70,7 @@ class FineTuneModule(L.LightningModule):
         bn_mode: str = "eval",
         restore: dict[str, Any] | None = None,
         max_memory: int | None = None,
+        val_autocast: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         # Manual optimization: a batch that runs out of memory is redone in halves whose gradients
@@ -88,6 +89,10 @@ class FineTuneModule(L.LightningModule):
         self.label_smoothing = label_smoothing
         self.bn_mode = bn_mode
         self.restore = restore or {}
+        # Validation has no backward, so it can run in the precision the frozen features were
+        # extracted in (bf16 on CPUs with native bf16) while the training steps stay fp32, whose
+        # depthwise backward is slow in bf16: Lite0 at 288 px, 153 images, 3.8-4.8 s -> 2.2-2.4 s.
+        self.val_autocast = val_autocast
         trainable = {id(p) for g in param_groups for p in g["params"]}
         # Modules whose parameters are all frozen stay in eval mode (dropout off, BN statistics fixed).
         self._frozen_modules = [
@@ -171,7 +176,9 @@ class FineTuneModule(L.LightningModule):
         totals = {"loss": 0.0, "correct": 0}
 
         def step(start: int, stop: int) -> None:
-            logits = self(x[start:stop]).float()
+            with (torch.autocast(x.device.type, dtype=self.val_autocast) if self.val_autocast is not None
+                  else contextlib.nullcontext()):
+                logits = self(x[start:stop]).float()
             totals["loss"] += F.cross_entropy(logits, y[start:stop], reduction="sum").item()
             totals["correct"] += (logits.argmax(1) == y[start:stop]).sum().item()
 

@@ -623,6 +623,7 @@ def _finetune(model, splits, cfg, spec, pre, state, run_dir, accelerator, precis
         model, groups, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
         total_steps=steps_per_epoch * epochs, label_smoothing=cfg.label_smoothing,
         bn_mode=cfg.bn_mode, restore=restore, max_memory=parse_size(cfg.max_memory),
+        val_autocast=_validation_autocast(cfg.precision, accelerator, precision),
     )
     early = EarlyStopping(monitor="val_loss", patience=max(1, cfg.early_stop), mode="min") if cfg.early_stop > 0 else None
     if early is not None and early_state is not None:
@@ -697,6 +698,15 @@ def _finetune(model, splits, cfg, spec, pre, state, run_dir, accelerator, precis
         if (budget_stop is None or not budget_stop.stopped) and (gate is None or not gate.stopped):
             log.info("early stop: val loss did not improve for %d epochs", cfg.early_stop)
     state.save()
+
+
+def _validation_autocast(requested: str, accelerator: str, training_precision: str) -> torch.dtype | None:
+    """Fine-tuning's per-epoch validation in the frozen features' precision when training runs in full
+    precision only because bf16 backward is slow (CPUs with native bf16); None otherwise (Lightning's
+    own precision then applies to validation too)."""
+    if training_precision != "32-true":
+        return None
+    return _runtime.autocast_dtype(_runtime.resolve_precision(requested, accelerator, training=False))
 
 
 NEGLIGIBLE_LR_RATIO = 1e-3
