@@ -654,6 +654,10 @@ def create_backbone(spec: BackboneSpec) -> nn.Module:
             f"Could not download the weights of backbone '{spec.name}': {exc}. "
             f"Usable offline now: {', '.join(offline_backbones())}. Or pass --no-pretrained for random init."
         ) from exc
+    # TF-'SAME' convolutions of timm's tf_* ports without a padded copy of each input (same outputs)
+    from transferlab.models.same_padding import use_shifted_same_padding
+
+    use_shifted_same_padding(model)
     model.backbone_spec = spec
     model.preprocessing = spec.preprocessing
     return model
