@@ -83,7 +83,7 @@ def train(
     schedule: Annotated[str, typer.Option(help="onecycle | cosine | constant")] = "onecycle",
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing")] = 0.1,
     early_stop: Annotated[int, typer.Option(help="Stop fine-tuning after N epochs without val-loss gain (0: off)")] = 3,
-    finetune_gate: Annotated[int, typer.Option(help="Two-stage: stop fine-tuning after N epochs unless one beat the frozen stage's val loss (0: off)")] =2,
+    finetune_gate: Annotated[int, typer.Option(help="Two-stage: stop fine-tuning after N epochs unless one beat the frozen stage's val loss (0: off)")] = 2,
     progressive_resize: Annotated[float | None, typer.Option(help="Fine-tune from this fraction of the image size up to full (e.g. 0.5)")] = None,
     time_budget: Annotated[str | None, typer.Option(help="Whole-run time budget, e.g. 2m, 90s, 1h30m: fine-tuning epochs are planned to fit")] = None,
     bn: Annotated[str, typer.Option(help="BatchNorm while fine-tuning: auto | eval | train")] = "auto",
