@@ -76,7 +76,7 @@ def _slot_prefix(model: nn.Module) -> str:
 
 # Bump when the extraction's numerics change (memory format, kernels): cached features from an
 # older path would differ in the last bits and make cache hits and misses give different runs.
-EXTRACTION_VERSION = 2  # 2: channels-last
+EXTRACTION_VERSION = 3  # 2: channels-last; 3: BatchNorm folded into the convolutions
 
 
 def transform_tag(pre, autocast_dtype: torch.dtype | None, view: str = "eval", compiled: bool = False) -> str:
@@ -160,6 +160,7 @@ def extract_features(
     """
     was_training = model.training
     model.eval()
+    frozen = inference_copy(model)
     dataset = ImageDataset(list(samples), transform, decoded=decoded, exact_pixels=True, kept_view=kept_view)
     # An explicit generator: iterating a DataLoader without one draws from torch's global RNG,
     # which would make a cache miss and a cache hit leave different RNG states behind.
@@ -186,10 +187,11 @@ def extract_features(
     )
     # channels-last convolutions are ~1.5x faster on CPU with bf16 (measured, Lite0 224 px)
     model.to(memory_format=torch.channels_last)
+    frozen.to(memory_format=torch.channels_last)
     passes = AdaptiveBatch("feature extraction")
     try:
-        with features_only(model), autocast, activation_budget(model, max_memory):
-            forward = _CompiledForward(model) if compiled else model
+        with features_only(frozen), autocast, activation_budget(frozen, max_memory):
+            forward = _CompiledForward(frozen) if compiled else frozen
             for images, _ in loader:
                 images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 n = len(images)
@@ -204,6 +206,25 @@ def extract_features(
         model.train(was_training)
     dim = head_slot(model).in_features
     return torch.cat(chunks) if chunks else torch.empty(0, dim)
+
+
+def inference_copy(model: nn.Module) -> nn.Module:
+    """The frozen backbone only infers in a feature pass: a copy of `model` (in eval mode) with its
+    BatchNorms folded into the convolutions before them (models/fold_bn.py; Lite0 bf16 at 288 px
+    50.4 -> 73.5 img/s), or `model` itself when nothing folds or folding fails. The example batch comes
+    from its own generator: the global RNG, which augmented views draw from, is left untouched."""
+    from transferlab.models.fold_bn import fold_batchnorm
+
+    pre = getattr(model, "preprocessing", None)
+    if pre is None:
+        return model
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    example = torch.randn(1, 3, pre.input_size, pre.input_size, generator=torch.Generator().manual_seed(0)).to(device)
+    try:
+        return fold_batchnorm(model, example)[0]
+    except (RuntimeError, ValueError) as exc:  # an architecture the probe pass cannot run: unfolded is correct
+        log.info("feature pass without BatchNorm folding (%s)", exc)
+        return model
 
 
 def _forward_in_passes(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, passes: AdaptiveBatch) -> list[torch.Tensor]:

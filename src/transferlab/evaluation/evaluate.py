@@ -31,7 +31,7 @@ from transferlab.data.transforms import Preprocessing, eval_transform, eval_view
 from transferlab.errors import DataError, TransferlabError
 from transferlab.evaluation.interpret import interpret
 from transferlab.evaluation.metrics import classification_metrics
-from transferlab.evaluation.predict import load_run_model
+from transferlab.evaluation.predict import load_inference_model
 from transferlab.evaluation.samples import eval_data
 from transferlab.evaluation.tta import TTA_VIEWS, tta_probabilities
 from transferlab.training.io import atomic_write_json, read_json
@@ -142,7 +142,7 @@ def evaluate_run(
     ``train`` passes them, so the val images are not decoded and resized once more (in-process)."""
     _runtime.setup_torch()
     start = time.perf_counter()
-    model, meta = load_run_model(run_dir)
+    model, meta = load_inference_model(run_dir)
     run_dir = Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent
     classes = list(meta["classes"])
     chosen = eval_data(run_dir, classes, data, split, progress=progress)

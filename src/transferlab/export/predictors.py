@@ -61,10 +61,10 @@ class TorchPredictor:
 
         from transferlab import _runtime
         from transferlab.data.transforms import Preprocessing, eval_transform
-        from transferlab.evaluation.predict import load_run_model
+        from transferlab.evaluation.predict import load_inference_model
 
         _runtime.setup_torch()
-        model, meta = load_run_model(path)
+        model, meta = load_inference_model(path)
         # channels-last: oneDNN's depthwise and 1x1 convolutions are faster so (Lite0, 224 px, one thread:
         # 276 → 217 ms CPU per batch of 8).
         self.model = model.to(memory_format=torch.channels_last)
