@@ -105,3 +105,14 @@ def test_the_feature_pass_folds_a_copy_and_leaves_the_training_model_and_the_rng
     assert folded_copies[0] is not model and _batchnorms(folded_copies[0]) < _batchnorms(model)
     monkeypatch.setattr(feature_cache, "inference_copy", lambda m: m)
     torch.testing.assert_close(fast, feature_cache.extract_features(model, samples, transform), rtol=1e-4, atol=1e-5)
+
+
+def test_bench_infer_times_the_model_predict_runs(tiny_run, tmp_path, monkeypatch):
+    from transferlab.evaluation import predict as predict_mod
+    from transferlab.export import bench_infer
+
+    loaded = []
+    real = predict_mod.load_inference_model
+    monkeypatch.setattr(predict_mod, "load_inference_model", lambda run: loaded.append(run) or real(run))
+    bench_infer._eager(tiny_run, tmp_path, 1)
+    assert loaded == [tiny_run]

@@ -41,9 +41,10 @@ def _eager(run: Path, workdir: Path, threads: int) -> Runner:
     """The run's model in PyTorch eager, fp32, channels-last: what `predict` and `serve` run."""
     import torch
 
-    from transferlab.evaluation.predict import load_run_model
+    from transferlab.evaluation.predict import load_inference_model
 
-    model = load_run_model(run)[0].to(memory_format=torch.channels_last)  # as `predict` and `serve` run it
+    # BatchNorm folded and channels-last, as `predict` and `serve` run it
+    model = load_inference_model(run)[0].to(memory_format=torch.channels_last)
 
     def forward(x: np.ndarray) -> Any:
         with torch.inference_mode():
