@@ -211,20 +211,11 @@ def extract_features(
 def inference_copy(model: nn.Module) -> nn.Module:
     """The frozen backbone only infers in a feature pass: a copy of `model` (in eval mode) with its
     BatchNorms folded into the convolutions before them (models/fold_bn.py; Lite0 bf16 at 288 px
-    50.4 -> 73.5 img/s), or `model` itself when nothing folds or folding fails. The example batch comes
-    from its own generator: the global RNG, which augmented views draw from, is left untouched."""
-    from transferlab.models.fold_bn import fold_batchnorm
+    50.4 -> 73.5 img/s), or `model` itself when nothing folds."""
+    from transferlab.models.fold_bn import folded_for_inference
 
     pre = getattr(model, "preprocessing", None)
-    if pre is None:
-        return model
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    example = torch.randn(1, 3, pre.input_size, pre.input_size, generator=torch.Generator().manual_seed(0)).to(device)
-    try:
-        return fold_batchnorm(model, example)[0]
-    except (RuntimeError, ValueError) as exc:  # an architecture the probe pass cannot run: unfolded is correct
-        log.info("feature pass without BatchNorm folding (%s)", exc)
-        return model
+    return model if pre is None else folded_for_inference(model, pre.input_size)
 
 
 def _forward_in_passes(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, passes: AdaptiveBatch) -> list[torch.Tensor]:

@@ -54,15 +54,10 @@ def load_inference_model(run: str | Path) -> tuple[torch.nn.Module, dict[str, An
     """`load_run_model` for paths that only infer (evaluate, predict, serve): BatchNorm folded into the
     convolutions before it (models/fold_bn.py: same outputs to ~1e-6, Lite0 fp32 2.2x faster on a CPU).
     Not for parameter counts or export, which describe the model as trained."""
-    import torch
-
-    from transferlab.models.fold_bn import fold_batchnorm
+    from transferlab.models.fold_bn import folded_for_inference
 
     model, meta = load_run_model(run)
-    size = int(meta["preprocessing"]["input_size"])
-    example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    model, _ = fold_batchnorm(model, example)
-    return model, meta
+    return folded_for_inference(model, int(meta["preprocessing"]["input_size"])), meta
 
 
 def expand_inputs(inputs: Iterable[str | Path]) -> Iterator[tuple[Path, str | None]]:

@@ -24,7 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 log = logging.getLogger("transferlab")
 
-__all__ = ["fold_batchnorm"]
+__all__ = ["fold_batchnorm", "folded_for_inference"]
 
 
 def _bn_replacement(bn: nn.Module) -> nn.Module:
@@ -101,3 +101,16 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, tolerance: float = 1
         log.info("BatchNorm folding changed the output by %.1e (relative): using the model unfolded", error)
         return model, 0
     return folded, len(pairs)
+
+
+def folded_for_inference(model: nn.Module, input_size: int) -> nn.Module:
+    """`model` (in eval mode) folded with a probe image of `input_size` px, or `model` itself when nothing
+    folds or the probe pass cannot run. The probe comes from its own generator: the global RNG, which
+    augmented views and training draw from, is left untouched."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    example = torch.randn(1, 3, input_size, input_size, generator=torch.Generator().manual_seed(0)).to(device)
+    try:
+        return fold_batchnorm(model, example)[0]
+    except (RuntimeError, ValueError) as exc:  # an architecture the probe pass cannot run: unfolded is correct
+        log.info("BatchNorm not folded (%s)", exc)
+        return model
