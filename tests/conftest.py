@@ -79,6 +79,7 @@ TINY = {
     "num_workers": 0,
     "progress": False,
     "early_stop": 0,
+    "finetune": "full",  # the whole-network loop these tests pin; test_boundary.py covers the default
     "finetune_gate": 0,  # every fine-tuning epoch runs: the tests count them (test_finetune_gate.py pins the gate)
     "lr_head": 0.05,
     "report": False,

@@ -37,6 +37,7 @@ DEMO_OVERRIDES: dict[str, Any] = {
     "epochs_frozen": 16,
     "lr_head": 1e-2,
     "epochs_finetune": 3,
+    "finetune": "full",
     "lr_finetune": 1e-3,
     "lr_decay": "none",
     "augment": "none",

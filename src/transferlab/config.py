@@ -13,6 +13,12 @@ STRATEGIES = ("two-stage", "head-only", "full", "scratch")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("onecycle", "cosine", "constant")
 BN_POLICIES = ("auto", "eval", "train")
+# How two-stage runs fine-tune after the head: the top stages on a boundary cache (training/boundary.py),
+# or the whole network (its top blocks by --lr-decay) re-run on every image every epoch (training/finetune.py).
+FINETUNE_MODES = ("boundary", "full")
+# Peak fine-tuning LR by mode when --lr-finetune is not given: the boundary top starts from pretrained
+# stages right below a trained head and moves them for a few epochs; the full loop's 1e-4 decays from it.
+DEFAULT_LR_FINETUNE = {"boundary": 1e-3, "full": 1e-4}
 PREPROCESS_KEYS = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
 # Lightning strategies for spreading a run over devices/nodes ("auto": one device → none, several → DDP).
 DIST_STRATEGIES = ("auto", "ddp", "fsdp")
@@ -60,9 +66,12 @@ class TrainConfig:
     # schedule
     strategy: str = "two-stage"
     epochs_frozen: int = 16
-    epochs_finetune: int = 4
+    epochs_finetune: int = 6
+    finetune: str = "boundary"
+    boundary_stages: int = 2  # finetune boundary: the last N stages (and what follows them) train
+    boundary_views: int = 2  # finetune boundary: augmented views of every train image cached at the boundary
     lr_head: float = 1e-3
-    lr_finetune: float = 1e-4
+    lr_finetune: float | None = None  # default by --finetune mode: DEFAULT_LR_FINETUNE
     lr_decay: str = "exp:3"
     unfreeze: int | None = None
     # LR for the backbone blocks --unfreeze leaves out, instead of freezing them (and no block is
@@ -124,6 +133,10 @@ class TrainConfig:
             bad(f"bn '{self.bn}' is not one of {', '.join(BN_POLICIES)}")
         if self.head not in ("linear", "mlp"):
             bad(f"head '{self.head}' must be 'linear' or 'mlp'")
+        if self.finetune not in FINETUNE_MODES:
+            bad(f"finetune '{self.finetune}' is not one of {', '.join(FINETUNE_MODES)}")
+        if self.boundary_stages < 1 or self.boundary_views < 1:
+            bad("boundary_stages and boundary_views must be >= 1")
         if self.feature_cache not in ("disk", "memory"):
             bad("feature_cache must be 'disk' or 'memory'")
         if self.epochs_frozen < 0 or self.epochs_finetune < 0:
@@ -170,7 +183,7 @@ class TrainConfig:
             except ValueError as exc:
                 bad(str(exc))
         for name in ("lr_head", "lr_finetune"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 bad(f"{name} must be > 0")
         if self.lr_floor is not None and self.lr_floor <= 0:
             bad("lr_floor must be > 0 (leave it unset to freeze the blocks --unfreeze leaves out)")
@@ -199,6 +212,11 @@ class TrainConfig:
         if self.bn != "auto":
             return self.bn
         return "train" if (self.strategy == "scratch" or not self.pretrained) else "eval"
+
+    @property
+    def finetune_lr(self) -> float:
+        """The peak fine-tuning LR: --lr-finetune, else the --finetune mode's default."""
+        return self.lr_finetune if self.lr_finetune is not None else DEFAULT_LR_FINETUNE[self.finetune]
 
     @property
     def world_size(self) -> int:

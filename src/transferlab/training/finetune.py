@@ -35,15 +35,19 @@ def build_optimizer(name: str, param_groups: list[dict], weight_decay: float) ->
     return factories[name]()
 
 
-def build_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: int):
-    """Per-step schedule. One-cycle warms up for 30 % then anneals: fewer, better epochs."""
+def build_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: int, pct_start: float = 0.3):
+    """Per-step schedule. One-cycle warms up for `pct_start` then anneals: fewer, better epochs. Under
+    two warm-up steps there is no cycle to speak of (and torch's one-cycle divides by zero when its
+    warm-up ends on step 0): constant."""
     total_steps = max(1, total_steps)
+    if name == "onecycle" and pct_start * total_steps < 2:
+        name = "constant"
     factories = {
         "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=[g["lr"] for g in optimizer.param_groups],
             total_steps=total_steps,
-            pct_start=0.3 if total_steps > 3 else 0.5,
+            pct_start=pct_start,
             div_factor=10.0,
             final_div_factor=100.0,
             cycle_momentum=False,

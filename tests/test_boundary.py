@@ -1,0 +1,172 @@
+"""Partial fine-tuning on a boundary cache (training/boundary.py) — the default two-stage fine-tuning."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY
+from torch import nn
+
+import transferlab
+from transferlab.config import DEFAULT_LR_FINETUNE, TrainConfig
+from transferlab.errors import TransferlabError
+from transferlab.models.heads import HeadConfig, build_classifier
+from transferlab.models.registry import resolve_backbone
+from transferlab.training import boundary
+from transferlab.training.finetune import build_scheduler
+
+BOUNDARY = {**TINY, "finetune": "boundary", "epochs_finetune": 3, "boundary_views": 2}
+
+
+def _tiny_model(name: str = "test_efficientnet", classes: int = 3) -> nn.Module:
+    return build_classifier(resolve_backbone(name, pretrained=False, img_size=32), classes, HeadConfig())
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_split_reproduces_the_model_and_shares_its_modules(stages):
+    model = _tiny_model().eval()
+    split = boundary.split_model(model, stages)
+    assert split is not None
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(split.top(split.bottom(x)), model(x), atol=1e-5)
+    trained = {id(p) for p in split.top.parameters()}
+    assert trained <= {id(p) for p in model.parameters()}  # training the top trains the model
+    assert not trained & {id(p) for p in split.bottom.parameters()}
+    assert split.cut == len(model.blocks) - stages
+
+
+def test_split_refuses_what_it_cannot_cut():
+    model = _tiny_model()
+    assert boundary.split_model(model, len(model.blocks) + 1) is None
+    assert boundary.split_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), 1) is None
+    # a chain whose output is not the model's (a forward that does more than the chain) is refused
+    model.forward_head = lambda x, pre_logits=False: model.classifier(model.global_pool(x)) * 2
+    assert boundary.split_model(model, 1) is None
+
+
+def test_views_fit_the_cache_budget():
+    assert boundary.views_that_fit(4, n_train=100, n_val=50, per_image_bytes=10, budget=10_000) == 4
+    assert boundary.views_that_fit(4, n_train=100, n_val=50, per_image_bytes=10, budget=2_600) == 2
+    assert boundary.views_that_fit(4, n_train=100, n_val=50, per_image_bytes=10, budget=1_400) == 0
+
+
+def test_train_top_keeps_its_best_epoch_and_only_if_it_beats_the_baseline():
+    torch.manual_seed(0)
+    top = nn.Sequential(nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 2))
+    y = torch.arange(64) % 2
+    views = [torch.randn(64, 4, 3, 3) + y[:, None, None, None] * 2.0 for _ in range(2)]
+    val_x, val_y = torch.randn(32, 4, 3, 3) + (torch.arange(32) % 2)[:, None, None, None] * 2.0, torch.arange(32) % 2
+    kw = dict(epochs=4, lr=1e-2, head_lr=1e-2, weight_decay=0.0, label_smoothing=0.0, batch_size=16, seed=0)
+    bn_before = top[1].running_mean.clone()
+    records, best, stopped = boundary.train_top(top, views, y, val_x, val_y, baseline=(0.0, -10.0), **kw)
+    assert len(records) == 4 and stopped is None and best is not None
+    assert max(r["val_accuracy"] for r in records) > 0.9
+    assert torch.equal(top[1].running_mean, bn_before)  # BatchNorm statistics stay pretrained
+    # a baseline no epoch can beat: nothing to keep
+    _, best, _ = boundary.train_top(top, views, y, val_x, val_y, baseline=(2.0, 0.0), **kw)
+    assert best is None
+    # the gate stops after its epoch when nothing beat the baseline
+    records, best, stopped = boundary.train_top(top, views, y, val_x, val_y, baseline=(2.0, 0.0), gate_epochs=1, **kw)
+    assert len(records) == 1 and stopped == "gate"
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 7])
+def test_one_cycle_over_very_few_steps_does_not_divide_by_zero(steps):
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = build_scheduler("onecycle", opt, steps)
+    for _ in range(steps):
+        opt.step()
+        sched.step()
+
+
+def test_finetune_mode_and_its_learning_rate_are_checked_and_defaulted():
+    with pytest.raises(TransferlabError, match="finetune 'partial'"):
+        TrainConfig(data="x", finetune="partial").validate()
+    with pytest.raises(TransferlabError, match="boundary_stages"):
+        TrainConfig(data="x", boundary_stages=0).validate()
+    assert TrainConfig().finetune == "boundary"
+    assert TrainConfig().finetune_lr == DEFAULT_LR_FINETUNE["boundary"]
+    assert TrainConfig(finetune="full").finetune_lr == DEFAULT_LR_FINETUNE["full"]
+    assert TrainConfig(finetune="full", lr_finetune=3e-4).finetune_lr == 3e-4
+
+
+def test_boundary_run_fine_tunes_the_top_and_saves_a_model_that_evaluates_as_validated(tiny_data, tmp_path):
+    result = transferlab.train(tiny_data, out=str(tmp_path / "run"), **{**BOUNDARY, "lr_finetune": 3e-3})
+    run = result.run_dir
+    s = result.summary
+    assert s["finetune"]["mode"] == "boundary" and s["finetune"]["views"] == 2
+    assert s["finetune"]["epochs_run"] == 3
+    assert {"boundary_cache", "finetune"} <= set(s["phase_seconds"])
+    phases = [r["phase"] for r in result.rows]
+    assert phases == ["frozen"] * 3 + ["finetune"] * 3
+    state = json.loads((run / "state.json").read_text())
+    assert state["boundary_done"] and state["status"] == "finished"
+    # the saved best model, re-run through the whole network by evaluate, scores what validation said
+    ev = transferlab.evaluate(run, split="val", progress=False)
+    assert ev.metrics["accuracy"] == pytest.approx(s["val_accuracy_best"], abs=1e-6)
+    # discarded work is accounted: all of it when the head stayed best, else the epochs after the best
+    ft = s["finetune"]
+    if s["best"]["phase"] == "frozen":
+        assert ft["discarded_seconds"] == pytest.approx(ft["seconds"], abs=1e-3)
+    else:
+        assert ft["best_epoch"] == s["best"]["epoch"] and ft["discarded_seconds"] <= ft["seconds"]
+
+
+def test_boundary_stage_moves_only_the_top_stages(tiny_data, tmp_path):
+    from transferlab.training.io import load_tensors
+
+    run = transferlab.train(tiny_data, out=str(tmp_path / "run"),
+                            **{**BOUNDARY, "boundary_stages": 1, "lr_finetune": 5e-2}).run_dir
+    frozen = load_tensors(run / "checkpoints" / "stage1.safetensors")
+    state = json.loads((run / "state.json").read_text())
+    if state["best"]["phase"] != "finetune":
+        pytest.skip("the head stayed best on this tiny data; nothing to compare")
+    best = load_tensors(run / "model.safetensors")
+    last_stage = f"blocks.{len({k.split('.')[1] for k in best if k.startswith('blocks.')}) - 1}."
+    moved = {k for k in best if not torch.equal(best[k], frozen[k])}
+    assert moved and all(k.startswith((last_stage, "conv_head", "bn2", "classifier")) for k in moved)
+
+
+def test_same_seed_boundary_runs_are_identical(tiny_data, tmp_path):
+    a = transferlab.train(tiny_data, out=str(tmp_path / "a"), **BOUNDARY)
+    b = transferlab.train(tiny_data, out=str(tmp_path / "b"), **BOUNDARY)
+    key = ["phase", "epoch", "train_loss", "val_loss", "val_accuracy"]
+    assert [[r[k] for k in key] for r in a.rows] == [[r[k] for k in key] for r in b.rows]
+
+
+def test_activations_over_the_budget_fall_back_to_the_full_loop(tiny_data, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(boundary, "CACHE_BUDGET_BYTES", 1)
+    with caplog.at_level("INFO", logger="transferlab"):
+        result = transferlab.train(tiny_data, out=str(tmp_path / "run"), **BOUNDARY)
+    assert "exceed" in caplog.text
+    assert result.summary["finetune"] == {"mode": "full"}
+    assert [r["phase"] for r in result.rows].count("finetune") == 3
+
+
+def test_an_interrupted_boundary_stage_is_redone_whole_on_resume(tiny_data, tmp_path, monkeypatch):
+    full = transferlab.train(tiny_data, out=str(tmp_path / "full"), **BOUNDARY)
+    calls = {"n": 0}
+    real = boundary.train_top
+
+    def interrupted(*a, **k):
+        on_epoch = k["on_epoch"]
+
+        def stop_after_first(rec, improved):
+            on_epoch(rec, improved)
+            raise KeyboardInterrupt
+
+        calls["n"] += 1
+        return real(*a, **{**k, "on_epoch": stop_after_first})
+
+    monkeypatch.setattr(boundary, "train_top", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        transferlab.train(tiny_data, out=str(tmp_path / "run"), **BOUNDARY)
+    monkeypatch.setattr(boundary, "train_top", real)
+    resumed = transferlab.train(resume=tmp_path / "run")
+    key = ["phase", "epoch", "train_loss", "val_loss", "val_accuracy"]
+    assert [[r[k] for k in key] for r in resumed.rows] == [[r[k] for k in key] for r in full.rows]
+    assert resumed.summary["best"] == full.summary["best"]
