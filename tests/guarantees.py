@@ -17,7 +17,7 @@ from PIL import Image
 
 # The tiny-run options of conftest.TINY, as CLI flags.
 TINY_FLAGS = ["--backbone", "test_efficientnet", "--no-pretrained", "--img-size", "32", "--epochs-frozen", "3",
-              "--epochs-finetune", "2", "--batch-size", "8", "--num-workers", "0", "--early-stop", "0", "--finetune-gate", "0",
+              "--finetune", "full", "--epochs-finetune", "2", "--batch-size", "8", "--num-workers", "0", "--early-stop", "0", "--finetune-gate", "0",
               "--lr-head", "0.05", "--no-progress", "--no-report"]
 
 

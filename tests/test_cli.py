@@ -80,7 +80,7 @@ def test_interrupting_train_says_how_to_resume(tmp_path):
     env = {**os.environ, "TRANSFERLAB_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "transferlab", "train", str(data), "--backbone", "test_efficientnet",
-         "--no-pretrained", "--img-size", "32", "--epochs-frozen", "1", "--epochs-finetune", "200",
+         "--no-pretrained", "--img-size", "32", "--epochs-frozen", "1", "--finetune", "full", "--epochs-finetune", "200",
          "--batch-size", "8", "--finetune-gate", "0", "--out", str(run), "--no-progress", "--no-report"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 120
