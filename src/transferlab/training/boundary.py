@@ -26,6 +26,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 
 from transferlab.models.heads import HeadSlot
+from transferlab.training.finetune import TrainingDiverged, build_scheduler
+from transferlab.training.head_stage import selection_score
 
 log = logging.getLogger("transferlab")
 
@@ -190,8 +192,6 @@ def train_top(
     """One-cycle AdamW on the top (head at `head_lr`), each epoch reading one random view per image.
     Returns the epoch records, the best top state when an epoch beat `baseline` (the frozen head's
     `selection_score`), else None, and why it stopped early (None, 'gate' or 'time budget')."""
-    from transferlab.training.head_stage import selection_score
-
     head_ids = {id(p) for m in top.modules() if isinstance(m, HeadSlot) for p in m.parameters()}
     body = [p for p in top.parameters() if id(p) not in head_ids]
     head = [p for p in top.parameters() if id(p) in head_ids]
@@ -201,8 +201,6 @@ def train_top(
                                   weight_decay=weight_decay)
     n = len(train_y)
     steps = max(1, math.ceil(n / batch_size)) * epochs
-    from transferlab.training.finetune import build_scheduler
-
     scheduler = build_scheduler("onecycle", optimizer, steps, pct_start=0.25)
     generator = torch.Generator().manual_seed(seed)
     top.to(memory_format=torch.channels_last)
@@ -221,8 +219,6 @@ def train_top(
             logits = top(x)
             loss = F.cross_entropy(logits, train_y[idx], label_smoothing=label_smoothing)
             if not torch.isfinite(loss):
-                from transferlab.training.finetune import TrainingDiverged
-
                 raise TrainingDiverged(f"Training diverged: the loss became {loss.item()} in fine-tuning epoch "
                                        f"{epoch}. The frozen stage's model is kept; train again with a lower "
                                        "--lr-finetune.")
