@@ -17,7 +17,7 @@ from transferlab.models.registry import resolve_backbone
 from transferlab.training import boundary
 from transferlab.training.finetune import build_scheduler
 
-BOUNDARY = {**TINY, "finetune": "boundary", "epochs_finetune": 3, "boundary_views": 2}
+BOUNDARY = {**TINY, "finetune": "boundary", "epochs_finetune": 3, "boundary_views": 2, "finetune_when": "always"}
 
 
 def _tiny_model(name: str = "test_efficientnet", classes: int = 3) -> nn.Module:
@@ -49,8 +49,9 @@ def test_split_refuses_what_it_cannot_cut():
 
 def test_views_fit_the_cache_budget():
     assert boundary.views_that_fit(4, n_train=100, n_val=50, per_image_bytes=10, budget=10_000) == 4
-    assert boundary.views_that_fit(4, n_train=100, n_val=50, per_image_bytes=10, budget=2_600) == 2
-    assert boundary.views_that_fit(4, n_train=100, n_val=50, per_image_bytes=10, budget=1_400) == 0
+    assert boundary.views_that_fit(4, n_train=100, n_val=50, per_image_bytes=10, budget=3_600) == 2
+    assert boundary.views_that_fit(4, n_train=100, n_val=50, per_image_bytes=10, budget=1_600) == 0  # plain + val only
+    assert boundary.views_that_fit(4, n_train=100, n_val=50, per_image_bytes=10, budget=1_400) is None
 
 
 def test_train_top_keeps_its_best_epoch_and_only_if_it_beats_the_baseline():
@@ -88,6 +89,9 @@ def test_finetune_mode_and_its_learning_rate_are_checked_and_defaulted():
         TrainConfig(data="x", finetune="partial").validate()
     with pytest.raises(TransferlabError, match="boundary_stages"):
         TrainConfig(data="x", boundary_stages=0).validate()
+    with pytest.raises(TransferlabError, match="finetune_when 'sometimes'"):
+        TrainConfig(data="x", finetune_when="sometimes").validate()
+    assert TrainConfig().finetune_when == "underfit" and TrainConfig().boundary_views == 1
     assert TrainConfig().finetune == "boundary"
     assert TrainConfig().finetune_lr == DEFAULT_LR_FINETUNE["boundary"]
     assert TrainConfig(finetune="full").finetune_lr == DEFAULT_LR_FINETUNE["full"]
@@ -99,6 +103,7 @@ def test_boundary_run_fine_tunes_the_top_and_saves_a_model_that_evaluates_as_val
     run = result.run_dir
     s = result.summary
     assert s["finetune"]["mode"] == "boundary" and s["finetune"]["views"] == 2
+    assert s["finetune"]["from_feature_pass"] is True
     assert s["finetune"]["epochs_run"] == 3
     assert {"boundary_cache", "finetune"} <= set(s["phase_seconds"])
     phases = [r["phase"] for r in result.rows]
@@ -170,3 +175,41 @@ def test_an_interrupted_boundary_stage_is_redone_whole_on_resume(tiny_data, tmp_
     key = ["phase", "epoch", "train_loss", "val_loss", "val_accuracy"]
     assert [[r[k] for k in key] for r in resumed.rows] == [[r[k] for k in key] for r in full.rows]
     assert resumed.summary["best"] == full.summary["best"]
+    # the first run read the plain view and val from its feature pass, the resumed one ran the bottom
+    # again: the rows above being equal pins that both give the same activations
+    assert full.summary["finetune"]["from_feature_pass"] is True
+    assert resumed.summary["finetune"]["from_feature_pass"] is False
+
+
+def test_head_underfits_compares_the_heads_train_error_with_its_val_error():
+    assert boundary.head_underfits(0.938, 0.907)  # sign_digits' head: train error 6.2 % of val's 9.3 %
+    assert boundary.head_underfits(0.985, 0.986)  # potato_leaf: train error above val's
+    assert not boundary.head_underfits(0.989, 0.943)  # scene15: 1.1 % against 5.7 %
+    assert not boundary.head_underfits(0.9, 1.0)  # nothing left to gain on val
+    assert not boundary.head_underfits(1.0, 0.95)
+
+
+@pytest.mark.parametrize("underfits", [False, True])
+def test_finetune_when_underfit_runs_the_boundary_stage_only_for_an_underfitting_head(tiny_data, tmp_path,
+                                                                                      monkeypatch, underfits):
+    seen = []
+
+    def rule(train_accuracy, val_accuracy):
+        seen.append((train_accuracy, val_accuracy))
+        return underfits
+
+    monkeypatch.setattr(boundary, "head_underfits", rule)
+    result = transferlab.train(tiny_data, out=str(tmp_path / "run"), **{**BOUNDARY, "finetune_when": "underfit"})
+    s = result.summary
+    frozen = [r for r in result.rows if r["phase"] == "frozen"]
+    head = max(frozen, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
+    assert seen == [(head["train_accuracy"], head["val_accuracy"])]  # the head the run kept decides
+    assert s["finetune"]["head_train_error"] == pytest.approx(1 - head["train_accuracy"], abs=1e-4)
+    if underfits:
+        assert s["finetune"]["epochs_run"] == 3 and "skipped" not in s["finetune"]
+    else:
+        assert s["finetune"]["skipped"] == "head not underfitting" and s["finetune"]["discarded_seconds"] == 0
+        assert [r["phase"] for r in result.rows] == ["frozen"] * 3 and s["best"]["phase"] == "frozen"
+        assert "boundary_cache" not in s["phase_seconds"]
+        resumed = transferlab.train(resume=result.run_dir)  # a finished, skipped stage is not run on resume
+        assert [r["phase"] for r in resumed.rows] == ["frozen"] * 3

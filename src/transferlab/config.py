@@ -16,6 +16,7 @@ BN_POLICIES = ("auto", "eval", "train")
 # How two-stage runs fine-tune after the head: the top stages on a boundary cache (training/boundary.py),
 # or the whole network (its top blocks by --lr-decay) re-run on every image every epoch (training/finetune.py).
 FINETUNE_MODES = ("boundary", "full")
+FINETUNE_WHEN = ("underfit", "always")  # --finetune boundary: run it only when the head underfits, or always
 # Peak fine-tuning LR by mode when --lr-finetune is not given: the boundary top starts from pretrained
 # stages right below a trained head and moves them for a few epochs; the full loop's 1e-4 decays from it.
 DEFAULT_LR_FINETUNE = {"boundary": 1e-3, "full": 1e-4}
@@ -69,7 +70,8 @@ class TrainConfig:
     epochs_finetune: int = 6
     finetune: str = "boundary"
     boundary_stages: int = 2  # finetune boundary: the last N stages (and what follows them) train
-    boundary_views: int = 2  # finetune boundary: augmented views of every train image cached at the boundary
+    boundary_views: int = 1  # finetune boundary: augmented views of every train image cached at the boundary, beside the plain one
+    finetune_when: str = "underfit"  # finetune boundary: "underfit" skips it when the head fits train far better than val
     lr_head: float = 1e-3
     lr_finetune: float | None = None  # default by --finetune mode: DEFAULT_LR_FINETUNE
     lr_decay: str = "exp:3"
@@ -133,10 +135,12 @@ class TrainConfig:
             bad(f"bn '{self.bn}' is not one of {', '.join(BN_POLICIES)}")
         if self.head not in ("linear", "mlp"):
             bad(f"head '{self.head}' must be 'linear' or 'mlp'")
+        if self.finetune_when not in FINETUNE_WHEN:
+            bad(f"finetune_when '{self.finetune_when}' is not one of {', '.join(FINETUNE_WHEN)}")
         if self.finetune not in FINETUNE_MODES:
             bad(f"finetune '{self.finetune}' is not one of {', '.join(FINETUNE_MODES)}")
-        if self.boundary_stages < 1 or self.boundary_views < 1:
-            bad("boundary_stages and boundary_views must be >= 1")
+        if self.boundary_stages < 1 or self.boundary_views < 0:
+            bad("boundary_stages must be >= 1 and boundary_views >= 0 (0: the plain view alone)")
         if self.feature_cache not in ("disk", "memory"):
             bad("feature_cache must be 'disk' or 'memory'")
         if self.epochs_frozen < 0 or self.epochs_finetune < 0:

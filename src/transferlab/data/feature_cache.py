@@ -145,6 +145,7 @@ def extract_features(
     compiled: bool = False,
     kept_view: EvalView | None = None,
     decode_threads: int = 1,
+    tap: tuple[str, Callable[[torch.Tensor], None]] | None = None,
 ) -> torch.Tensor:
     """One forward pass of the frozen backbone over `samples` → float32 [N, feature_dim].
 
@@ -157,6 +158,9 @@ def extract_features(
     there, for validation images that fine-tuning evaluates every epoch.
     `decode_threads` > 1 (in-process loading, ``num_workers=0``): images are decoded on that many
     threads while the backbone runs (``data.threaded``); only for a deterministic `transform`.
+    `tap` (module name, callback): the callback receives that module's output for every batch, in
+    order — the boundary cache of training/boundary.py reads the activations of this same pass
+    instead of running the bottom of the network again. Not with `compiled`.
     """
     was_training = model.training
     model.eval()
@@ -189,6 +193,12 @@ def extract_features(
     model.to(memory_format=torch.channels_last)
     frozen.to(memory_format=torch.channels_last)
     passes = AdaptiveBatch("feature extraction")
+    tapped: list[torch.Tensor] = []  # the tapped module's outputs for the current batch, pass by pass
+    handle = None
+    if tap is not None:
+        if compiled:
+            raise ValueError("extract_features: a tap needs the eager forward (compiled=False)")
+        handle = frozen.get_submodule(tap[0]).register_forward_hook(lambda _m, _i, out: tapped.append(out.detach()))
     try:
         with features_only(frozen), autocast, activation_budget(frozen, max_memory):
             forward = _CompiledForward(frozen) if compiled else frozen
@@ -198,11 +208,16 @@ def extract_features(
                 if compiled and n < batch_size:
                     pad = images.new_zeros((batch_size - n, *images.shape[1:]))
                     images = torch.cat([images, pad]).contiguous(memory_format=torch.channels_last)
-                chunks.append(torch.cat(_forward_in_passes(forward, images, passes))[:n])
+                tapped.clear()
+                chunks.append(torch.cat(_forward_in_passes(forward, images, passes, tapped.clear))[:n])
+                if tap is not None:
+                    tap[1](torch.cat(tapped))
                 if progress is not None:
                     progress(len(images))
                 pause_point("extract_batch")
     finally:
+        if handle is not None:
+            handle.remove()
         model.train(was_training)
     dim = head_slot(model).in_features
     return torch.cat(chunks) if chunks else torch.empty(0, dim)
@@ -218,9 +233,16 @@ def inference_copy(model: nn.Module) -> nn.Module:
     return model if pre is None else folded_for_inference(model, pre.input_size)
 
 
-def _forward_in_passes(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, passes: AdaptiveBatch) -> list[torch.Tensor]:
+def _forward_in_passes(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, passes: AdaptiveBatch,
+                       also_reset: Callable[[], None] | None = None) -> list[torch.Tensor]:
     done: list[torch.Tensor] = []
-    passes.run(len(images), lambda a, b: done.append(model(images[a:b]).float().cpu()), done.clear)
+
+    def reset() -> None:
+        done.clear()
+        if also_reset is not None:
+            also_reset()
+
+    passes.run(len(images), lambda a, b: done.append(model(images[a:b]).float().cpu()), reset)
     return done
 
 

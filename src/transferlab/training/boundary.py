@@ -37,6 +37,19 @@ CACHE_BUDGET_BYTES = 4 * 2**30
 STORAGE_DTYPE = torch.bfloat16  # halves the cache; the top trains in fp32 on the upcast values
 
 
+UNDERFIT_RATIO = 0.5
+
+
+def head_underfits(train_accuracy: float, val_accuracy: float) -> bool:
+    """Whether the frozen head's val error is largely bias: its train error is at least UNDERFIT_RATIO of
+    its val error. A head that fits its training images far better than val errs from variance, which
+    adapting the features (more capacity) does not cure; one that cannot fit them lacks features that
+    separate the classes, which fine-tuning gives. On the suite (bench/RESULTS.md) the ratio was 0.67-1.07
+    where fine-tuning added 1-11 points and 0.19-0.31 where it added none."""
+    val_error = 1.0 - val_accuracy
+    return val_error > 0 and (1.0 - train_accuracy) >= UNDERFIT_RATIO * val_error
+
+
 @dataclass
 class Chain:
     """A model's forward as a chain: ``stem``, then ``stages`` in order, then ``tail`` (pooling, head)."""
@@ -124,11 +137,14 @@ def activation_shape(bottom: nn.Module, size: int) -> torch.Size:
 
 
 def views_that_fit(requested: int, n_train: int, n_val: int, per_image_bytes: int,
-                   budget: int | None = None) -> int:
-    """How many augmented train views fit in the cache budget beside the val split's activations."""
+                   budget: int | None = None) -> int | None:
+    """How many augmented train views fit in the cache budget beside the activations of val and of the
+    plain train view; None when not even those fit."""
     budget = CACHE_BUDGET_BYTES if budget is None else budget
-    room = budget - n_val * per_image_bytes
-    return max(0, min(requested, room // max(1, n_train * per_image_bytes)))
+    room = budget - (n_val + n_train) * per_image_bytes
+    if room < 0:
+        return None
+    return min(requested, room // max(1, n_train * per_image_bytes))
 
 
 @torch.no_grad()

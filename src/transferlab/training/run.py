@@ -281,6 +281,7 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
             save_model(run_dir, model if weights is None else weights, model_metadata(spec, head_cfg, splits.classes, {"best": state.data["best"]}))
 
     checkpoints = run_dir / "checkpoints"
+    tapped: dict[str, torch.Tensor] = {}  # boundary activations of the feature pass (memory only: a resumed run recomputes)
 
     # ---- stage 1: feature extraction
     if cfg.strategy in ("two-stage", "head-only") and cfg.epochs_frozen > 0:
@@ -290,7 +291,8 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
             t1 = time.perf_counter()
             freeze_backbone(model)
             # every rank extracts its shard; rank 0 alone holds the assembled features
-            features, n_extracted = _features(model, splits, cfg, spec, train_pre, ranks, autocast, decoded)
+            features, n_extracted = _features(model, splits, cfg, spec, train_pre, ranks, autocast, decoded,
+                                              tap=_boundary_tap(model, cfg, splits, ranks), tapped=tapped)
             extract_seconds = time.perf_counter() - t1
             if n_extracted:  # the measured frozen-forward throughput plans a --time-budget
                 state.data["forward_images_per_second"] = n_extracted / max(extract_seconds, 1e-9)
@@ -334,7 +336,7 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
     if cfg.strategy in ("two-stage", "full", "scratch") and state.data.get("finetune_epochs_planned", 0) > 0:
         deadline = None if cfg.time_budget is None else time.perf_counter() + parse_duration(cfg.time_budget) - elapsed()
         if not _boundary_finetune(model, splits, cfg, spec, state, run_dir, record, maybe_save_best, ranks,
-                                  decoded, autocast, deadline):
+                                  decoded, autocast, deadline, tapped):
             _finetune(model, splits, cfg, spec, train_pre, state, run_dir, accelerator, precision, record,
                       maybe_save_best, ranks, decoded, deadline)
 
@@ -484,9 +486,12 @@ def _decoded_images(cfg: TrainConfig) -> DecodedImages | None:
 
 
 def _features(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneSpec, views_pre: Preprocessing,
-              ranks: distributed.Ranks, autocast, decoded: DecodedImages | None = None):
+              ranks: distributed.Ranks, autocast, decoded: DecodedImages | None = None,
+              tap: str | None = None, tapped: dict[str, torch.Tensor] | None = None):
     """Train features (plain + K augmented views) and val features, from the cache when valid.
-    Over several processes each extracts its shard; the result is on rank 0 (None elsewhere)."""
+    Over several processes each extracts its shard; the result is on rank 0 (None elsewhere).
+    `tap` (a module's name, one process): its activations of the plain train and the val images go
+    into `tapped` under the split's name, for each split extracted (not read from the cache)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     device = ranks.device
@@ -495,7 +500,7 @@ def _features(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneSpec, v
     fingerprint = backbone_fingerprint(model) if cache_dir is not None and ranks.is_zero else None
     cfg_pre = spec.preprocessing  # at eval_size: plain train and val features; views_pre (img_size): augmented views
     n_images = len(splits.train) * (1 + cfg.feature_views) + len(splits.val)
-    compiled = should_compile(cfg.compile, device, n_images)
+    compiled = should_compile(cfg.compile, device, n_images) and tap is None
     if compiled:
         log.info("frozen forward through torch.compile (%d images)", n_images)
     jobs = [("train", splits.train, eval_transform(cfg_pre), transform_tag(cfg_pre, autocast, compiled=compiled), None)]
@@ -519,6 +524,9 @@ def _features(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneSpec, v
         for split, samples, transform, tag, seed in jobs:
             if seed is not None:
                 torch.manual_seed(seed)
+            chunks: list[torch.Tensor] = []
+            tap_kwargs = ({"tap": (tap, lambda out: chunks.append(out.to(boundary.STORAGE_DTYPE)))}
+                          if tap is not None and seed is None else {})
             feats, hit = distributed.sharded_features(
                 ranks, model, samples, transform, tag, cache_dir=cache_dir, fingerprint=fingerprint,
                 batch_size=max(cfg.batch_size, 64), device=device, autocast_dtype=autocast,
@@ -527,8 +535,10 @@ def _features(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneSpec, v
                 kept_view=eval_view(cfg_pre) if split == "val" else None,  # fine-tuning's validation reads them
                 # decoding on threads beside the forward pass; augmented views stay in one thread (RNG order)
                 decode_threads=_runtime.decode_threads() if seed is None else 1,
-                progress=lambda n: bar.advance(task, n),
+                progress=lambda n: bar.advance(task, n), **tap_kwargs,
             )
+            if chunks and tapped is not None:
+                tapped[split] = torch.cat(chunks)
             if hit:
                 bar.advance(task, -(-len(samples) // ranks.world_size))
                 log.info("%s features: cache hit (%d images)", split, len(samples))
@@ -707,9 +717,33 @@ def _finetune(model, splits, cfg, spec, pre, state, run_dir, accelerator, precis
     state.save()
 
 
+def _boundary_plan(model, cfg: TrainConfig, splits: DataSplits,
+                   ranks: distributed.Ranks) -> tuple[boundary.BoundarySplit, int, int] | None:
+    """(the split, bytes per image's activations, augmented views that fit) when this run fine-tunes on a
+    boundary cache; None when it fine-tunes with the full loop (each reason logged by the caller's path)."""
+    if (cfg.strategy != "two-stage" or cfg.finetune != "boundary" or cfg.epochs_finetune == 0
+            or ranks.world_size > 1):
+        return None
+    split = boundary.split_model(model, cfg.boundary_stages)
+    if split is None:
+        return None
+    per_image = math.prod(boundary.activation_shape(split.bottom, cfg.eval_size)) * boundary.STORAGE_DTYPE.itemsize
+    views = boundary.views_that_fit(cfg.boundary_views, len(splits.train), len(splits.val), per_image)
+    return None if views is None else (split, per_image, views)
+
+
+def _boundary_tap(model, cfg: TrainConfig, splits: DataSplits, ranks: distributed.Ranks) -> str | None:
+    """The name of the module whose output is the boundary, when the feature pass should keep its
+    activations: the plain train view and val are then not run through the bottom a second time."""
+    plan = _boundary_plan(model, cfg, splits, ranks)
+    if plan is None:
+        return None
+    return next((name for name, m in model.named_modules() if m is plan[0].bottom[-1]), None)
+
+
 def _boundary_finetune(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneSpec, state: RunState, run_dir: Path,
                        record, maybe_save_best, ranks: distributed.Ranks, decoded: DecodedImages | None,
-                       autocast, deadline: float | None) -> bool:
+                       autocast, deadline: float | None, tapped: dict[str, torch.Tensor] | None = None) -> bool:
     """Two-stage fine-tuning of the top stages on a boundary cache (training/boundary.py). False when this
     run fine-tunes with the full loop instead: --finetune full, several processes, an architecture with no
     chain to cut, activations that do not fit in memory, or full-loop epochs already done (a resumed run)."""
@@ -721,20 +755,31 @@ def _boundary_finetune(model, splits: DataSplits, cfg: TrainConfig, spec: Backbo
         return True
     if ranks.world_size > 1 or state.data["finetune_epochs_done"] > 0:
         return False
-    split = boundary.split_model(model, cfg.boundary_stages)
-    if split is None:
-        log.info("fine-tuning: no boundary split for %s; the whole network fine-tunes (--finetune full)", spec.name)
+    plan = _boundary_plan(model, cfg, splits, ranks)
+    if plan is None:
+        if boundary.split_model(model, cfg.boundary_stages) is None:
+            log.info("fine-tuning: no boundary split for %s; the whole network fine-tunes (--finetune full)", spec.name)
+        else:
+            log.info("fine-tuning: %d train images' boundary activations exceed the %.0f GiB cache; the whole "
+                     "network fine-tunes", len(splits.train), boundary.CACHE_BUDGET_BYTES / 2**30)
         return False
-    size = cfg.eval_size
-    per_image = math.prod(boundary.activation_shape(split.bottom, size)) * boundary.STORAGE_DTYPE.itemsize
-    views = boundary.views_that_fit(cfg.boundary_views, len(splits.train), len(splits.val), per_image)
-    if views == 0:
-        log.info("fine-tuning: %d train images' boundary activations (%.0f KiB each) exceed the %.0f GiB cache; "
-                 "the whole network fine-tunes", len(splits.train), per_image / 2**10, boundary.CACHE_BUDGET_BYTES / 2**30)
-        return False
+    split, per_image, views = plan
     if views < cfg.boundary_views:
-        log.info("fine-tuning: %d of %d boundary view(s) fit in the %.0f GiB cache", views, cfg.boundary_views,
-                 boundary.CACHE_BUDGET_BYTES / 2**30)
+        log.info("fine-tuning: %d of %d augmented boundary view(s) fit in the %.0f GiB cache", views,
+                 cfg.boundary_views, boundary.CACHE_BUDGET_BYTES / 2**30)
+    size = cfg.eval_size
+    head = max((r for r in state.rows if r["phase"] == "frozen"),
+               key=lambda r: selection_score(r["val_accuracy"], r["val_loss"]))
+    fit = {"head_train_error": round(1 - head["train_accuracy"], 4), "head_val_error": round(1 - head["val_accuracy"], 4)}
+    if cfg.finetune_when == "underfit" and not boundary.head_underfits(head["train_accuracy"], head["val_accuracy"]):
+        log.info("fine-tuning skipped: the head's train error (%.1f%%) is under %.0f%% of its val error (%.1f%%) — "
+                 "it errs from variance, which adapting the features does not cure (--finetune-when always runs it)",
+                 100 * fit["head_train_error"], 100 * boundary.UNDERFIT_RATIO, 100 * fit["head_val_error"])
+        state.data["finetune"] = {"mode": "boundary", "skipped": "head not underfitting", **fit,
+                                  "epochs_run": 0, "seconds": 0.0, "discarded_seconds": 0.0}
+        state.data["boundary_done"] = True
+        state.save()
+        return True
     # An interrupted stage is redone whole (its epochs read views drawn once, and it takes minutes), from
     # the frozen stage's model, which is the best again until an epoch beats it.
     state.data["rows"] = [r for r in state.rows if r["phase"] != "finetune"]
@@ -751,21 +796,37 @@ def _boundary_finetune(model, splits: DataSplits, cfg: TrainConfig, spec: Backbo
     # views at the evaluation size: the top trains at the scale it is validated and used at
     train_ds = ImageDataset(splits.train, train_transform(spec.preprocessing, cfg.augment), decoded=decoded)
     batch = max(cfg.batch_size, 64)
+    tapped = tapped or {}
+    reuse = {k: tapped.get(k) for k in ("train", "val")}
+    expected = boundary.activation_shape(split.bottom, size)
+    for k, n in (("train", len(splits.train)), ("val", len(splits.val))):
+        if reuse[k] is not None and tuple(reuse[k].shape) != (n, *expected):
+            reuse[k] = None  # not this split's activations (cannot happen in one run; never trust it blindly)
     with Progress(TextColumn(f"[bold]caching {split.cut}-stage boundary"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), disable=not cfg.progress, transient=True) as bar:
-        task = bar.add_task("boundary", total=len(splits.val) + views * len(splits.train))
-        val_x = boundary.cache_activations(bottom, val_ds, batch_size=batch, autocast=autocast,
-                                           progress=lambda n: bar.advance(task, n))
-        view_x = []
+        task = bar.add_task("boundary", total=(reuse["val"] is None) * len(splits.val)
+                            + (views + (reuse["train"] is None)) * len(splits.train))
+        advance = lambda n: bar.advance(task, n)  # noqa: E731
+        val_x = reuse["val"]
+        if val_x is None:
+            val_x = boundary.cache_activations(bottom, val_ds, batch_size=batch, autocast=autocast, progress=advance)
+        plain = reuse["train"]
+        if plain is None:
+            plain_ds = ImageDataset(splits.train, eval_transform(spec.preprocessing), decoded=decoded, exact_pixels=True)
+            plain = boundary.cache_activations(bottom, plain_ds, batch_size=batch, autocast=autocast,
+                                               num_workers=cfg.num_workers, progress=advance)
+        # the plain view is one of the views: the head was fitted on it, and it is what val looks like
+        view_x = [plain]
         for v in range(1, views + 1):
             torch.manual_seed(cfg.seed * 1000 + 500 + v)
             view_x.append(boundary.cache_activations(bottom, train_ds, batch_size=batch, autocast=autocast,
-                                                     num_workers=cfg.num_workers, progress=lambda n: bar.advance(task, n)))
+                                                     num_workers=cfg.num_workers, progress=advance))
     del bottom
     caching = time.perf_counter() - t0
-    log.info("fine-tuning the last %d stage(s) on %d cached view(s) of %d train images (%.1fs, %.0f MiB)",
-             cfg.boundary_stages, views, len(splits.train), caching,
-             (len(splits.val) + views * len(splits.train)) * per_image / 2**20)
+    log.info("fine-tuning the last %d stage(s) on the plain and %d augmented cached view(s) of %d train images "
+             "(%.1fs, %.0f MiB%s)", cfg.boundary_stages, views, len(splits.train), caching,
+             (len(splits.val) + (views + 1) * len(splits.train)) * per_image / 2**20,
+             "; plain and val from the feature pass" if reuse["train"] is not None and reuse["val"] is not None else "")
     best = state.data["best"]
     epochs = state.data.get("finetune_epochs_planned", cfg.epochs_finetune)
 
@@ -799,7 +860,8 @@ def _boundary_finetune(model, splits: DataSplits, cfg: TrainConfig, spec: Backbo
         log.info("time budget: fine-tuning stopped after epoch %d", len(records))
     state.data["phase_seconds"]["boundary_cache"] = caching
     state.data["phase_seconds"]["finetune"] = seconds - caching
-    state.data["finetune"] = {"mode": "boundary", "stages": cfg.boundary_stages, "views": views,
+    state.data["finetune"] = {"mode": "boundary", "stages": cfg.boundary_stages, "views": views, **fit,
+                              "from_feature_pass": reuse["train"] is not None and reuse["val"] is not None,
                               "epochs_run": len(records), "stopped": stopped, "best_epoch": best_epoch,
                               "seconds": round(seconds, 3), "discarded_seconds": round(discarded, 3)}
     state.data["finetune_epochs_done"] = len(records)
