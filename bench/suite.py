@@ -58,6 +58,7 @@ ANTS_BEES = REPO / "../shared/data/hymenoptera_data"
 DATASETS = ("sign_digits", "scene15", "brain_tumor_mri", "potato_leaf", "ants_bees")
 CONTENDERS = ("probe", "fastai-style", "classic", "transferlab")  # run in this order
 PROBE_CS = (0.01, 0.1, 1.0, 10.0, 100.0)
+README_BEGIN, README_END = "<!-- suite:begin -->", "<!-- suite:end -->"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results/)")
+    p.add_argument("--readme", type=Path, default=None, metavar="README",
+                   help="also write the short Benchmarks table between the suite markers of this file "
+                        f"({README_BEGIN} ... {README_END})")
     argv = list(sys.argv[1:] if argv is None else argv)
     for i, a in enumerate(argv[:-1]):  # a value starting with "-": glue it, --transferlab-args="--x y"
         if a == "--transferlab-args":
@@ -474,6 +478,46 @@ def plot_dataset(path: Path, name: str, per_seed: dict, test_label: str) -> None
     plt.close(fig)
 
 
+def short_table(doc: dict, args) -> str:
+    """One row per dataset: each contender's test accuracy (seed mean) and wall seconds, and the ratio."""
+    cs = [c for c in args.contenders]
+    head = ("| dataset | " + " | ".join(f"{c} test %" for c in cs) + " | " + " | ".join(f"{c} s" for c in cs)
+            + " | transferlab / fastai-style time |")
+    rows = [head, "|" + "---|" * (2 * len(cs) + 2)]
+    for name, d in doc["datasets"].items():
+        def mean(c, key):
+            xs = [s[c]["chosen"][key] if key in s[c]["chosen"] else s[c][key] for s in d["seeds"].values()
+                  if c in s and "error" not in s[c]]
+            xs = [x for x in xs if x is not None]
+            return statistics.fmean(xs) if xs else None
+        acc = {c: mean(c, "test_acc") for c in cs}
+        wall = {c: mean(c, "wall_s") for c in cs}
+        best = max((a for a in acc.values() if a is not None), default=None)
+        cells = [("failed" if a is None else (f"**{100 * a:.1f}**" if a == best else f"{100 * a:.1f}")) for a in acc.values()]
+        ratio = (wall.get("transferlab") / wall["fastai-style"]
+                 if wall.get("transferlab") and wall.get("fastai-style") else None)
+        tag = "" if d["test_split"] == "test" else " (val)"
+        rows.append(f"| {name}{tag} | " + " | ".join(cells) + " | "
+                    + " | ".join("" if w is None else f"{w:.0f}" for w in wall.values())
+                    + f" | {'' if ratio is None else f'{ratio:.2f}'} |")
+    return "\n".join(rows)
+
+
+def write_readme_table(path: Path, table: str, machine: dict, args) -> None:
+    """Replace what lies between README_BEGIN and README_END in `path` (both must be there)."""
+    text = path.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        print(f"  --readme: {path} has no {README_BEGIN} / {README_END} markers; not written", flush=True)
+        return
+    seeds = ",".join(map(str, args.seeds))
+    block = (f"{README_BEGIN}\n{machine['cpu']}, {machine['physical_cores']} cores, torch {machine['torch']}, "
+             f"{machine['date'][:10]}; {args.backbone}, seed(s) {seeds}; test accuracy of the model chosen on val, "
+             f"wall seconds of the whole run (start-up, data check and report included).\n\n{table}\n{README_END}")
+    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
+    path.write_text(text[:start] + block + text[end:])
+    print(f"  README table written to {path}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -582,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
         verdicts.append(v)
 
     table = "\n".join(lines)
+    if args.readme is not None:
+        write_readme_table(args.readme, short_table(doc, args), machine, args)
     md = args.out / f"suite_{stamp}.md"
     md.write_text(f"# suite {stamp}\n\n{machine}\n\n{table}\n\n" + "\n".join(f"- {v}" for v in verdicts) + "\n")
     doc["verdicts"] = verdicts
