@@ -125,7 +125,7 @@ def find_lr(cfg: TrainConfig, *, num_steps: int = 100, method: str = "valley", s
     freeze_backbone(model)
     tapped: dict[str, torch.Tensor] = {}
     features, _ = _features(model, splits, cfg, spec, train_pre, ranks, autocast, decoded,
-                            tap=_boundary_tap(model, cfg, splits, ranks), tapped=tapped)
+                            tap=_boundary_tap(model, cfg, splits, ranks, plan), tapped=tapped)
     records, _ = _fit_head(model, features, cfg)
     head = max(records, key=lambda r: selection_score(r["val_accuracy"], r["val_loss"]))
     log.info("head: val accuracy %.4f, train accuracy %.4f (epoch %d of %d)", head["val_accuracy"],

@@ -743,10 +743,12 @@ def _boundary_plan(model, cfg: TrainConfig, splits: DataSplits,
     return None if views is None else (split, per_image, views)
 
 
-def _boundary_tap(model, cfg: TrainConfig, splits: DataSplits, ranks: distributed.Ranks) -> str | None:
+def _boundary_tap(model, cfg: TrainConfig, splits: DataSplits, ranks: distributed.Ranks,
+                  plan: tuple[boundary.BoundarySplit, int, int] | None = None) -> str | None:
     """The name of the module whose output is the boundary, when the feature pass should keep its
-    activations: the plain train view and val are then not run through the bottom a second time."""
-    plan = _boundary_plan(model, cfg, splits, ranks)
+    activations: the plain train view and val are then not run through the bottom a second time.
+    `plan`: `_boundary_plan`'s answer when the caller has it already."""
+    plan = plan or _boundary_plan(model, cfg, splits, ranks)
     if plan is None:
         return None
     return next((name for name, m in model.named_modules() if m is plan[0].bottom[-1]), None)
