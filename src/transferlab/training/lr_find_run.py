@@ -81,12 +81,12 @@ def find_lr(cfg: TrainConfig, *, num_steps: int = 100, method: str = "valley", s
     if cfg.world_size > 1:
         raise TransferlabError("lr-find runs in one process: leave --devices and --num-nodes at 1.")
     if not shards.is_shard_source(cfg.data) and not Path(cfg.data).expanduser().exists():
-        raise DataError(f"Data path does not exist: {Path(cfg.data).expanduser().absolute()}. Pass a folder of class "
-                        "sub-folders, a folder with train/ and val/ sub-folders, or a CSV file with a path,label header.")
+        raise DataError(f"Data path does not exist: {Path(cfg.data).expanduser().absolute()}. Pass a folder of "
+                        "class sub-folders, a folder with train/ and val/ sub-folders, or a CSV file with a "
+                        "path,label header.")
     _runtime.setup_torch()
     t_start = time.perf_counter()
-    pretrained = cfg.pretrained
-    spec = resolve_backbone(cfg.backbone, pretrained=pretrained, img_size=cfg.img_size)  # offline: fails here
+    spec = resolve_backbone(cfg.backbone, pretrained=cfg.pretrained, img_size=cfg.img_size)  # offline: fails here
     if cfg.preprocess:
         spec = dataclasses.replace(spec, preprocessing=dataclasses.replace(spec.preprocessing, **cfg.preprocess))
     spec, train_pre = _resolve_sizes(cfg, spec)
