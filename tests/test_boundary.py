@@ -148,7 +148,7 @@ def test_activations_over_the_budget_fall_back_to_the_full_loop(tiny_data, tmp_p
     with caplog.at_level("INFO", logger="transferlab"):
         result = transferlab.train(tiny_data, out=str(tmp_path / "run"), **BOUNDARY)
     assert "exceed" in caplog.text
-    assert result.summary["finetune"] == {"mode": "full"}
+    assert result.summary["finetune"] == {"mode": "full", "lr": 1e-3, "lr_source": "default"}  # the boundary default
     assert [r["phase"] for r in result.rows].count("finetune") == 3
 
 

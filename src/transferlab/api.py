@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # the heavy stack (torch, Lightning) loads only when a comman
     from transferlab.export.exporter import ExportResult
     from transferlab.recipes import Recipe
     from transferlab.recipes.runner import RecipeResult
+    from transferlab.training.lr_find import LRFindResult
     from transferlab.training.run import TrainResult
 
 # The demo: the embedded default backbone on a real dataset that an installed package ships
@@ -59,6 +60,27 @@ def train(data: str | Path | None = None, *, resume: str | Path | None = None, *
         raise TransferlabError(f"Unknown training option(s): {', '.join(sorted(unknown))}")
     cfg = TrainConfig(data=str(data), **options)
     return _train(cfg)
+
+
+def lr_find(data: str | Path, *, num_steps: int = 100, method: str = "valley", start_lr: float = 1e-7,
+            end_lr: float = 1.0, out: str | Path | None = None, **options: Any) -> LRFindResult:
+    """LR range test of the stage `train` fine-tunes by default (the boundary top, from the head fitted on
+    the frozen features as `train` fits it): `num_steps` steps from `start_lr` to `end_lr`, suggestion by
+    `method` (valley | steep | minimum). Writes OUT/lr_find.png and OUT/lr_find.json (default
+    runs/lr-find-<time>); `result.suggestion` is a value for `train(..., lr_finetune=...)`. `options` are
+    the TrainConfig fields that shape the data and the model (backbone, img_size, eval_size, val_split,
+    seed, batch_size, boundary_stages, ...)."""
+    from transferlab.training.lr_find_run import check_options, find_lr
+
+    check_options(num_steps, method, start_lr, end_lr)
+    if data is None:
+        raise TransferlabError("lr_find needs a data path (a folder of images or a CSV file)")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(options) - known
+    if unknown:
+        raise TransferlabError(f"Unknown training option(s): {', '.join(sorted(unknown))}")
+    return find_lr(TrainConfig(data=str(data), **options), num_steps=num_steps, method=method,
+                   start_lr=start_lr, end_lr=end_lr, out=out)
 
 
 def shards(data: str | Path, out: str | Path, *, shard_size: int = 1000, val_split: float = 0.2, seed: int = 0,

@@ -1,6 +1,7 @@
 """`transferlab` command line: a thin Typer skin over transferlab.api.
 
     transferlab train path/to/images
+    transferlab lr-find path/to/images -o runs/lr && transferlab train path/to/images --lr-finetune auto
     transferlab train data/ --backbone efficientnet_lite0 --head mlp --epochs-frozen 16 --epochs-finetune 8 \\
         --lr-head 1e-3 --lr-finetune 1e-4 --lr-decay exp:3 --augment standard --img-size 224 --out runs/ants
     transferlab predict runs/ants img1.jpg more_images/ --top-k 3 --json
@@ -78,7 +79,7 @@ def train(
     boundary_views: Annotated[int, typer.Option(help="--finetune boundary: augmented views of each train image cached beside the plain one")] = 1,
     finetune_when: Annotated[str, typer.Option(help="--finetune boundary: underfit (only when the head's train error is at least half its val error) | always")] = "underfit",
     lr_head: Annotated[float, typer.Option(help="Head learning rate")] = 1e-3,
-    lr_finetune: Annotated[float | None, typer.Option(help="Peak fine-tuning learning rate (top block; default 1e-3 for --finetune boundary, 1e-4 for full)")] = None,
+    lr_finetune: Annotated[str | None, typer.Option(help="Peak fine-tuning learning rate (top block; default 1e-3 for --finetune boundary, 1e-4 for full), or auto: an LR range test on the boundary cache picks it")] = None,
     lr_decay: Annotated[str, typer.Option(help="Per-block LR toward the input: none | exp:F | linear:LOW | layer:D")] = "exp:3",
     unfreeze: Annotated[int | None, typer.Option(help="Unfreeze only the last K blocks (default: all)")] = None,
     lr_floor: Annotated[float | None, typer.Option(help="LR for the blocks --unfreeze leaves out, instead of freezing them (e.g. 1e-8)")] = None,
@@ -117,6 +118,7 @@ def train(
 ) -> None:
     """Train a classifier from a folder of labelled images (two-stage transfer learning)."""
     from transferlab import api
+    from transferlab.config import parse_lr_finetune
 
     _setup_logging(verbose)
     if resume is None and data is None:
@@ -126,7 +128,7 @@ def train(
             "backbone": backbone, "pretrained": pretrained, "head": head, "head_hidden": head_hidden,
             "head_dropout": head_dropout, "strategy": strategy, "epochs_frozen": epochs_frozen,
             "epochs_finetune": epochs_finetune, "finetune": finetune, "boundary_stages": boundary_stages,
-            "boundary_views": boundary_views, "finetune_when": finetune_when, "lr_head": lr_head, "lr_finetune": lr_finetune, "lr_decay": lr_decay,
+            "boundary_views": boundary_views, "finetune_when": finetune_when, "lr_head": lr_head, "lr_finetune": parse_lr_finetune(lr_finetune), "lr_decay": lr_decay,
             "unfreeze": unfreeze, "lr_floor": lr_floor, "optimizer": optimizer, "weight_decay": weight_decay, "schedule": schedule,
             "label_smoothing": label_smoothing, "early_stop": early_stop, "finetune_gate": finetune_gate, "time_budget": time_budget, "progressive_resize": progressive_resize, "bn": bn, "augment": augment,
             "feature_views": feature_views, "img_size": img_size, "eval_size": eval_size, "val_split": val_split, "batch_size": batch_size,
@@ -149,6 +151,80 @@ def _train_or_resume(api, data, resume, options: dict):
     if resume is not None:
         return api.train(resume=resume)
     return api.train(data, **options)
+
+
+@app.command("lr-find")
+def lr_find(
+    data: Annotated[Path, typer.Argument(help="ImageFolder tree (train/ val/ [test/]), class folders, or a CSV of path,label")],
+    backbone: Annotated[str, typer.Option(help="Backbone: efficientnet_lite0|1|2 (offline), any timm name, hf-hub:ID, or tv:NAME")] = "efficientnet_lite0",
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights")] = True,
+    head: Annotated[str, typer.Option(help="linear | mlp")] = "linear",
+    epochs_frozen: Annotated[int, typer.Option(help="Head epochs on cached frozen features (the head the test starts from)")] = 16,
+    lr_head: Annotated[float, typer.Option(help="Head learning rate (for fitting the head)")] = 1e-3,
+    boundary_stages: Annotated[int, typer.Option(help="The last N stages fine-tune (as train --boundary-stages)")] = 2,
+    boundary_views: Annotated[int, typer.Option(help="Augmented views of each train image cached beside the plain one")] = 1,
+    augment: Annotated[str, typer.Option(help="none | light | standard | strong | classic | padcrop (the augmented views)")] = "standard",
+    img_size: Annotated[int | None, typer.Option(help="Training input size (default: the backbone's)")] = None,
+    eval_size: Annotated[int | None, typer.Option(help="Size of the frozen features and the boundary cache (default as train)")] = None,
+    val_split: Annotated[float, typer.Option(help="Validation fraction when the data has no val/ folder")] = 0.2,
+    batch_size: Annotated[int, typer.Option(help="Batch size (of the head's epochs and of each test step)")] = 32,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same curve)")] = 0,
+    num_steps: Annotated[int, typer.Option(help="Steps of the range test (at least 10)")] = 100,
+    method: Annotated[str, typer.Option(help="Suggestion rule: valley | steep | minimum")] = "valley",
+    start_lr: Annotated[float, typer.Option(help="The body's LR at the first step")] = 1e-7,
+    end_lr: Annotated[float, typer.Option(help="The body's LR at the last step")] = 1.0,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for lr_find.png and lr_find.json (default runs/lr-find-<time>)")] = None,
+    num_workers: Annotated[int | None, typer.Option(help="Data-loader workers (default: by core count)")] = None,
+    precision: Annotated[str, typer.Option(help="auto | 32-true | bf16-mixed | 16-mixed")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
+    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache directory (shared with train)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print lr_find.json instead of the summary")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """LR range test of the fine-tuning stage train runs by default (the top stages on the boundary cache,
+    from the head fitted on frozen features): suggests --lr-finetune, plots the loss against the LR.
+
+    transferlab lr-find data/ -o runs/lr
+    transferlab lr-find data/ --method steep --num-steps 200 --json
+    """
+    from transferlab import api
+
+    _setup_logging(verbose)
+    result = api.lr_find(data, num_steps=num_steps, method=method, start_lr=start_lr, end_lr=end_lr, out=out,
+                         backbone=backbone, pretrained=pretrained, head=head, epochs_frozen=epochs_frozen,
+                         lr_head=lr_head, boundary_stages=boundary_stages, boundary_views=boundary_views,
+                         augment=augment, img_size=img_size, eval_size=eval_size, val_split=val_split,
+                         batch_size=batch_size, seed=seed, num_workers=num_workers, precision=precision,
+                         device=device, cache_dir=str(cache_dir) if cache_dir else None, progress=progress)
+    if as_json:
+        out_console.print_json(json.dumps(result.to_dict()))
+        return
+    _report_lr_find(result)
+
+
+def _report_lr_find(result) -> None:
+    from rich.markup import escape
+
+    setup, files = result.setup, result.files
+    if result.lrs:
+        low, high = min(result.losses), max(result.losses)
+        stop = f", stopped early: {result.stopped}" if result.stopped else ""
+        console.print(f"curve: {len(result.lrs)} steps, body LR {result.lrs[0]:.1e} → {result.lrs[-1]:.1e}, "
+                      f"smoothed loss {result.losses[0]:.3f} (first) / {low:.3f} (lowest) / {high:.3f} (highest){stop}")
+    else:
+        console.print(f"curve: no finite loss recorded (stopped: {result.stopped})")
+    if result.suggestion is None:
+        console.print(f"[yellow]no suggestion[/]: the {result.method} rule found no LR where the loss falls over the "
+                      "tested range; look at the plot, or try --method minimum, more --num-steps or a lower "
+                      "--start-lr (train keeps its default --lr-finetune 1e-3 unless told otherwise)")
+    else:
+        console.print(f"[bold green]suggested --lr-finetune {result.suggestion:.2e}[/] ({result.method}; the head "
+                      f"trains at {setup['head_lr_multiplier']:g}x: {setup['head_lr']:.2e})")
+    console.print(f"plot → [bold]{escape(files['plot'])}[/]; curve → [bold]{escape(files['json'])}[/]")
+    suggestion = "none" if result.suggestion is None else f"{result.suggestion:.3g}"
+    out_console.print(f"suggestion={suggestion} method={result.method} plot={files['plot']} json={files['json']}",
+                      markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -20,6 +20,9 @@ FINETUNE_WHEN = ("underfit", "always")  # --finetune boundary: run it only when 
 # Peak fine-tuning LR by mode when --lr-finetune is not given: the boundary top starts from pretrained
 # stages right below a trained head and moves them for a few epochs; the full loop's 1e-4 decays from it.
 DEFAULT_LR_FINETUNE = {"boundary": 1e-3, "full": 1e-4}
+# --lr-finetune auto: the boundary stage's peak LR from an LR range test on the cached activations
+# (training/lr_find.py) run right before its epochs; the full loop keeps DEFAULT_LR_FINETUNE["full"].
+AUTO_LR = "auto"
 PREPROCESS_KEYS = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
 # Lightning strategies for spreading a run over devices/nodes ("auto": one device → none, several → DDP).
 DIST_STRATEGIES = ("auto", "ddp", "fsdp")
@@ -48,6 +51,26 @@ def parse_duration(text: str | float) -> float:
     return seconds
 
 
+def _positive_number(value: Any) -> bool:
+    import math
+
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def parse_lr_finetune(text: str | float | None) -> float | str | None:
+    """--lr-finetune's value: a number (as text or not) or 'auto'; anything else is returned unchanged,
+    for `TrainConfig.validate` to reject with its message."""
+    if text is None or isinstance(text, int | float):
+        return text
+    raw = str(text).strip()
+    if raw.lower() == AUTO_LR:
+        return AUTO_LR
+    try:
+        return float(raw)
+    except ValueError:
+        return raw
+
+
 @dataclass
 class TrainConfig:
     """Everything that decides a run. Defaults are the measured fastest recipe that keeps accuracy."""
@@ -73,7 +96,7 @@ class TrainConfig:
     boundary_views: int = 1  # finetune boundary: augmented views of every train image cached at the boundary, beside the plain one
     finetune_when: str = "underfit"  # finetune boundary: "underfit" skips it when the head fits train far better than val
     lr_head: float = 1e-3
-    lr_finetune: float | None = None  # default by --finetune mode: DEFAULT_LR_FINETUNE
+    lr_finetune: float | str | None = None  # default by --finetune mode: DEFAULT_LR_FINETUNE; "auto": AUTO_LR
     lr_decay: str = "exp:3"
     unfreeze: int | None = None
     # LR for the backbone blocks --unfreeze leaves out, instead of freezing them (and no block is
@@ -186,9 +209,10 @@ class TrainConfig:
                 parse_size(self.max_memory)
             except ValueError as exc:
                 bad(str(exc))
-        for name in ("lr_head", "lr_finetune"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                bad(f"{name} must be > 0")
+        if self.lr_head <= 0:
+            bad("lr_head must be > 0")
+        if self.lr_finetune is not None and self.lr_finetune != AUTO_LR and not _positive_number(self.lr_finetune):
+            bad(f"lr_finetune must be a number > 0 or '{AUTO_LR}', got {self.lr_finetune!r}")
         if self.lr_floor is not None and self.lr_floor <= 0:
             bad("lr_floor must be > 0 (leave it unset to freeze the blocks --unfreeze leaves out)")
         unknown = set(self.preprocess) - set(PREPROCESS_KEYS)
@@ -219,8 +243,11 @@ class TrainConfig:
 
     @property
     def finetune_lr(self) -> float:
-        """The peak fine-tuning LR: --lr-finetune, else the --finetune mode's default."""
-        return self.lr_finetune if self.lr_finetune is not None else DEFAULT_LR_FINETUNE[self.finetune]
+        """The peak fine-tuning LR: --lr-finetune, else the --finetune mode's default (also for 'auto',
+        whose measured LR the boundary stage finds itself, right before its epochs)."""
+        if self.lr_finetune is None or self.lr_finetune == AUTO_LR:
+            return DEFAULT_LR_FINETUNE[self.finetune]
+        return float(self.lr_finetune)
 
     @property
     def world_size(self) -> int:

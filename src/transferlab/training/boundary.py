@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from transferlab.models.heads import HeadSlot
 from transferlab.training.finetune import TrainingDiverged, build_scheduler
 from transferlab.training.head_stage import selection_score
+from transferlab.training.lr_find import LRFindResult, lr_range_test
 
 log = logging.getLogger("transferlab")
 
@@ -185,6 +186,62 @@ def _keep_frozen_modes(top: nn.Module) -> None:
             m.eval()
 
 
+def _top_optimizer(top: nn.Module, lr: float, head_lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the whole top: the body's stages at `lr` (group 0), the head at `head_lr` (group 1)."""
+    head_ids = {id(p) for m in top.modules() if isinstance(m, HeadSlot) for p in m.parameters()}
+    body = [p for p in top.parameters() if id(p) not in head_ids]
+    head = [p for p in top.parameters() if id(p) in head_ids]
+    for p in top.parameters():
+        p.requires_grad_(True)
+    return torch.optim.AdamW([{"params": body, "lr": lr}, {"params": head, "lr": head_lr}],
+                             weight_decay=weight_decay)
+
+
+def range_test_top(
+    top: nn.Module,
+    views: Sequence[torch.Tensor],
+    train_y: torch.Tensor,
+    *,
+    head_lr_multiplier: float,
+    weight_decay: float,
+    label_smoothing: float,
+    batch_size: int,
+    seed: int,
+    num_steps: int,
+    method: str = "valley",
+    start_lr: float = 1e-7,
+    end_lr: float = 1.0,
+) -> LRFindResult:
+    """An LR range test (training/lr_find.py) of the top as `train_top` trains it: AdamW with the head at
+    `head_lr_multiplier` × the body's LR, label smoothing, BatchNorm frozen, each step a batch of random
+    images in random views. Seeded by `seed` alone; the top (weights, requires_grad, modes) is left as
+    it was. The suggestion is the body's LR, what `train_top` takes as `lr`."""
+    flags = [p.requires_grad for p in top.parameters()]
+    optimizer = _top_optimizer(top, start_lr, start_lr * head_lr_multiplier, weight_decay)
+    generator = torch.Generator().manual_seed(seed * 1000 + 17)
+    n = len(train_y)
+    modes = [(m, m.training) for m in top.modules()]
+    top.train()
+    _keep_frozen_modes(top)  # lr_range_test keeps a model already in train mode as it is
+
+    def step() -> torch.Tensor:
+        idx = torch.randint(n, (min(batch_size, n),), generator=generator)
+        view_of = torch.randint(len(views), (len(idx),), generator=generator)
+        x = torch.stack([views[v][i] for i, v in zip(idx.tolist(), view_of.tolist())]).float()
+        return F.cross_entropy(top(x), train_y[idx], label_smoothing=label_smoothing)
+
+    try:
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG stream goes on as if the test had not run
+            torch.manual_seed(seed)  # dropout draws
+            return lr_range_test(top, optimizer, step, start_lr=start_lr, end_lr=end_lr, num_steps=num_steps,
+                                 method=method)
+    finally:
+        for p, flag in zip(top.parameters(), flags):
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+
+
 def train_top(
     top: nn.Module,
     views: Sequence[torch.Tensor],
@@ -208,13 +265,7 @@ def train_top(
     """One-cycle AdamW on the top (head at `head_lr`), each epoch reading one random view per image.
     Returns the epoch records, the best top state when an epoch beat `baseline` (the frozen head's
     `selection_score`), else None, and why it stopped early (None, 'gate' or 'time budget')."""
-    head_ids = {id(p) for m in top.modules() if isinstance(m, HeadSlot) for p in m.parameters()}
-    body = [p for p in top.parameters() if id(p) not in head_ids]
-    head = [p for p in top.parameters() if id(p) in head_ids]
-    for p in top.parameters():
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW([{"params": body, "lr": lr}, {"params": head, "lr": head_lr}],
-                                  weight_decay=weight_decay)
+    optimizer = _top_optimizer(top, lr, head_lr, weight_decay)
     n = len(train_y)
     steps = max(1, math.ceil(n / batch_size)) * epochs
     scheduler = build_scheduler("onecycle", optimizer, steps, pct_start=0.25)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,6 +43,10 @@ class LRFindResult:
     """The rule in SUGGESTIONS that gave `suggestion`."""
     stopped: str | None
     """None (ran all steps), 'diverged' (smoothed loss > diverge × best) or 'non-finite'."""
+    setup: dict[str, Any] = field(default_factory=dict)
+    """What was tested, where a caller records it (`transferlab lr-find`: backbone, stages, images...)."""
+    files: dict[str, str] = field(default_factory=dict)
+    """Where the caller wrote the result (`transferlab lr-find`: {"plot", "json"})."""
 
     def to_dict(self) -> dict:
         """JSON-safe: non-finite floats become None, since strict JSON has no NaN/inf."""

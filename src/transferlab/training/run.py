@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from transferlab import _runtime
-from transferlab.config import TrainConfig, parse_duration
+from transferlab.config import AUTO_LR, DEFAULT_LR_FINETUNE, TrainConfig, parse_duration
 from transferlab.data.datasets import DecodedImages, ImageDataset
 from transferlab.data.feature_cache import backbone_fingerprint, should_compile, transform_tag, usable_cache_dir
 from transferlab.data.sources import DataSplits, load_splits
@@ -298,18 +298,8 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
                 state.data["forward_images_per_second"] = n_extracted / max(extract_seconds, 1e-9)
 
             def head_stage() -> dict[str, torch.Tensor]:  # once, on rank 0, on the cached tensors
-                train_x, train_y, val_x, val_y = features
                 t2 = time.perf_counter()
-                head = head_slot(model).head
-                torch.manual_seed(cfg.seed)  # dropout draws: the same whether features were cached or not
-                records, best_state = train_head(
-                    head, train_x, train_y, val_x, val_y,
-                    epochs=cfg.epochs_frozen, lr=cfg.lr_head, weight_decay=cfg.weight_decay,
-                    label_smoothing=cfg.label_smoothing, batch_size=cfg.batch_size, seed=cfg.seed,
-                    optimizer=cfg.optimizer, constant_lr=cfg.schedule == "constant",
-                    on_epoch=lambda rec: record("frozen", rec),
-                )
-                head.load_state_dict(best_state)
+                records, best_state = _fit_head(model, features, cfg, on_epoch=lambda rec: record("frozen", rec))
                 best_rec = max(records, key=lambda r: selection_score(r["val_accuracy"], r["val_loss"]))
                 state.data["frozen_val_loss"] = best_rec["val_loss"]  # what fine-tuning has to beat
                 maybe_save_best("frozen", best_rec["epoch"], best_rec["val_accuracy"], best_rec["val_loss"])
@@ -349,6 +339,22 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
     return TrainResult(run_dir=run_dir, summary=summary, rows=rows, is_global_zero=ranks.is_zero)
 
 
+def _fit_head(model, features, cfg: TrainConfig, on_epoch=None) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """The frozen stage: the head trained on cached (train_x, train_y, val_x, val_y) features, left at its
+    best epoch's weights; returns the epoch records and that state."""
+    train_x, train_y, val_x, val_y = features
+    head = head_slot(model).head
+    torch.manual_seed(cfg.seed)  # dropout draws: the same whether features were cached or not
+    records, best_state = train_head(
+        head, train_x, train_y, val_x, val_y,
+        epochs=cfg.epochs_frozen, lr=cfg.lr_head, weight_decay=cfg.weight_decay,
+        label_smoothing=cfg.label_smoothing, batch_size=cfg.batch_size, seed=cfg.seed,
+        optimizer=cfg.optimizer, constant_lr=cfg.schedule == "constant", on_epoch=on_epoch,
+    )
+    head.load_state_dict(best_state)
+    return records, best_state
+
+
 def _finish(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, splits: DataSplits, state: RunState,
             elapsed: float, extract_precision: str, precision: str, accelerator: str,
             started_at: datetime, decoded: DecodedImages | None = None) -> tuple[dict, list[dict]]:
@@ -384,7 +390,9 @@ def _finish(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, splits: DataSpl
         "threads": torch.get_num_threads(),
         "allocator_tuned": _runtime.tune_allocator(),
         "bn_mode": cfg.bn_mode,
-        "finetune": state.data.get("finetune", {"mode": "full"} if "finetune" in state.data["phase_seconds"] else None),
+        "finetune": state.data.get("finetune", (
+            {"mode": "full", **({} if cfg.strategy == "scratch" else _lr_record(cfg))}
+            if "finetune" in state.data["phase_seconds"] else None)),
         "seed": cfg.seed,
         "versions": {"torch": torch.__version__, "lightning": L.__version__, "python": sys.version.split()[0]},
     }
@@ -597,6 +605,9 @@ def _finetune(model, splits, cfg, spec, pre, state, run_dir, accelerator, precis
     if epochs - done <= 0 or state.data.get("finetune_stopped_early"):
         return
 
+    if cfg.lr_finetune == AUTO_LR and cfg.strategy != "scratch":
+        log.info("--lr-finetune auto applies to boundary fine-tuning only; the whole network fine-tunes at the "
+                 "default %.0e", cfg.finetune_lr)
     unfreeze(model, cfg.unfreeze if cfg.lr_floor is None else None)
     if cfg.strategy == "scratch":
         groups = discriminative_param_groups(model, cfg.lr_head, "none", weight_decay=cfg.weight_decay)
@@ -732,13 +743,58 @@ def _boundary_plan(model, cfg: TrainConfig, splits: DataSplits,
     return None if views is None else (split, per_image, views)
 
 
-def _boundary_tap(model, cfg: TrainConfig, splits: DataSplits, ranks: distributed.Ranks) -> str | None:
+def _boundary_tap(model, cfg: TrainConfig, splits: DataSplits, ranks: distributed.Ranks,
+                  plan: tuple[boundary.BoundarySplit, int, int] | None = None) -> str | None:
     """The name of the module whose output is the boundary, when the feature pass should keep its
-    activations: the plain train view and val are then not run through the bottom a second time."""
-    plan = _boundary_plan(model, cfg, splits, ranks)
+    activations: the plain train view and val are then not run through the bottom a second time.
+    `plan`: `_boundary_plan`'s answer when the caller has it already."""
+    plan = plan or _boundary_plan(model, cfg, splits, ranks)
     if plan is None:
         return None
     return next((name for name, m in model.named_modules() if m is plan[0].bottom[-1]), None)
+
+
+def _cache_boundary(split: boundary.BoundarySplit, splits: DataSplits, cfg: TrainConfig, spec: BackboneSpec,
+                    views: int, decoded: DecodedImages | None, autocast, tapped: dict[str, torch.Tensor] | None,
+                    with_val: bool = True) -> tuple[list[torch.Tensor], torch.Tensor | None, bool]:
+    """The bottom's activations at the evaluation size: [plain train view, `views` augmented ones], val's
+    (None without `with_val`), and whether plain and val came from the feature pass (`tapped`)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    size = cfg.eval_size
+    bottom = folded_for_inference(copy.deepcopy(split.bottom).eval(), size)
+    bottom.to(memory_format=torch.channels_last)
+    val_ds = ImageDataset(splits.val, eval_transform(spec.preprocessing), decoded=decoded, exact_pixels=True,
+                          kept_view=eval_view(spec.preprocessing))
+    # views at the evaluation size: the top trains at the scale it is validated and used at
+    train_ds = ImageDataset(splits.train, train_transform(spec.preprocessing, cfg.augment), decoded=decoded)
+    batch = max(cfg.batch_size, 64)
+    tapped = tapped or {}
+    reuse = {k: tapped.get(k) for k in ("train", "val")}
+    expected = boundary.activation_shape(split.bottom, size)
+    for k, n in (("train", len(splits.train)), ("val", len(splits.val))):
+        if reuse[k] is not None and tuple(reuse[k].shape) != (n, *expected):
+            reuse[k] = None  # not this split's activations (cannot happen in one run; never trust it blindly)
+    with Progress(TextColumn(f"[bold]caching {split.cut}-stage boundary"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), disable=not cfg.progress, transient=True) as bar:
+        task = bar.add_task("boundary", total=(with_val and reuse["val"] is None) * len(splits.val)
+                            + (views + (reuse["train"] is None)) * len(splits.train))
+        advance = lambda n: bar.advance(task, n)  # noqa: E731
+        val_x = reuse["val"]
+        if val_x is None and with_val:
+            val_x = boundary.cache_activations(bottom, val_ds, batch_size=batch, autocast=autocast, progress=advance)
+        plain = reuse["train"]
+        if plain is None:
+            plain_ds = ImageDataset(splits.train, eval_transform(spec.preprocessing), decoded=decoded, exact_pixels=True)
+            plain = boundary.cache_activations(bottom, plain_ds, batch_size=batch, autocast=autocast,
+                                               num_workers=cfg.num_workers, progress=advance)
+        # the plain view is one of the views: the head was fitted on it, and it is what val looks like
+        view_x = [plain]
+        for v in range(1, views + 1):
+            torch.manual_seed(cfg.seed * 1000 + 500 + v)
+            view_x.append(boundary.cache_activations(bottom, train_ds, batch_size=batch, autocast=autocast,
+                                                     num_workers=cfg.num_workers, progress=advance))
+    return view_x, val_x, reuse["train"] is not None and reuse["val"] is not None
 
 
 def _boundary_finetune(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneSpec, state: RunState, run_dir: Path,
@@ -747,8 +803,6 @@ def _boundary_finetune(model, splits: DataSplits, cfg: TrainConfig, spec: Backbo
     """Two-stage fine-tuning of the top stages on a boundary cache (training/boundary.py). False when this
     run fine-tunes with the full loop instead: --finetune full, several processes, an architecture with no
     chain to cut, activations that do not fit in memory, or full-loop epochs already done (a resumed run)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     if cfg.strategy != "two-stage" or cfg.finetune != "boundary" or not state.data["frozen_done"]:
         return False
     if state.data.get("boundary_done"):
@@ -767,7 +821,6 @@ def _boundary_finetune(model, splits: DataSplits, cfg: TrainConfig, spec: Backbo
     if views < cfg.boundary_views:
         log.info("fine-tuning: %d of %d augmented boundary view(s) fit in the %.0f GiB cache", views,
                  cfg.boundary_views, boundary.CACHE_BUDGET_BYTES / 2**30)
-    size = cfg.eval_size
     head = max((r for r in state.rows if r["phase"] == "frozen"),
                key=lambda r: selection_score(r["val_accuracy"], r["val_loss"]))
     fit = {"head_train_error": round(1 - head["train_accuracy"], 4), "head_val_error": round(1 - head["val_accuracy"], 4)}
@@ -789,44 +842,14 @@ def _boundary_finetune(model, splits: DataSplits, cfg: TrainConfig, spec: Backbo
         state.data["best"] = None
         maybe_save_best("frozen", frozen["epoch"], frozen["val_accuracy"], frozen["val_loss"])
     t0 = time.perf_counter()
-    bottom = folded_for_inference(copy.deepcopy(split.bottom).eval(), size)
-    bottom.to(memory_format=torch.channels_last)
-    val_ds = ImageDataset(splits.val, eval_transform(spec.preprocessing), decoded=decoded, exact_pixels=True,
-                          kept_view=eval_view(spec.preprocessing))
-    # views at the evaluation size: the top trains at the scale it is validated and used at
-    train_ds = ImageDataset(splits.train, train_transform(spec.preprocessing, cfg.augment), decoded=decoded)
-    batch = max(cfg.batch_size, 64)
-    tapped = tapped or {}
-    reuse = {k: tapped.get(k) for k in ("train", "val")}
-    expected = boundary.activation_shape(split.bottom, size)
-    for k, n in (("train", len(splits.train)), ("val", len(splits.val))):
-        if reuse[k] is not None and tuple(reuse[k].shape) != (n, *expected):
-            reuse[k] = None  # not this split's activations (cannot happen in one run; never trust it blindly)
-    with Progress(TextColumn(f"[bold]caching {split.cut}-stage boundary"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), disable=not cfg.progress, transient=True) as bar:
-        task = bar.add_task("boundary", total=(reuse["val"] is None) * len(splits.val)
-                            + (views + (reuse["train"] is None)) * len(splits.train))
-        advance = lambda n: bar.advance(task, n)  # noqa: E731
-        val_x = reuse["val"]
-        if val_x is None:
-            val_x = boundary.cache_activations(bottom, val_ds, batch_size=batch, autocast=autocast, progress=advance)
-        plain = reuse["train"]
-        if plain is None:
-            plain_ds = ImageDataset(splits.train, eval_transform(spec.preprocessing), decoded=decoded, exact_pixels=True)
-            plain = boundary.cache_activations(bottom, plain_ds, batch_size=batch, autocast=autocast,
-                                               num_workers=cfg.num_workers, progress=advance)
-        # the plain view is one of the views: the head was fitted on it, and it is what val looks like
-        view_x = [plain]
-        for v in range(1, views + 1):
-            torch.manual_seed(cfg.seed * 1000 + 500 + v)
-            view_x.append(boundary.cache_activations(bottom, train_ds, batch_size=batch, autocast=autocast,
-                                                     num_workers=cfg.num_workers, progress=advance))
-    del bottom
+    view_x, val_x, from_pass = _cache_boundary(split, splits, cfg, spec, views, decoded, autocast, tapped)
     caching = time.perf_counter() - t0
     log.info("fine-tuning the last %d stage(s) on the plain and %d augmented cached view(s) of %d train images "
              "(%.1fs, %.0f MiB%s)", cfg.boundary_stages, views, len(splits.train), caching,
              (len(splits.val) + (views + 1) * len(splits.train)) * per_image / 2**20,
-             "; plain and val from the feature pass" if reuse["train"] is not None and reuse["val"] is not None else "")
+             "; plain and val from the feature pass" if from_pass else "")
+    train_y = torch.tensor([s.label for s in splits.train])
+    lr, lr_record = _boundary_lr(split.top, view_x, train_y, cfg)
     best = state.data["best"]
     epochs = state.data.get("finetune_epochs_planned", cfg.epochs_finetune)
 
@@ -837,9 +860,8 @@ def _boundary_finetune(model, splits: DataSplits, cfg: TrainConfig, spec: Backbo
         write_metrics(run_dir, state.rows)
 
     records, best_top, stopped = boundary.train_top(
-        split.top, view_x, torch.tensor([s.label for s in splits.train]), val_x,
-        torch.tensor([s.label for s in splits.val]),
-        epochs=epochs, lr=cfg.finetune_lr, head_lr=cfg.finetune_lr * HEAD_LR_MULTIPLIER, weight_decay=cfg.weight_decay,
+        split.top, view_x, train_y, val_x, torch.tensor([s.label for s in splits.val]),
+        epochs=epochs, lr=lr, head_lr=lr * HEAD_LR_MULTIPLIER, weight_decay=cfg.weight_decay,
         label_smoothing=cfg.label_smoothing, batch_size=cfg.batch_size, seed=cfg.seed,
         # no gate: near the one-cycle peak the first epochs dipped below the head on potato_leaf and
         # scene15 before the last ones ended above it (bench/RESULTS.md); the head is kept unless beaten
@@ -861,7 +883,7 @@ def _boundary_finetune(model, splits: DataSplits, cfg: TrainConfig, spec: Backbo
     state.data["phase_seconds"]["boundary_cache"] = caching
     state.data["phase_seconds"]["finetune"] = seconds - caching
     state.data["finetune"] = {"mode": "boundary", "stages": cfg.boundary_stages, "views": views, **fit,
-                              "from_feature_pass": reuse["train"] is not None and reuse["val"] is not None,
+                              "from_feature_pass": from_pass, **lr_record,
                               "epochs_run": len(records), "stopped": stopped, "best_epoch": best_epoch,
                               "seconds": round(seconds, 3), "discarded_seconds": round(discarded, 3)}
     state.data["finetune_epochs_done"] = len(records)
@@ -874,6 +896,54 @@ def _boundary_finetune(model, splits: DataSplits, cfg: TrainConfig, spec: Backbo
 # The new head's LR over the body's while the boundary top trains: the head was fitted to the frozen
 # features and has to follow the stages below it as they move.
 HEAD_LR_MULTIPLIER = 3.0
+
+# --lr-finetune auto: the range test runs this many steps at most, two epochs' worth when fewer; under
+# AUTO_LR_MIN_STEPS (a handful of batches) the curve is too short to read and the default LR is used.
+AUTO_LR_MAX_STEPS = 100
+AUTO_LR_MIN_STEPS = 20
+
+
+def _lr_record(cfg: TrainConfig) -> dict[str, Any]:
+    """What the summary says of the fine-tuning LR when no range test ran: the user's, or the default
+    (with why, when 'auto' was asked for but does not apply)."""
+    lr = cfg.finetune_lr
+    if cfg.lr_finetune is None:
+        return {"lr": lr, "lr_source": "default"}
+    if cfg.lr_finetune == AUTO_LR:
+        return {"lr": lr, "lr_source": "default",
+                "lr_reason": "--lr-finetune auto applies to boundary fine-tuning only"}
+    return {"lr": lr, "lr_source": "user"}
+
+
+def _boundary_lr(top: torch.nn.Module, views: list[torch.Tensor], train_y: torch.Tensor,
+                 cfg: TrainConfig) -> tuple[float, dict[str, Any]]:
+    """The body's peak LR for the boundary top and its record for the summary. With --lr-finetune auto:
+    an LR range test of the top on the cached views (seeded, the top left unchanged) and its suggestion,
+    else the boundary default with the reason."""
+    if cfg.lr_finetune != AUTO_LR:
+        return cfg.finetune_lr, _lr_record(cfg)
+    default = DEFAULT_LR_FINETUNE["boundary"]
+    epoch_steps = max(1, math.ceil(len(train_y) / cfg.batch_size))
+    steps = min(AUTO_LR_MAX_STEPS, 2 * epoch_steps)
+    if steps < AUTO_LR_MIN_STEPS:
+        reason = (f"{len(train_y)} train images make {epoch_steps} step(s) an epoch at batch size {cfg.batch_size}: "
+                  f"too few for an LR range test (it needs {AUTO_LR_MIN_STEPS})")
+        log.info("--lr-finetune auto: %s; fine-tuning at the default %.0e", reason, default)
+        return default, {"lr": default, "lr_source": "default", "lr_reason": reason}
+    t0 = time.perf_counter()
+    result = boundary.range_test_top(top, views, train_y, head_lr_multiplier=HEAD_LR_MULTIPLIER,
+                                     weight_decay=cfg.weight_decay, label_smoothing=cfg.label_smoothing,
+                                     batch_size=cfg.batch_size, seed=cfg.seed, num_steps=steps)
+    seconds = round(time.perf_counter() - t0, 3)
+    test = {"lr_find": {"steps": len(result.lrs), "method": result.method, "stopped": result.stopped,
+                        "suggestion": result.suggestion, "seconds": seconds}}
+    if result.suggestion is None:
+        reason = "the LR range test's loss never fell" + (f" (stopped: {result.stopped})" if result.stopped else "")
+        log.info("--lr-finetune auto: %s; fine-tuning at the default %.0e", reason, default)
+        return default, {"lr": default, "lr_source": "default", "lr_reason": reason, **test}
+    log.info("--lr-finetune auto: the LR range test (%d steps, %s, %.1fs) suggests %.2e for the body (head %.2e)",
+             len(result.lrs), result.method, seconds, result.suggestion, result.suggestion * HEAD_LR_MULTIPLIER)
+    return result.suggestion, {"lr": result.suggestion, "lr_source": "auto", **test}
 
 
 def _validation_autocast(requested: str, accelerator: str, training_precision: str) -> torch.dtype | None:
