@@ -90,10 +90,10 @@ class TrainConfig:
     # schedule
     strategy: str = "two-stage"
     epochs_frozen: int = 16
-    epochs_finetune: int = 6
+    epochs_finetune: int = 4
     finetune: str = "boundary"
     boundary_stages: int = 2  # finetune boundary: the last N stages (and what follows them) train
-    boundary_views: int = 1  # finetune boundary: augmented views of every train image cached at the boundary, beside the plain one
+    boundary_views: int = 0  # finetune boundary: augmented views of every train image cached beside the plain one (0: the plain view alone)
     finetune_when: str = "underfit"  # finetune boundary: "underfit" skips it when the head fits train far better than val
     lr_head: float = 1e-3
     lr_finetune: float | str | None = None  # default by --finetune mode: DEFAULT_LR_FINETUNE; "auto": AUTO_LR
