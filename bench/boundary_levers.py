@@ -13,7 +13,8 @@ variant: head val/test, the val-chosen epoch's val/test, the summed epoch second
     .venv/bin/python bench/boundary_levers.py cache --datasets sign_digits,scene15
     .venv/bin/python bench/boundary_levers.py run --datasets sign_digits --variants "v1e6,v0e6,v1e4"
 
-A variant name is `[s<stages>]v<views>e<epochs>[l<lr>][b<batch>]`, e.g. v0e4l2e-3b64 or s1v1e6: `s1` trains only
+A variant name is `[s<stages>]v<views>e<epochs>[l<lr>|lauto][b<batch>]`, e.g. v0e4l2e-3b64, v0e4lauto (the LR
+`--lr-finetune auto` would pick) or s1v1e6: `s1` trains only
 the last stage, on the cached activations passed once through the frozen stage before it (fewer stages
 than were cached only).
 """
@@ -86,11 +87,11 @@ def cache(args) -> None:
 
 
 def _variant(text: str) -> dict:
-    m = re.fullmatch(r"(?:s(\d+))?v(\d+)e(\d+)(?:l([0-9.e-]+))?(?:b(\d+))?", text)
+    m = re.fullmatch(r"(?:s(\d+))?v(\d+)e(\d+)(?:l([0-9.e-]+|auto))?(?:b(\d+))?", text)
     if not m:
         raise SystemExit(f"bad variant {text!r}: [s<stages>]v<views>e<epochs>[l<lr>][b<batch>]")
     return {"stages": int(m[1]) if m[1] else None, "views": int(m[2]), "epochs": int(m[3]),
-            "lr": float(m[4] or 1e-3), "batch": int(m[5] or 32)}
+            "lr": m[4] if m[4] == "auto" else float(m[4] or 1e-3), "batch": int(m[5] or 32)}
 
 
 def run(args) -> None:
@@ -155,6 +156,13 @@ def run(args) -> None:
                     states[rec["epoch"]] = copy.deepcopy(top.state_dict())
 
                 t = time.perf_counter()
+                if v["lr"] == "auto":  # as `train --lr-finetune auto` picks it (training/run.py _boundary_lr)
+                    steps = min(100, 2 * -(-len(doc["train_y"]) // v["batch"]))
+                    found = boundary.range_test_top(top, views, doc["train_y"], head_lr_multiplier=3.0,
+                                                    weight_decay=1e-2, label_smoothing=0.1, batch_size=v["batch"],
+                                                    seed=seed, num_steps=steps)
+                    v["lr"] = found.suggestion or 1e-3
+                    print(f"  {vname}: range test suggests {found.suggestion}", flush=True)
                 records, best_top, _ = boundary.train_top(
                     top, views, doc["train_y"], val_x, doc["val_y"], epochs=v["epochs"], lr=v["lr"],
                     head_lr=3 * v["lr"], weight_decay=1e-2, label_smoothing=0.1, batch_size=v["batch"], seed=seed,

@@ -4,9 +4,11 @@ A backbone whose forward is a chain (stem → stages → tail → head) is cut b
 stages. The bottom — the early, high-resolution stages that cost most of every forward and backward
 pass — runs once per cached view, in the features' precision, with BatchNorm folded; the top then
 trains for several epochs on those activations, so an epoch costs only the top's forward and
-backward. Views are random augmentations at the evaluation size, so the top sees objects at the
-scale it is validated at (the frozen head trained on eval-size features; fine-tuning at smaller
-random crops started below it on every suite dataset). Measured per dataset in bench/RESULTS.md.
+backward. The top trains on the activations of the plain train images at the evaluation size (kept
+from the feature pass), the scale the head was fitted and the model is validated at (fine-tuning at
+smaller random crops started below the head on every suite dataset); `--boundary-views N` adds N
+augmented views, one more bottom pass over train each, which raised no suite dataset's val accuracy. Measured per
+dataset in bench/RESULTS.md.
 """
 
 from __future__ import annotations
