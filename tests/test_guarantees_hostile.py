@@ -4,12 +4,18 @@ held to its fix. Loopback only; tiny generated models and images."""
 from __future__ import annotations
 
 import json
+import logging
+import struct
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_image_folder
 from guarantees import cli
 
+from transferlab.data import feature_cache
+from transferlab.data.sources import load_splits
+from transferlab.data.transforms import eval_transform
 from transferlab.models.heads import HeadConfig, build_classifier
 from transferlab.models.registry import resolve_backbone
 
@@ -38,3 +44,44 @@ def test_torchscript_export_of_each_offline_lite_passes_its_parity_check(tmp_pat
     sidecar = json.loads((run / "export" / "model.pt.json").read_text())
     assert sidecar["parity"]["passed"] and sidecar["parity"]["top1_identical"] == 2
     assert sidecar["source"]["backbone"] == backbone
+
+
+# --- the feature cache checks its tensors' bytes, not only their key, shape and dtype -----------------
+
+
+def _flip_feature_bytes(path: Path, how: str) -> None:
+    """Damage the features' data in place, leaving the safetensors header (key, shape, dtype) intact."""
+    raw = bytearray(path.read_bytes())
+    header_len = struct.unpack("<Q", raw[:8])[0]
+    start = 8 + header_len + json.loads(raw[8:8 + header_len])["features"]["data_offsets"][0]
+    value = start + 4 * 5  # the sixth float of the first image
+    if how == "NaN":
+        raw[value:value + 4] = struct.pack("<f", float("nan"))
+    else:  # "halved or doubled value": the lowest exponent bit of one float, a silent change of the metrics
+        raw[value + 2] ^= 0x80
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("how", ["NaN", "halved or doubled value"])
+def test_feature_cache_with_flipped_bytes_fails_its_checksum_and_is_rebuilt(tmp_path, caplog, how):
+    data = make_image_folder(tmp_path / "data", per_class=(4, 2))
+    samples = load_splits(data, progress=False).train
+    spec = resolve_backbone("test_efficientnet", pretrained=False, img_size=32)
+    model = build_classifier(spec, 2, HeadConfig()).eval()
+    transform = eval_transform(spec.preprocessing)
+    cache = tmp_path / "cache"
+
+    def features():
+        return feature_cache.cached_features(model, samples, transform, "eval:test", cache_dir=cache)
+
+    fresh, hit = features()
+    assert not hit
+    (path,) = cache.glob("*.safetensors")
+    _flip_feature_bytes(path, how)
+    assert not torch.equal(feature_cache.load_tensors(path)["features"], fresh)  # the damage is there
+    with caplog.at_level(logging.WARNING, logger="transferlab"):
+        rebuilt, hit = features()
+    assert not hit and torch.equal(rebuilt, fresh)
+    assert f"feature cache {path.name} is corrupt (checksum mismatch" in caplog.text and "rebuilding" in caplog.text
+    again, hit = features()  # the rebuilt file passes its checksum
+    assert hit and torch.equal(again, fresh)
