@@ -85,3 +85,40 @@ def test_feature_cache_with_flipped_bytes_fails_its_checksum_and_is_rebuilt(tmp_
     assert f"feature cache {path.name} is corrupt (checksum mismatch" in caplog.text and "rebuilding" in caplog.text
     again, hit = features()  # the rebuilt file passes its checksum
     assert hit and torch.equal(again, fresh)
+
+
+# --- a file deleted between the validation pass and training ---------------------------------------
+
+
+def test_file_deleted_after_validation_is_skipped_and_listed_like_any_unreadable_file(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=(4, 2))
+    splits = load_splits(data, progress=False)
+    gone = splits.train[0].path
+    gone.unlink()
+    dropped = splits.drop_unreadable()
+    assert dropped == [{"path": str(gone), "reason": "unreadable file: No such file or directory (after validation)"}]
+    assert gone not in [s.path for s in splits.train] and len(splits.train) == 7
+    assert splits.to_summary()["skipped"][-1] == dropped[0]
+    assert splits.drop_unreadable() == []  # listed once
+
+
+def test_file_deleted_before_the_feature_cache_hashes_it_never_stops_the_run(tmp_path, monkeypatch, caplog):
+    """The feature pass hashes every file for its cache key: a file gone by then is hashed as unreadable
+    (its cache entry apart from the file's) and read as the dataset reads a vanished file, never a crash."""
+    import transferlab
+    from conftest import TINY
+    from transferlab.training import run as run_module
+
+    data = make_image_folder(tmp_path / "data", per_class=(6, 2))
+    gone = data / "train" / "red" / "red_0.png"
+
+    def load_then_delete(*args, **kwargs):
+        splits = load_splits(*args, **kwargs)
+        gone.unlink(missing_ok=True)  # after the validation pass, before training
+        return splits
+
+    monkeypatch.setattr(run_module, "load_splits", load_then_delete)
+    with caplog.at_level(logging.WARNING, logger="transferlab"):
+        result = transferlab.train(data, out=str(tmp_path / "run"), **(TINY | {"epochs_finetune": 1}))
+    assert (result.run_dir / "model.safetensors").exists()
+    assert f"{gone}: unreadable file: No such file or directory" in caplog.text

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from transferlab._testing import pause_point
 from transferlab.data.datasets import DecodedImages, ImageDataset
-from transferlab.data.images import file_digest
+from transferlab.data.images import ImageError, file_digest
 from transferlab.data.sources import Sample
 from transferlab.data.threaded import threaded_batches
 from transferlab.data.transforms import EvalView
@@ -124,7 +124,13 @@ def feature_key(fingerprint: str, transform_tag: str, samples: Sequence[Sample])
     h.update(fingerprint.encode())
     h.update(transform_tag.encode())
     for s in samples:
-        h.update(file_digest(s.path).encode())
+        try:
+            digest = file_digest(s.path)
+        except ImageError as exc:  # gone since validation: keyed apart, read as ImageDataset reads such a file
+            log.warning("%s: %s; its features are those of an unreadable file (DataSplits.drop_unreadable "
+                        "skips such files before the feature pass)", s.path, exc.reason)
+            digest = f"unreadable:{s.path}"
+        h.update(digest.encode())
     return h.hexdigest()[:32]
 
 

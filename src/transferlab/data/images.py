@@ -29,6 +29,7 @@ __all__ = [
     "load_image",
     "looks_like_image",
     "probe_image",
+    "unreadable_reason",
 ]
 
 MAX_PIXELS: int = 89_478_485
@@ -190,7 +191,9 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, *, at_least: int 
 
 
 def file_digest(path: str | Path) -> str:
-    """SHA-1 of the file's bytes: finds byte-identical duplicates and keys caches."""
+    """SHA-1 of the file's bytes: finds byte-identical duplicates and keys caches. A file that cannot be
+    read (deleted since it was validated, its permissions changed) is an :class:`ImageError`
+    ``unreadable file: …``, as for a decode."""
     digest = hashlib.sha1(usedforsecurity=False)
     try:
         with open(path, "rb") as handle:
@@ -198,7 +201,25 @@ def file_digest(path: str | Path) -> str:
                 digest.update(chunk)
     except NotADirectoryError:  # a member of a WebDataset shard
         digest.update(_shard_member(Path(path)))
+    except OSError as exc:
+        raise ImageError(f"unreadable file: {exc.strerror or exc}") from exc
     return digest.hexdigest()
+
+
+def unreadable_reason(path: str | Path) -> str | None:
+    """Why the file cannot be read now (``unreadable file: …``: gone, no permission), or None. Opens the
+    file and reads nothing (a shard member: its bytes), so it is cheap enough to recheck a whole dataset."""
+    try:
+        with open(path, "rb"):
+            return None
+    except NotADirectoryError:
+        try:
+            _shard_member(Path(path))
+            return None
+        except ImageError as exc:
+            return exc.reason
+    except OSError as exc:
+        return f"unreadable file: {exc.strerror or exc}"
 
 
 def _shard_member(path: Path) -> bytes:

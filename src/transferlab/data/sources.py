@@ -35,6 +35,7 @@ from transferlab.data.images import (
     has_image_extension,
     looks_like_image,
     probe_image,
+    unreadable_reason,
 )
 from transferlab.errors import DataError
 
@@ -111,6 +112,27 @@ class DataSplits:
             per_label = Counter(sample.label for sample in getattr(self, split))
             result[split] = {name: per_label[i] for i, name in enumerate(self.classes)}
         return result
+
+    def drop_unreadable(self) -> list[dict[str, str]]:
+        """Files that became unreadable since validation (deleted, permissions changed) are removed from
+        every split and listed in ``skipped`` like the files validation rejected; returns the new entries.
+        For callers about to read every file again (the feature cache hashes them all): a file gone
+        between validation and training is then a skipped file, not a failed run."""
+        paths = list(dict.fromkeys(s.path for split in SPLITS for s in getattr(self, split)))
+        workers = max(1, min(_MAX_WORKERS, os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            reasons = dict(zip(paths, pool.map(unreadable_reason, paths), strict=True))
+        gone = {path: reason for path, reason in reasons.items() if reason is not None}
+        entries = []
+        for path, reason in gone.items():
+            entry = {"path": str(path), "reason": f"{reason} (after validation)"}
+            logger.warning("Skipping %s: %s", path, entry["reason"])
+            self.skipped.append(entry)
+            entries.append(entry)
+        if gone:
+            for split in SPLITS:
+                setattr(self, split, [s for s in getattr(self, split) if s.path not in gone])
+        return entries
 
     def to_summary(self) -> dict[str, Any]:
         """JSON-ready description, saved with the run and shown by the CLI."""
