@@ -122,3 +122,60 @@ def test_file_deleted_before_the_feature_cache_hashes_it_never_stops_the_run(tmp
         result = transferlab.train(data, out=str(tmp_path / "run"), **(TINY | {"epochs_finetune": 1}))
     assert (result.run_dir / "model.safetensors").exists()
     assert f"{gone}: unreadable file: No such file or directory" in caplog.text
+
+
+# --- thin images: the pixel limit holds for what the resize would make, not only for the file --------
+
+
+def thin_png(path: Path, width: int = 1, height: int = 100_000) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", (width, height), (200, 40, 40)).save(path, optimize=True)
+    return path
+
+
+CENTRE_CROP = {"input_size": 32, "crop_pct": 0.875, "crop_mode": "center", "interpolation": "bilinear",
+               "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}  # short side to 36: 1x100000 -> 36x3600000
+
+
+def test_thin_image_is_refused_before_the_resize_in_every_decode_path(tmp_path, caplog):
+    from transferlab.data.datasets import ImageDataset
+    from transferlab.data.images import ImageError, load_image
+    from transferlab.data.sources import Sample
+    from transferlab.data.transforms import Preprocessing
+    from transferlab.export.preprocess import preprocess_image
+
+    path = thin_png(tmp_path / "thin.png")
+    assert path.stat().st_size < 2000
+    pre = Preprocessing(**CENTRE_CROP)
+    image = load_image(path)  # 100 000 pixels: the file itself is within every limit
+    reason = "resize bomb: 1x100000 pixels would be resized to 36x3600000 (over the limit of 89478485)"
+    with pytest.raises(ImageError) as torch_path:  # eval, predict, evaluate, the report, training's classic crops
+        eval_transform(pre)(image)
+    assert torch_path.value.reason == reason
+    with pytest.raises(ImageError) as numpy_path:  # exported models: predict and serve
+        preprocess_image(image, pre.to_dict())
+    assert numpy_path.value.reason == reason
+    with caplog.at_level(logging.WARNING, logger="transferlab"):  # training: a black image, logged, no crash
+        x, label = ImageDataset([Sample(path, 1)], eval_transform(pre))[0]
+    assert tuple(x.shape) == (3, 32, 32) and label == 1 and reason in caplog.text
+    # a merely long image (1 x 2000 -> 36 x 72000) is still used
+    assert tuple(eval_transform(pre)(load_image(thin_png(tmp_path / "long.png", 1, 2000))).shape) == (3, 32, 32)
+
+
+def test_serve_answers_a_thin_image_with_413_in_json(tmp_path, tiny_run):
+    from fastapi.testclient import TestClient
+
+    from transferlab.export.serve import create_app
+
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(tiny_run, run)
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["preprocessing"]["crop_mode"] == "center"
+    with TestClient(create_app(run)) as client:
+        png = thin_png(tmp_path / "thin.png").read_bytes()
+        response = client.post("/predict", files={"file": ("thin.png", png, "image/png")})
+    assert response.status_code == 413
+    assert "thin.png: resize bomb: 1x100000 pixels would be resized to" in response.json()["error"]

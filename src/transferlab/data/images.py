@@ -29,11 +29,16 @@ __all__ = [
     "load_image",
     "looks_like_image",
     "probe_image",
+    "resized_short_side",
     "unreadable_reason",
 ]
 
 MAX_PIXELS: int = 89_478_485
-"""PIL's default decompression-bomb limit; larger images are rejected before decoding."""
+"""PIL's default decompression-bomb limit; larger images are rejected before decoding, and images that a
+resize would make larger (a 1x200000 strip with its short side resized to 224) before resizing."""
+
+PIXEL_LIMIT_REASONS: tuple[str, ...] = ("decompression bomb", "resize bomb")
+"""How the reasons of images refused for their size begin (``serve`` answers them with 413)."""
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -135,6 +140,22 @@ def _open_checked(path: Path, max_pixels: int) -> Iterator[Image.Image]:
                     f"decompression bomb: {width}x{height} pixels exceeds limit {max_pixels}"
                 )
             yield image
+
+
+def resized_short_side(width: int, height: int, short: int, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """The size a resize of the short side to `short` gives (torchvision's ``Resize(int)`` and PIL's: the long
+    side becomes ``int(short * long / short_old)``), checked before anything is resized: raises
+    :class:`ImageError` ``resize bomb: …`` when it would exceed `max_pixels`. Every decode path resizes
+    through here (``data.transforms`` for torch, ``export.preprocess`` for exported models), so the pixel
+    limit holds for what the resize produces, not only for the file — a thin strip of a few hundred
+    bytes cannot make gigabytes of pixels."""
+    old_short, old_long = (width, height) if width <= height else (height, width)
+    new_long = int(short * old_long / old_short)
+    size = (short, new_long) if width <= height else (new_long, short)
+    if size[0] * size[1] > max_pixels:
+        raise ImageError(f"resize bomb: {width}x{height} pixels would be resized to {size[0]}x{size[1]} "
+                         f"(over the limit of {max_pixels})")
+    return size
 
 
 def looks_like_image(path: str | Path) -> bool:

@@ -37,7 +37,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from transferlab.data.images import ImageError, load_image
+from transferlab.data.images import PIXEL_LIMIT_REASONS, ImageError, load_image
 from transferlab.errors import TransferlabError
 from transferlab.export.batch import top_k_labels
 from transferlab.export.predictors import Predictor, load_predictor
@@ -164,7 +164,7 @@ def _decode(data: bytes, predictor: Predictor, max_pixels: int, workdir: Path) -
 
 
 def _status_for(reason: str) -> int:
-    return 413 if reason.startswith("decompression bomb") else 422
+    return 413 if reason.startswith(PIXEL_LIMIT_REASONS) else 422
 
 
 def is_loopback(host: str) -> bool:
