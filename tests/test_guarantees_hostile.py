@@ -163,15 +163,18 @@ def test_thin_image_is_refused_before_the_resize_in_every_decode_path(tmp_path, 
     assert tuple(eval_transform(pre)(load_image(thin_png(tmp_path / "long.png", 1, 2000))).shape) == (3, 32, 32)
 
 
-def test_serve_answers_a_thin_image_with_413_in_json(tmp_path, tiny_run):
+@pytest.fixture
+def served_run(tmp_path) -> Path:
+    """A run directory of the tiny test backbone (centre crop at 32 px), untrained: serve needs no training."""
+    return _untrained_run(tmp_path / "run", "test_efficientnet", img_size=32)
+
+
+def test_serve_answers_a_thin_image_with_413_in_json(tmp_path, served_run):
     from fastapi.testclient import TestClient
 
     from transferlab.export.serve import create_app
 
-    run = tmp_path / "run"
-    import shutil
-
-    shutil.copytree(tiny_run, run)
+    run = served_run
     meta = json.loads((run / "model.json").read_text())
     assert meta["preprocessing"]["crop_mode"] == "center"
     with TestClient(create_app(run)) as client:
@@ -179,3 +182,114 @@ def test_serve_answers_a_thin_image_with_413_in_json(tmp_path, tiny_run):
         response = client.post("/predict", files={"file": ("thin.png", png, "image/png")})
     assert response.status_code == 413
     assert "thin.png: resize bomb: 1x100000 pixels would be resized to" in response.json()["error"]
+
+
+# --- slow clients: header and body deadlines; anything unexpected is a JSON 500 ----------------------
+
+
+def _serve_in_thread(model, limits):
+    """`transferlab serve`'s own uvicorn configuration (`serve.server_config`), in a thread on a free
+    loopback port; returns (server, thread, port)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from transferlab.export.serve import create_app, server_config
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(server_config(create_app(model, limits), limit_concurrency=256))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    return server, thread, sock.getsockname()[1]
+
+
+def _post_png(port: int, png: bytes, timeout: float = 60) -> tuple[int, dict]:
+    """POST /predict over a raw socket, the whole request in one write; (status, JSON body)."""
+    import socket
+
+    boundary = "hostileboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()
+    head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(head.encode() + body)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+
+
+def test_slow_clients_are_timed_out_and_valid_requests_still_answered(served_run):
+    """300 loopback sockets (over uvicorn's 256 concurrent connections): half send half a header and
+    stop, half send a whole header announcing a body they never send. With 2 s deadlines the server
+    closes the first and answers the second 408; a valid request is then answered (without the
+    deadlines every valid request got 503 while the sockets stayed open)."""
+    import socket
+    import time
+
+    from PIL import Image
+
+    from transferlab.export.serve import ServeLimits
+
+    from guarantees import png_bytes
+
+    server, thread, port = _serve_in_thread(served_run, ServeLimits(header_timeout=2.0, body_timeout=2.0))
+    slow: list[socket.socket] = []
+    try:
+        for i in range(300):
+            s = socket.create_connection(("127.0.0.1", port), timeout=30)
+            if i % 2:
+                s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n")
+            else:
+                s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                          b"Content-Length: 100000\r\n\r\n--b\r\n")
+            slow.append(s)
+        start = time.monotonic()
+        time.sleep(5)  # past both deadlines
+        status, body = _post_png(port, png_bytes(Image.new("RGB", (40, 40), (200, 40, 40))))
+        assert status == 200, body
+        answers = []
+        for s in slow:
+            s.settimeout(max(1.0, 20 - (time.monotonic() - start)))
+            answers.append(s.recv(65536))  # b"" = closed by the server
+        assert all(a == b"" for a in answers[1::2])  # half a header: closed
+        # no body: 408 in JSON (those past uvicorn's 256 connections were answered 503 at once)
+        assert all(a.startswith((b"HTTP/1.1 408", b"HTTP/1.1 503")) for a in answers[0::2])
+        assert sum(a.startswith(b"HTTP/1.1 408") for a in answers[0::2]) >= 100
+        assert b'"error":"request body not received within 2 s' in answers[0]
+    finally:
+        for s in slow:
+            s.close()
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_anything_unexpected_in_serve_is_a_json_500(served_run):
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from transferlab.export.predictors import load_predictor
+    from transferlab.export.serve import create_app
+
+    from guarantees import png_bytes
+
+    predictor = load_predictor(served_run)
+
+    def broken(batch):
+        raise RuntimeError("the model fell over")
+
+    predictor.probabilities = broken
+    with TestClient(create_app(predictor), raise_server_exceptions=False) as client:
+        png = png_bytes(Image.new("RGB", (40, 40)))
+        response = client.post("/predict", files={"file": ("a.png", png, "image/png")})
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal error (RuntimeError); the server log has the details"}
