@@ -293,3 +293,40 @@ def test_anything_unexpected_in_serve_is_a_json_500(served_run):
         response = client.post("/predict", files={"file": ("a.png", png, "image/png")})
     assert response.status_code == 500
     assert response.json() == {"error": "internal error (RuntimeError); the server log has the details"}
+
+
+# --- bounded skip lists: the first MAX_LISTED_SKIPS listed, every skip counted -------------------------
+
+
+def test_a_csv_naming_one_image_thousands_of_times_lists_a_bounded_number_of_skips(tmp_path, caplog):
+    from transferlab.data.sources import MAX_LISTED_SKIPS
+
+    data = make_image_folder(tmp_path / "data", per_class=(6, 2))
+    rows = ["path,label"] + [f"{p.relative_to(data).as_posix()},{p.parent.name}"
+                             for p in sorted(data.rglob("*.png"))]
+    one = rows[1]
+    rows += [one] * 5000  # the same image listed again and again
+    (data / "labels.csv").write_text("\n".join(rows) + "\n")
+    with caplog.at_level(logging.WARNING, logger="transferlab"):
+        splits = load_splits(data / "labels.csv", progress=False)
+    assert len(splits.train) + len(splits.val) == 16
+    assert len(splits.skipped) == MAX_LISTED_SKIPS and splits.skipped_count == 5000
+    assert all("listed again (first at line 2)" in e["reason"] for e in splits.skipped)
+    summary = splits.to_summary()
+    assert len(summary["skipped"]) == MAX_LISTED_SKIPS and summary["skipped_count"] == 5000
+    assert len(json.dumps(summary)) < 20_000
+    assert (f"5000 files or rows were skipped in all; only the first {MAX_LISTED_SKIPS} are listed (4900 more "
+            "not listed)") in splits.warnings
+    skip_lines = [r for r in caplog.records if r.getMessage().startswith(("Skipping", "More files"))]
+    assert len(skip_lines) == MAX_LISTED_SKIPS + 1
+
+
+def test_the_same_skip_is_listed_once():
+    from transferlab.data.sources import SkipList
+
+    skips = SkipList(limit=3)
+    assert skips.add("a.png", "zero-byte file") is not None
+    assert skips.add("a.png", "zero-byte file") is None  # the same file, the same reason
+    for name in "bcde":
+        skips.add(f"{name}.png", "zero-byte file")
+    assert [e["path"] for e in skips] == ["a.png", "b.png", "c.png"] and skips.total == 5 and skips.unlisted == 2
