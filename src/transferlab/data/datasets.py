@@ -171,13 +171,15 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
         try:
             image = self.decoded.get(sample.path, self.exact_pixels) if self.decoded is not None else load_image(sample.path)
         except ImageError as exc:
-            if str(sample.path) not in self._reported:
-                self._reported.add(str(sample.path))
-                logger.warning(
-                    "Image became unreadable after validation, using a black image instead: "
-                    "%s (%s)",
-                    sample.path,
-                    exc.reason,
-                )
+            self._report(sample.path, "Image became unreadable after validation", exc.reason)
             image = Image.new("RGB", (_FALLBACK_SIZE, _FALLBACK_SIZE))
-        return self.transform(image), sample.label
+        try:
+            return self.transform(image), sample.label
+        except ImageError as exc:  # a resize bomb, refused by the transform before resizing
+            self._report(sample.path, "Image cannot be resized", exc.reason)
+            return self.transform(Image.new("RGB", (_FALLBACK_SIZE, _FALLBACK_SIZE))), sample.label
+
+    def _report(self, path: Path, what: str, reason: str) -> None:
+        if str(path) not in self._reported:
+            self._reported.add(str(path))
+            logger.warning("%s, using a black image instead: %s (%s)", what, path, reason)

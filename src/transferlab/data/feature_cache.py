@@ -4,8 +4,8 @@ The classic recipe re-runs the frozen backbone over the whole train set every he
 features never change, so we compute them once (optionally for K augmented views) and train the head
 on the cached tensors — head epochs then cost milliseconds. The disk cache is keyed by a hash of the
 backbone's actual weights, the preprocessing/augmentation and each file's content, so it is reused
-across runs and can never serve stale features; it is validated (shape, dtype, key) before use and
-rebuilt when corrupt.
+across runs and can never serve stale features; it is validated (shape, dtype, key, and a SHA-256 of
+the features' bytes stored in the file's metadata) before use and rebuilt when stale or corrupt.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from torch.utils.data import DataLoader
 
 from transferlab._testing import pause_point
 from transferlab.data.datasets import DecodedImages, ImageDataset
-from transferlab.data.images import file_digest
+from transferlab.data.images import ImageError, file_digest
 from transferlab.data.sources import Sample
 from transferlab.data.threaded import threaded_batches
 from transferlab.data.transforms import EvalView
 from transferlab.models.heads import features_only, head_slot
-from transferlab.training.io import load_tensors, save_tensors
+from transferlab.training.io import load_tensors, save_tensors, tensor_metadata
 from transferlab.training.memory import AdaptiveBatch, activation_budget
 
 log = logging.getLogger("transferlab")
@@ -124,7 +124,13 @@ def feature_key(fingerprint: str, transform_tag: str, samples: Sequence[Sample])
     h.update(fingerprint.encode())
     h.update(transform_tag.encode())
     for s in samples:
-        h.update(file_digest(s.path).encode())
+        try:
+            digest = file_digest(s.path)
+        except ImageError as exc:  # gone since validation: keyed apart, read as ImageDataset reads such a file
+            log.warning("%s: %s; its features are those of an unreadable file (DataSplits.drop_unreadable "
+                        "skips such files before the feature pass)", s.path, exc.reason)
+            digest = f"unreadable:{s.path}"
+        h.update(digest.encode())
     return h.hexdigest()[:32]
 
 
@@ -270,8 +276,20 @@ def cached_features(
     return feats, False
 
 
+def tensor_checksum(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and raw bytes: what the cache file must still hold when read."""
+    t = tensor.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}".encode())
+    h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b"")
+    return h.hexdigest()
+
+
 def load_cached_features(cache_dir: Path, key: str, n: int, dim: int) -> torch.Tensor | None:
-    """The cached [n, dim] features stored under `key`, or None when absent, stale or corrupt."""
+    """The cached [n, dim] features stored under `key`, or None when absent, stale or corrupt.
+
+    Besides key, shape and dtype, the features' bytes must match the SHA-256 stored in the file's
+    metadata when it was written: a flipped bit (a NaN, a value off by a power of two) is caught here,
+    logged and rebuilt, never trained on."""
     path = Path(cache_dir) / f"{key}.safetensors"
     if not path.exists():
         return None
@@ -279,9 +297,18 @@ def load_cached_features(cache_dir: Path, key: str, n: int, dim: int) -> torch.T
         data = load_tensors(path)
         feats = data["features"]
         stored_key = "".join(chr(int(c)) for c in data["key"].tolist())
-        if stored_key == key and feats.dtype == torch.float32 and tuple(feats.shape) == (n, dim):
-            return feats
-        log.warning("feature cache %s is stale (key/shape mismatch); rebuilding", path.name)
+        if stored_key != key or feats.dtype != torch.float32 or tuple(feats.shape) != (n, dim):
+            log.warning("feature cache %s is stale (key/shape mismatch); rebuilding", path.name)
+            return None
+        expected = json.loads(tensor_metadata(path).get("info", "{}")).get("sha256")
+        if expected is None:
+            log.warning("feature cache %s is stale (written without a checksum); rebuilding", path.name)
+            return None
+        if tensor_checksum(feats) != expected:
+            log.warning("feature cache %s is corrupt (checksum mismatch: its features changed on disk since "
+                        "they were written); rebuilding", path.name)
+            return None
+        return feats
     except Exception as exc:  # noqa: BLE001 - any corrupt cache is rebuilt, never trusted
         log.warning("feature cache %s is corrupt (%s); rebuilding", path.name, exc)
     return None
@@ -292,7 +319,8 @@ def store_cached_features(cache_dir: Path, key: str, feats: torch.Tensor, transf
     path = Path(cache_dir) / f"{key}.safetensors"
     try:
         key_tensor = torch.tensor([ord(c) for c in key], dtype=torch.uint8)
-        info = {"n": len(feats), "dim": feats.shape[1] if feats.dim() == 2 else 0, "tag": transform_tag}
+        info = {"n": len(feats), "dim": feats.shape[1] if feats.dim() == 2 else 0, "tag": transform_tag,
+                "sha256": tensor_checksum(feats)}
         save_tensors(path, {"features": feats, "key": key_tensor}, metadata={"info": json.dumps(info)})
     except OSError as exc:
         log.warning("could not write feature cache to %s (%s); continuing without it", path, exc)

@@ -29,10 +29,16 @@ __all__ = [
     "load_image",
     "looks_like_image",
     "probe_image",
+    "resized_short_side",
+    "unreadable_reason",
 ]
 
 MAX_PIXELS: int = 89_478_485
-"""PIL's default decompression-bomb limit; larger images are rejected before decoding."""
+"""PIL's default decompression-bomb limit; larger images are rejected before decoding, and images that a
+resize would make larger (a 1x200000 strip with its short side resized to 224) before resizing."""
+
+PIXEL_LIMIT_REASONS: tuple[str, ...] = ("decompression bomb", "resize bomb")
+"""How the reasons of images refused for their size begin (``serve`` answers them with 413)."""
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -136,6 +142,22 @@ def _open_checked(path: Path, max_pixels: int) -> Iterator[Image.Image]:
             yield image
 
 
+def resized_short_side(width: int, height: int, short: int, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """The size a resize of the short side to `short` gives (torchvision's ``Resize(int)`` and PIL's: the long
+    side becomes ``int(short * long / short_old)``), checked before anything is resized: raises
+    :class:`ImageError` ``resize bomb: …`` when it would exceed `max_pixels`. Every decode path resizes
+    through here (``data.transforms`` for torch, ``export.preprocess`` for exported models), so the pixel
+    limit holds for what the resize produces, not only for the file — a thin strip of a few hundred
+    bytes cannot make gigabytes of pixels."""
+    old_short, old_long = (width, height) if width <= height else (height, width)
+    new_long = int(short * old_long / old_short)
+    size = (short, new_long) if width <= height else (new_long, short)
+    if size[0] * size[1] > max_pixels:
+        raise ImageError(f"resize bomb: {width}x{height} pixels would be resized to {size[0]}x{size[1]} "
+                         f"(over the limit of {max_pixels})")
+    return size
+
+
 def looks_like_image(path: str | Path) -> bool:
     """Whether the file's content is an image format we read (header only, nothing decoded).
 
@@ -190,7 +212,9 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, *, at_least: int 
 
 
 def file_digest(path: str | Path) -> str:
-    """SHA-1 of the file's bytes: finds byte-identical duplicates and keys caches."""
+    """SHA-1 of the file's bytes: finds byte-identical duplicates and keys caches. A file that cannot be
+    read (deleted since it was validated, its permissions changed) is an :class:`ImageError`
+    ``unreadable file: …``, as for a decode."""
     digest = hashlib.sha1(usedforsecurity=False)
     try:
         with open(path, "rb") as handle:
@@ -198,7 +222,25 @@ def file_digest(path: str | Path) -> str:
                 digest.update(chunk)
     except NotADirectoryError:  # a member of a WebDataset shard
         digest.update(_shard_member(Path(path)))
+    except OSError as exc:
+        raise ImageError(f"unreadable file: {exc.strerror or exc}") from exc
     return digest.hexdigest()
+
+
+def unreadable_reason(path: str | Path) -> str | None:
+    """Why the file cannot be read now (``unreadable file: …``: gone, no permission), or None. Opens the
+    file and reads nothing (a shard member: its bytes), so it is cheap enough to recheck a whole dataset."""
+    try:
+        with open(path, "rb"):
+            return None
+    except NotADirectoryError:
+        try:
+            _shard_member(Path(path))
+            return None
+        except ImageError as exc:
+            return exc.reason
+    except OSError as exc:
+        return f"unreadable file: {exc.strerror or exc}"
 
 
 def _shard_member(path: Path) -> bytes:

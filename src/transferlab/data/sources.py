@@ -35,6 +35,7 @@ from transferlab.data.images import (
     has_image_extension,
     looks_like_image,
     probe_image,
+    unreadable_reason,
 )
 from transferlab.errors import DataError
 
@@ -92,6 +93,47 @@ class Sample:
     label: int
 
 
+MAX_LISTED_SKIPS = 100
+"""Skipped files and rows listed one by one (log, ``data.json``, ``summary.json``); the rest are counted."""
+
+
+class SkipList(list):
+    """The skipped files and CSV rows, as ``{"path", "reason"}`` dicts: the first `limit` distinct entries are
+    listed, every one is counted (``total``). A CSV of 100 000 rows naming one image then
+    costs a hundred log lines and entries, not 400 000 lines and megabytes of JSON."""
+
+    def __init__(self, entries: Iterable[dict[str, str]] = (), limit: int = MAX_LISTED_SKIPS) -> None:
+        super().__init__()
+        self.limit, self.total = limit, 0
+        self._listed: set[tuple[str, str]] = set()
+        for entry in entries:
+            self.add(entry["path"], entry["reason"])
+
+    def add(self, path: str | Path, reason: str) -> dict[str, str] | None:
+        """Count the entry; return it when listed (None: a duplicate, or past the limit)."""
+        key = (str(path), reason)
+        if key in self._listed:
+            return None
+        self.total += 1
+        if len(self) >= self.limit:
+            return None
+        self._listed.add(key)
+        entry = {"path": key[0], "reason": reason}
+        self.append(entry)
+        return entry
+
+    @property
+    def unlisted(self) -> int:
+        return self.total - len(self)
+
+    def summary_line(self) -> str | None:
+        """One line for the skips past the limit, or None when every skip is listed."""
+        if not self.unlisted:
+            return None
+        return (f"{self.total} files or rows were skipped in all; only the first {len(self)} are listed "
+                f"({self.unlisted} more not listed)")
+
+
 @dataclass
 class DataSplits:
     """The loaded dataset plus everything the user should know about how it was read."""
@@ -100,9 +142,18 @@ class DataSplits:
     train: list[Sample]
     val: list[Sample]
     test: list[Sample]
-    skipped: list[dict[str, str]]  # {"path": str, "reason": str}
+    skipped: list[dict[str, str]]  # {"path": str, "reason": str}: a SkipList, the first MAX_LISTED_SKIPS
     warnings: list[str]
     layout: str  # LAYOUT_SPLIT_FOLDERS | LAYOUT_CLASS_FOLDERS | LAYOUT_CSV
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.skipped, SkipList):
+            self.skipped = SkipList(self.skipped)
+
+    @property
+    def skipped_count(self) -> int:
+        """Every skipped file and row, listed or not."""
+        return self.skipped.total
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per class in each split (split -> class -> count, zeros included)."""
@@ -111,6 +162,27 @@ class DataSplits:
             per_label = Counter(sample.label for sample in getattr(self, split))
             result[split] = {name: per_label[i] for i, name in enumerate(self.classes)}
         return result
+
+    def drop_unreadable(self) -> list[dict[str, str]]:
+        """Files that became unreadable since validation (deleted, permissions changed) are removed from
+        every split and listed in ``skipped`` like the files validation rejected; returns the new entries.
+        For callers about to read every file again (the feature cache hashes them all): a file gone
+        between validation and training is then a skipped file, not a failed run."""
+        paths = list(dict.fromkeys(s.path for split in SPLITS for s in getattr(self, split)))
+        workers = max(1, min(_MAX_WORKERS, os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            reasons = dict(zip(paths, pool.map(unreadable_reason, paths), strict=True))
+        gone = {path: reason for path, reason in reasons.items() if reason is not None}
+        entries = []
+        for path, reason in gone.items():
+            entry = {"path": str(path), "reason": f"{reason} (after validation)"}
+            if self.skipped.add(entry["path"], entry["reason"]) is not None:
+                logger.warning("Skipping %s: %s", path, entry["reason"])
+            entries.append(entry)
+        if gone:
+            for split in SPLITS:
+                setattr(self, split, [s for s in getattr(self, split) if s.path not in gone])
+        return entries
 
     def to_summary(self) -> dict[str, Any]:
         """JSON-ready description, saved with the run and shown by the CLI."""
@@ -122,6 +194,7 @@ class DataSplits:
             "num_val": len(self.val),
             "num_test": len(self.test),
             "skipped": [dict(entry) for entry in self.skipped],
+            "skipped_count": self.skipped_count,
             "warnings": list(self.warnings),
         }
 
@@ -137,12 +210,20 @@ class _Found:
         str, list[tuple[Path, str]]
     ]  # split -> [(path, class name)]; no "val" = split it
     declared: list[str]  # class names declared for training (folders or CSV labels)
-    skipped: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=SkipList)
     warnings: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.skipped, SkipList):
+            self.skipped = SkipList(self.skipped)
+
     def skip(self, path: str | Path, reason: str) -> None:
-        logger.warning("Skipping %s: %s", path, reason)
-        self.skipped.append({"path": str(path), "reason": reason})
+        """Count the skip; log and list it among the first MAX_LISTED_SKIPS (one line says when more follow)."""
+        if self.skipped.add(path, reason) is not None:
+            logger.warning("Skipping %s: %s", path, reason)
+        elif self.skipped.unlisted == 1 and self.skipped.total > self.skipped.limit:
+            logger.warning("More files or rows are skipped: only the first %d are listed, the rest counted",
+                           self.skipped.limit)
 
 
 def load_splits(
@@ -516,7 +597,7 @@ def _training_classes(found: _Found, listed: Counter[str]) -> list[str]:
     if not counts:
         examples = "; ".join(f"{e['path']}: {e['reason']}" for e in found.skipped[:3])
         detail = (
-            f"{len(found.skipped)} file(s) or row(s) were skipped (e.g. {examples})"
+            f"{found.skipped.total} file(s) or row(s) were skipped (e.g. {examples})"
             if found.skipped
             else "the training split is empty"
         )
@@ -632,6 +713,8 @@ def _assemble(
     }
     if digests:
         found.warnings.extend(_duplicate_warnings(splits, digests, found.root))
+    if (line := found.skipped.summary_line()) is not None:
+        found.warnings.append(line)
     for message in found.warnings:
         logger.info("Data: %s", message)
     return DataSplits(

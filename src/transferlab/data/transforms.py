@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from transferlab.data.images import resized_short_side
+
 __all__ = [
     "AUGMENT_PRESETS",
     "IMAGENET_MEAN",
@@ -103,13 +105,28 @@ def _to_normalized_tensor(pre: Preprocessing) -> list[v2.Transform]:
     return [v2.ToImage(), *_scale_and_normalize(pre)]
 
 
+class ResizeShortSide(v2.Resize):
+    """``v2.Resize(short)`` that first checks what it would make (``images.resized_short_side``): a thin
+    image whose resized size exceeds the pixel limit is an :class:`ImageError`, raised before resizing."""
+
+    def __init__(self, short: int, interpolation) -> None:
+        super().__init__(short, interpolation=interpolation)
+        self.short = short
+
+    def forward(self, *inputs: Any) -> Any:
+        image = inputs[0] if len(inputs) == 1 else inputs
+        height, width = v2.functional.get_size(image)
+        resized_short_side(width, height, self.short)
+        return super().forward(*inputs)
+
+
 def _resize(pre: Preprocessing) -> list[v2.Transform]:
     interpolation = INTERPOLATIONS[pre.interpolation]
     size = pre.input_size
     if pre.crop_mode == "squash":
         return [v2.Resize((size, size), interpolation=interpolation)]
     return [
-        v2.Resize(int(size / pre.crop_pct), interpolation=interpolation),
+        ResizeShortSide(int(size / pre.crop_pct), interpolation),
         v2.CenterCrop(size),
     ]
 

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from transferlab.data.images import resized_short_side
+
 __all__ = ["preprocess_image"]
 
 _RESAMPLE: dict[str, Image.Resampling] = {
@@ -25,11 +27,8 @@ _RESAMPLE: dict[str, Image.Resampling] = {
 
 
 def _resize_short_side(image: Image.Image, short: int, resample: Image.Resampling) -> Image.Image:
-    w, h = image.size
-    old_short, old_long = (w, h) if w <= h else (h, w)
-    new_long = int(short * old_long / old_short)
-    size = (short, new_long) if w <= h else (new_long, short)
-    return image if size == (w, h) else image.resize(size, resample=resample)
+    size = resized_short_side(*image.size, short)  # ImageError (a "resize bomb") before resizing
+    return image if size == image.size else image.resize(size, resample=resample)
 
 
 def _center_crop(image: Image.Image, size: int) -> Image.Image:

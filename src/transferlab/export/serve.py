@@ -23,7 +23,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -37,7 +37,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from transferlab.data.images import ImageError, load_image
+from transferlab.data.images import PIXEL_LIMIT_REASONS, ImageError, load_image
 from transferlab.errors import TransferlabError
 from transferlab.export.batch import top_k_labels
 from transferlab.export.predictors import Predictor, load_predictor
@@ -59,10 +59,13 @@ class ServeLimits:
     max_pixels: int = 50_000_000
     max_batch: int = 32
     top_k: int = 3
+    header_timeout: float = 10.0  # seconds for a request's headers to arrive (from connect, or the last response)
+    body_timeout: float = 60.0  # seconds for its body, from its headers: 20 MB at 2.8 Mbit/s
 
     def __post_init__(self) -> None:
-        if self.max_upload_mb <= 0 or self.max_files < 1 or self.max_pixels < 1 or self.max_batch < 1 or self.top_k < 1:
-            raise TransferlabError("serve limits must be positive (max upload, files, pixels, batch, top-k).")
+        if (self.max_upload_mb <= 0 or self.max_files < 1 or self.max_pixels < 1 or self.max_batch < 1
+                or self.top_k < 1 or not self.header_timeout > 0 or not self.body_timeout > 0):
+            raise TransferlabError("serve limits must be positive (max upload, files, pixels, batch, top-k, timeouts).")
 
     @property
     def max_upload_bytes(self) -> int:
@@ -75,6 +78,72 @@ class RequestError(Exception):
     def __init__(self, status: int, message: str, files: list[dict[str, Any]] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.files = status, message, files or []
+
+
+class _BodyDeadline:
+    """ASGI middleware: a request's body must arrive within `seconds` of its headers, or the request is
+    answered 408 (and its connection closed). A client that announces a body and never sends it would
+    otherwise hold its connection — and a slot of uvicorn's concurrency limit — for ever."""
+
+    def __init__(self, app: Any, seconds: float) -> None:
+        self.app, self.seconds = app, seconds
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.seconds
+        body_done = False
+
+        async def timed_receive() -> dict:
+            nonlocal body_done
+            if body_done:  # after the body only a disconnect can come: waiting for it is not the client's delay
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise RequestError(408, f"request body not received within {self.seconds:g} s") from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        await self.app(scope, timed_receive, send)
+
+
+def _header_deadline_protocol(seconds: float) -> type:
+    """uvicorn's h11 protocol with a deadline on request headers: a connection whose request headers are not
+    complete `seconds` after it opened (or after its last response) is closed. uvicorn times out only idle
+    keep-alive connections, so sockets sending half a header would hold their connections for ever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadlineH11(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_header_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_header_deadline()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_header_deadline(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            self._header_timer = self.loop.call_later(seconds, self._header_deadline_passed)
+
+        def _header_deadline_passed(self) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+                self.transport.close()  # no request's headers came in time (a new request sets a new cycle)
+
+    return HeaderDeadlineH11
 
 
 class _Batcher:
@@ -164,7 +233,7 @@ def _decode(data: bytes, predictor: Predictor, max_pixels: int, workdir: Path) -
 
 
 def _status_for(reason: str) -> int:
-    return 413 if reason.startswith("decompression bomb") else 422
+    return 413 if reason.startswith(PIXEL_LIMIT_REASONS) else 422
 
 
 def is_loopback(host: str) -> bool:
@@ -198,13 +267,26 @@ def create_app(model: str | Path | Predictor, limits: ServeLimits | None = None)
 
     app = FastAPI(title="transferlab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
+    app.state.limits = limits
+    app.add_middleware(_BodyDeadline, seconds=limits.body_timeout)
+
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
         state["rejected"] += 1
         body: dict[str, Any] = {"error": exc.message}
         if exc.files:
             body["files"] = exc.files
-        return JSONResponse(body, status_code=exc.status)
+        # a body not (fully) read leaves the connection unusable: closed after the answer
+        headers = {"Connection": "close"} if exc.status == 408 else None
+        return JSONResponse(body, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # anything else (a model failure, MemoryError, a bug) is a JSON 500 like every other error; the
+        # traceback goes to the server's log (Starlette logs it after this answer), never to the client
+        state["rejected"] += 1
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}); the server log has the details"},
+                            status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_parameters(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -302,5 +384,14 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, limit
         log.warning("serving on %s: anyone who can reach this machine on port %d can use the model "
                     "(no authentication); bind to 127.0.0.1 unless that is what you want", host, port)
     log.info("serving %s on http://%s:%d (upload page at /, API at POST /predict)", model, host, port)
-    uvicorn.run(app, host=host, port=port, workers=1, log_level="warning", limit_concurrency=limit_concurrency,
-                timeout_graceful_shutdown=5)
+    uvicorn.Server(server_config(app, host=host, port=port, limit_concurrency=limit_concurrency)).run()
+
+
+def server_config(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, limit_concurrency: int = 256) -> Any:
+    """uvicorn's configuration for `app` (from :func:`create_app`): one worker, the header deadline of
+    its limits on every connection, idle keep-alive connections closed after 5 s."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, workers=1, log_level="warning",
+                          limit_concurrency=limit_concurrency, timeout_graceful_shutdown=5, timeout_keep_alive=5,
+                          http=_header_deadline_protocol(app.state.limits.header_timeout))

@@ -14,6 +14,7 @@ a fine-tuning step (fp32, 224 px, batch 32, stem and first four stages frozen as
 decay leaves them) 37.6 -> 43.2 img/s; outputs and frozen features bit-identical, fp32 and bf16. A step
 that records every convolution was no faster this way in a first, two-round measurement (33.0/30.7 ->
 28.4/30.6 img/s: the larger kernel's backward), so a convolution autograd records keeps timm's padded path.
+So does a traced one (TorchScript/ONNX export): its padding must stay a function of the input size.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ class ShiftedSameConv2d(Conv2dSame):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return super().forward(x)
+        if torch.jit.is_tracing() or torch.jit.is_scripting():
+            # Under torch.jit.trace (TorchScript and ONNX export) sizes are traced tensors: timm's path turns
+            # them into a padding computed in the graph, so the file stays right at any input size, where
+            # int paddings here would be baked in for the traced size (and conv2d refuses tensor paddings).
             return super().forward(x)
         pad_h = get_same_padding(x.shape[-2], self.weight.shape[-2], self.stride[0], self.dilation[0])
         pad_w = get_same_padding(x.shape[-1], self.weight.shape[-1], self.stride[1], self.dilation[1])
