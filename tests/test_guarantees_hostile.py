@@ -122,6 +122,12 @@ def test_file_deleted_before_the_feature_cache_hashes_it_never_stops_the_run(tmp
         result = transferlab.train(data, out=str(tmp_path / "run"), **(TINY | {"epochs_finetune": 1}))
     assert (result.run_dir / "model.safetensors").exists()
     assert f"{gone}: unreadable file: No such file or directory" in caplog.text
+    # skipped and listed like a file validation rejected, in the summary and data.json alike
+    listed = {e["path"]: e["reason"] for e in result.summary["skipped_files"]}
+    assert listed[str(gone)] == "unreadable file: No such file or directory (after validation)"
+    data_json = json.loads((result.run_dir / "data.json").read_text())
+    assert str(gone) in {e["path"] for e in data_json["skipped"]} and data_json["num_train"] == 11
+    assert result.summary["num_train"] == 11 and result.summary["skipped_count"] == 1
 
 
 # --- thin images: the pixel limit holds for what the resize would make, not only for the file --------

@@ -283,6 +283,13 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
     checkpoints = run_dir / "checkpoints"
     tapped: dict[str, torch.Tensor] = {}  # boundary activations of the feature pass (memory only: a resumed run recomputes)
 
+    def drop_vanished() -> DataSplits:  # a file gone since validation is a skipped file, not a failed run
+        if splits.drop_unreadable():  # each one logged as it is dropped
+            atomic_write_json(run_dir / "data.json", splits.to_summary())
+        return splits
+
+    splits = ranks.on_zero(drop_vanished)  # every rank extracts from the same samples
+
     # ---- stage 1: feature extraction
     if cfg.strategy in ("two-stage", "head-only") and cfg.epochs_frozen > 0:
         if state.data["frozen_done"]:
@@ -379,6 +386,7 @@ def _finish(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, splits: DataSpl
         "total_seconds": round(elapsed, 3),  # all invocations of this run (a resumed one adds up)
         "started_at": started_at.isoformat(timespec="milliseconds"),  # this invocation, UTC
         "skipped_files": splits.skipped,
+        "skipped_count": splits.skipped_count,  # all of them; skipped_files lists the first MAX_LISTED_SKIPS
         "warnings": splits.warnings,
         "img_size": cfg.img_size,
         "eval_size": cfg.eval_size,
