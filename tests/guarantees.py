@@ -124,3 +124,30 @@ def exif_rotated_jpeg(path: Path) -> Path:
     exif[0x0112] = 6
     Image.fromarray(noise((40, 20))).save(path, "JPEG", exif=exif.tobytes())
     return path
+
+
+def disk_feature_cache(tmp_path: Path):
+    """A tiny random model's features of a tiny folder, written to a fresh disk cache: (the cache file,
+    the features, a function asking the cache again -> (features, hit)) — for the corrupt-cache guarantees."""
+    from conftest import make_image_folder
+
+    from transferlab.data import feature_cache
+    from transferlab.data.sources import load_splits
+    from transferlab.data.transforms import eval_transform
+    from transferlab.models.heads import HeadConfig, build_classifier
+    from transferlab.models.registry import resolve_backbone
+
+    data = make_image_folder(tmp_path / "data", per_class=(4, 2))
+    samples = load_splits(data, progress=False).train
+    spec = resolve_backbone("test_efficientnet", pretrained=False, img_size=32)
+    model = build_classifier(spec, 2, HeadConfig()).eval()
+    transform = eval_transform(spec.preprocessing)
+    cache = tmp_path / "cache"
+
+    def features():
+        return feature_cache.cached_features(model, samples, transform, "eval:test", cache_dir=cache)
+
+    fresh, hit = features()
+    assert not hit
+    (path,) = cache.glob("*.safetensors")
+    return path, fresh, features

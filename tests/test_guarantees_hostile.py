@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_image_folder
-from guarantees import cli
+from guarantees import cli, disk_feature_cache
 
 from transferlab.data import feature_cache
 from transferlab.data.sources import load_splits
@@ -64,19 +64,7 @@ def _flip_feature_bytes(path: Path, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["NaN", "halved or doubled value"])
 def test_feature_cache_with_flipped_bytes_fails_its_checksum_and_is_rebuilt(tmp_path, caplog, how):
-    data = make_image_folder(tmp_path / "data", per_class=(4, 2))
-    samples = load_splits(data, progress=False).train
-    spec = resolve_backbone("test_efficientnet", pretrained=False, img_size=32)
-    model = build_classifier(spec, 2, HeadConfig()).eval()
-    transform = eval_transform(spec.preprocessing)
-    cache = tmp_path / "cache"
-
-    def features():
-        return feature_cache.cached_features(model, samples, transform, "eval:test", cache_dir=cache)
-
-    fresh, hit = features()
-    assert not hit
-    (path,) = cache.glob("*.safetensors")
+    path, fresh, features = disk_feature_cache(tmp_path)
     _flip_feature_bytes(path, how)
     assert not torch.equal(feature_cache.load_tensors(path)["features"], fresh)  # the damage is there
     with caplog.at_level(logging.WARNING, logger="transferlab"):

@@ -15,15 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_image_folder
-from guarantees import cli
+from guarantees import cli, disk_feature_cache
 from safetensors.torch import save_file
 
 import transferlab
 from transferlab.data import feature_cache
-from transferlab.data.sources import load_splits
-from transferlab.data.transforms import eval_transform
-from transferlab.models.heads import HeadConfig, build_classifier
 from transferlab.models.registry import create_backbone, resolve_backbone
 from transferlab.training.checkpoint import tensors_path
 
@@ -148,19 +144,7 @@ def _corrupt(path: Path, how: str, marker: Path) -> None:
 @pytest.mark.parametrize("how", ["truncated", "garbage", "pickle", "wrong key", "wrong shape", "wrong dtype",
                                  "missing tensor"])
 def test_bad_feature_cache_file_is_rebuilt_not_trusted(tmp_path, caplog, how):
-    data = make_image_folder(tmp_path / "data", per_class=(4, 2))
-    samples = load_splits(data, progress=False).train
-    spec = resolve_backbone("test_efficientnet", pretrained=False, img_size=32)
-    model = build_classifier(spec, 2, HeadConfig()).eval()
-    transform = eval_transform(spec.preprocessing)
-    cache = tmp_path / "cache"
-
-    def features():
-        return feature_cache.cached_features(model, samples, transform, "eval:test", cache_dir=cache)
-
-    fresh, hit = features()
-    assert not hit
-    (path,) = cache.glob("*.safetensors")
+    path, fresh, features = disk_feature_cache(tmp_path)
     marker = tmp_path / "pwned"
     _corrupt(path, how, marker)
     with caplog.at_level(logging.WARNING, logger="transferlab"):

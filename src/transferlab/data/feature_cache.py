@@ -308,7 +308,9 @@ def load_cached_features(cache_dir: Path, key: str, n: int, dim: int) -> torch.T
             log.warning("feature cache %s is corrupt (checksum mismatch: its features changed on disk since "
                         "they were written); rebuilding", path.name)
             return None
-        return feats
+        # a fresh, allocator-aligned copy: BLAS may sum a matmul in another order over a buffer at the
+        # file's offset than over a torch allocation, and a cache hit must reproduce a miss exactly
+        return feats.clone()
     except Exception as exc:  # noqa: BLE001 - any corrupt cache is rebuilt, never trusted
         log.warning("feature cache %s is corrupt (%s); rebuilding", path.name, exc)
     return None
