@@ -52,14 +52,18 @@ def train(data: str | Path | None = None, *, resume: str | Path | None = None, *
 
     if resume is not None:
         return _train(TrainConfig(), resume=resume)
+    return _train(_train_config("train", data, options))
+
+
+def _train_config(verb: str, data: str | Path | None, options: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig for `data` and the caller's keyword options, each name checked first."""
     if data is None:
-        raise TransferlabError("train needs a data path (a folder of images or a CSV file)")
+        raise TransferlabError(f"{verb} needs a data path (a folder of images or a CSV file)")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(options) - known
     if unknown:
         raise TransferlabError(f"Unknown training option(s): {', '.join(sorted(unknown))}")
-    cfg = TrainConfig(data=str(data), **options)
-    return _train(cfg)
+    return TrainConfig(data=str(data), **options)
 
 
 def lr_find(data: str | Path, *, num_steps: int = 100, method: str = "valley", start_lr: float = 1e-7,
@@ -73,13 +77,7 @@ def lr_find(data: str | Path, *, num_steps: int = 100, method: str = "valley", s
     from transferlab.training.lr_find_run import check_options, find_lr
 
     check_options(num_steps, method, start_lr, end_lr)
-    if data is None:
-        raise TransferlabError("lr_find needs a data path (a folder of images or a CSV file)")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = set(options) - known
-    if unknown:
-        raise TransferlabError(f"Unknown training option(s): {', '.join(sorted(unknown))}")
-    return find_lr(TrainConfig(data=str(data), **options), num_steps=num_steps, method=method,
+    return find_lr(_train_config("lr_find", data, options), num_steps=num_steps, method=method,
                    start_lr=start_lr, end_lr=end_lr, out=out)
 
 
