@@ -10,7 +10,7 @@ from conftest import TINY
 from torch import nn
 
 import transferlab
-from transferlab.config import DEFAULT_LR_FINETUNE, TrainConfig
+from transferlab.config import DEFAULT_EARLY_STOP, DEFAULT_LR_FINETUNE, TrainConfig
 from transferlab.errors import TransferlabError
 from transferlab.models.heads import HeadConfig, build_classifier
 from transferlab.models.registry import resolve_backbone
@@ -213,3 +213,55 @@ def test_finetune_when_underfit_runs_the_boundary_stage_only_for_an_underfitting
         assert "boundary_cache" not in s["phase_seconds"]
         resumed = transferlab.train(resume=result.run_dir)  # a finished, skipped stage is not run on resume
         assert [r["phase"] for r in resumed.rows] == ["frozen"] * 3
+
+
+def _scripted_top(monkeypatch, script):
+    """A top whose val evaluations return `script`'s (loss, accuracy) pairs in order."""
+    evals = iter(script)
+    monkeypatch.setattr(boundary, "evaluate_top", lambda *a, **k: next(evals))
+    top = nn.Sequential(nn.Conv2d(4, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    y = torch.arange(16) % 2
+    return top, [torch.randn(16, 4, 3, 3)], y, torch.randn(8, 4, 3, 3), torch.arange(8) % 2
+
+
+@pytest.mark.parametrize("script, patience, epochs_run, best_epoch", [
+    # beats the head (0.8, loss 0.5) at epoch 2; epoch 3 ties its accuracy with a higher loss: stop there
+    ([(0.9, 0.70), (0.4, 0.90), (0.5, 0.90), (0.45, 0.90)], 1, 3, 2),
+    ([(0.9, 0.70), (0.4, 0.90), (0.5, 0.90), (0.45, 0.90)], 0, 4, 2),  # 0: every epoch runs
+    ([(0.9, 0.70), (0.4, 0.90), (0.5, 0.90), (0.6, 0.88)], 2, 4, 2),  # patience 2: two such epochs in a row
+    # the dip before any epoch beats the head does not count (its loss rises from epoch 1 to 2)
+    ([(0.6, 0.75), (0.7, 0.78), (0.4, 0.90), (0.3, 0.92)], 1, 4, 4),
+    # an epoch below the best whose loss still falls is still learning: it resets the count
+    ([(0.4, 0.90), (0.35, 0.89), (0.3, 0.88), (0.28, 0.91)], 1, 4, 4),
+])
+def test_boundary_early_stop_counts_epochs_after_the_best_that_lower_no_loss(monkeypatch, script, patience,
+                                                                             epochs_run, best_epoch):
+    top, views, y, val_x, val_y = _scripted_top(monkeypatch, script)
+    kept = []
+    records, best, stopped = boundary.train_top(
+        top, views, y, val_x, val_y, epochs=4, lr=1e-3, head_lr=1e-3, weight_decay=0.0, label_smoothing=0.0,
+        batch_size=8, seed=0, baseline=(0.8, -0.5), patience=patience,
+        on_epoch=lambda rec, improved: improved and kept.append(rec["epoch"]))
+    assert len(records) == epochs_run and kept[-1] == best_epoch and best is not None
+    assert stopped == ("early stop" if epochs_run < 4 else None)
+
+
+def test_early_stop_defaults_by_finetune_mode_and_is_checked():
+    assert TrainConfig().finetune_patience == DEFAULT_EARLY_STOP["boundary"] == 1
+    assert TrainConfig(finetune="full").finetune_patience == DEFAULT_EARLY_STOP["full"] == 3
+    assert TrainConfig(early_stop=0).finetune_patience == 0 and TrainConfig(early_stop=5).finetune_patience == 5
+    with pytest.raises(TransferlabError, match="early_stop must be >= 0"):
+        TrainConfig(data="x", early_stop=-1).validate()
+
+
+def test_a_boundary_run_stops_early_and_says_so(tiny_data, tmp_path, monkeypatch, caplog):
+    # Val evaluations of the top, scripted: epoch 1 beats any head (accuracy 1.0), epoch 2 ties it with a
+    # higher loss; the run stops there, keeps epoch 1 and counts epoch 2 as thrown away.
+    script = iter([(0.01, 1.0), (0.02, 1.0), (0.03, 1.0)])
+    monkeypatch.setattr(boundary, "evaluate_top", lambda *a, **k: next(script))
+    result = transferlab.train(tiny_data, out=str(tmp_path / "run"), **{**BOUNDARY, "early_stop": None})
+    ft = result.summary["finetune"]
+    assert ft["stopped"] == "early stop" and ft["epochs_run"] == 2 and ft["best_epoch"] == 1
+    epoch2 = [r for r in result.rows if r["phase"] == "finetune"][1]
+    assert 0 < ft["discarded_seconds"] == pytest.approx(epoch2["epoch_seconds"], abs=1e-3)
+    assert "early stop: fine-tuning epoch 1 was the best" in caplog.text

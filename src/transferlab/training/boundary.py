@@ -260,13 +260,17 @@ def train_top(
     seed: int,
     baseline: tuple[float, float],
     gate_epochs: int = 0,
+    patience: int = 0,
     autocast: torch.dtype | None = None,
     deadline: float | None = None,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> tuple[list[dict], dict[str, torch.Tensor] | None, str | None]:
     """One-cycle AdamW on the top (head at `head_lr`), each epoch reading one random view per image.
     Returns the epoch records, the best top state when an epoch beat `baseline` (the frozen head's
-    `selection_score`), else None, and why it stopped early (None, 'gate' or 'time budget')."""
+    `selection_score`), else None, and why it stopped early (None, 'gate', 'early stop' or 'time budget').
+    `patience` > 0: once an epoch has beaten the baseline, stop after that many epochs in a row that
+    neither became the best nor lowered the val loss of the epoch before — epochs after the best are
+    thrown away, and a rising loss on tied accuracy is where they start (0: every epoch runs)."""
     optimizer = _top_optimizer(top, lr, head_lr, weight_decay)
     n = len(train_y)
     steps = max(1, math.ceil(n / batch_size)) * epochs
@@ -275,6 +279,7 @@ def train_top(
     top.to(memory_format=torch.channels_last)
     records: list[dict] = []
     best, best_state, stopped = baseline, None, None
+    stale = 0  # epochs in a row, since one beat the baseline, with neither a new best nor a lower val loss
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
         top.train()
@@ -310,6 +315,13 @@ def train_top(
             on_epoch(record, improved)
         if gate_epochs and epoch == gate_epochs and best_state is None and epoch < epochs:
             stopped = "gate"
+            break
+        if best_state is not None and not improved:
+            stale = stale + 1 if len(records) > 1 and val_loss >= records[-2]["val_loss"] else 0
+        else:
+            stale = 0
+        if patience and stale >= patience and epoch < epochs:
+            stopped = "early stop"
             break
         if deadline is not None and epoch < epochs and time.perf_counter() + record["epoch_seconds"] > deadline:
             stopped = "time budget"

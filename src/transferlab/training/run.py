@@ -661,7 +661,8 @@ def _finetune(model, splits, cfg, spec, pre, state, run_dir, accelerator, precis
         bn_mode=cfg.bn_mode, restore=restore, max_memory=parse_size(cfg.max_memory),
         val_autocast=_validation_autocast(cfg.precision, accelerator, precision),
     )
-    early = EarlyStopping(monitor="val_loss", patience=max(1, cfg.early_stop), mode="min") if cfg.early_stop > 0 else None
+    patience = cfg.finetune_patience
+    early = EarlyStopping(monitor="val_loss", patience=patience, mode="min") if patience > 0 else None
     if early is not None and early_state is not None:
         early.load_state_dict(early_state)
     callback = _RunCallback(state, run_dir, record, maybe_save_best, start_epoch=done, early=early)
@@ -732,7 +733,7 @@ def _finetune(model, splits, cfg, spec, pre, state, run_dir, accelerator, precis
     if trainer.should_stop and state.data["finetune_epochs_done"] < epochs:
         state.data["finetune_stopped_early"] = True
         if (budget_stop is None or not budget_stop.stopped) and (gate is None or not gate.stopped):
-            log.info("early stop: val loss did not improve for %d epochs", cfg.early_stop)
+            log.info("early stop: val loss did not improve for %d epochs", cfg.finetune_patience)
     state.save()
 
 
@@ -874,7 +875,7 @@ def _boundary_finetune(model, splits: DataSplits, cfg: TrainConfig, spec: Backbo
         # no gate: near the one-cycle peak the first epochs dipped below the head on potato_leaf and
         # scene15 before the last ones ended above it (bench/RESULTS.md); the head is kept unless beaten
         baseline=selection_score(best["val_accuracy"], best["val_loss"]), gate_epochs=0,
-        autocast=autocast, deadline=deadline, on_epoch=on_epoch)
+        patience=cfg.finetune_patience, autocast=autocast, deadline=deadline, on_epoch=on_epoch)
     split.top.to(memory_format=torch.contiguous_format)
     if best_top is not None:
         split.top.load_state_dict(best_top)
@@ -886,6 +887,10 @@ def _boundary_finetune(model, splits: DataSplits, cfg: TrainConfig, spec: Backbo
     if stopped == "gate":
         log.info("fine-tuning did not beat the frozen stage in %d epoch(s): stopping; the frozen stage's model is "
                  "kept (--finetune-gate 0 runs every epoch)", cfg.finetune_gate)
+    elif stopped == "early stop":
+        log.info("early stop: fine-tuning epoch %d was the best; %d epoch(s) after it neither beat it nor lowered "
+                 "the val loss: stopping at epoch %d of %d (--early-stop 0 runs every epoch)", best_epoch,
+                 cfg.finetune_patience, len(records), epochs)
     elif stopped == "time budget":
         log.info("time budget: fine-tuning stopped after epoch %d", len(records))
     state.data["phase_seconds"]["boundary_cache"] = caching
