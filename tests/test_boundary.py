@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -265,3 +266,25 @@ def test_a_boundary_run_stops_early_and_says_so(tiny_data, tmp_path, monkeypatch
     epoch2 = [r for r in result.rows if r["phase"] == "finetune"][1]
     assert 0 < ft["discarded_seconds"] == pytest.approx(epoch2["epoch_seconds"], abs=1e-3)
     assert "early stop: fine-tuning epoch 1 was the best" in caplog.text
+
+
+@pytest.mark.parametrize("budget, fits", [("1h", True), ("2s", False)])
+def test_a_time_budget_plans_the_boundary_epochs_from_the_tops_measured_speed(tiny_data, tmp_path, monkeypatch,
+                                                                              budget, fits):
+    from transferlab.training import run as run_mod
+
+    if not fits:  # the budget is spent by the time the activations are cached: not one epoch fits
+        real = run_mod._plan_boundary_epochs
+
+        def late(top, val_x, n_train, requested, deadline, autocast, state):
+            return real(top, val_x, n_train, requested, time.perf_counter() + 1e-6, autocast, state)
+
+        monkeypatch.setattr(run_mod, "_plan_boundary_epochs", late)
+    result = transferlab.train(tiny_data, out=str(tmp_path / "run"), time_budget=budget, **BOUNDARY)
+    plan, ft = result.summary["time_budget"], result.summary["finetune"]
+    assert plan["estimated_epoch_seconds"] > 0 and plan["seconds"] == (3600 if fits else 2)
+    if fits:
+        assert plan["planned_finetune_epochs"] == ft["epochs_run"] == BOUNDARY["epochs_finetune"]
+    else:
+        assert plan["planned_finetune_epochs"] == 0 and ft["skipped"] == "time budget"
+        assert [r["phase"] for r in result.rows] == ["frozen"] * 3 and result.summary["best"]["phase"] == "frozen"

@@ -437,13 +437,39 @@ def _print_epoch(row: dict) -> None:
              row["val_loss"], row["val_accuracy"], row["epoch_seconds"])
 
 
+def _plan_boundary_epochs(top: torch.nn.Module, val_x: torch.Tensor, n_train: int, requested: int,
+                          deadline: float, autocast, state: RunState) -> int:
+    """Under --time-budget, the boundary epochs that fit the time left, planned before the one-cycle
+    schedule is built (its length is fixed up front) from the top's forward throughput measured on the
+    cached val activations, with the full loop's estimate of a training step; each finished epoch's real
+    duration still stops the stage at the deadline."""
+    rate = boundary.forward_images_per_second(top, val_x, autocast)
+    per_epoch = budget_mod.estimate_epoch_seconds(n_train, len(val_x), rate, extract_precision=_dtype_name(autocast),
+                                                  training_precision="32-true")
+    left = deadline - time.perf_counter()
+    planned = budget_mod.plan_finetune_epochs(requested, left, per_epoch)
+    state.data["time_budget"] = {**(state.data.get("time_budget") or {}), "seconds_left_for_finetune": round(left, 3),
+                                 "estimated_epoch_seconds": round(per_epoch, 3), "planned_finetune_epochs": planned}
+    log.info("time budget: %.0fs left, ~%.1fs per boundary fine-tuning epoch -> %d of %d epoch(s)%s", left,
+             per_epoch, planned, requested, "" if planned else "; the frozen stage's model is kept")
+    return planned
+
+
+def _dtype_name(autocast) -> str:
+    """The precision name budget.estimate_epoch_seconds reads for passes run under `autocast`."""
+    return "bf16-mixed" if autocast == torch.bfloat16 else "32-true"
+
+
 def _plan_finetune(cfg: TrainConfig, splits: DataSplits, state: RunState, elapsed: float,
                    extract_precision: str, precision: str) -> int:
     """Fine-tuning epochs to run: all requested ones, or under --time-budget as many as fit (boundary
-    epochs stop at the deadline themselves: their cost is measured by the first one)."""
-    if cfg.time_budget is None or (cfg.strategy == "two-stage" and cfg.finetune == "boundary"):
+    fine-tuning plans its own once its activations are cached: _plan_boundary_epochs)."""
+    if cfg.time_budget is None:
         return cfg.epochs_finetune
     budget = parse_duration(cfg.time_budget)
+    if cfg.strategy == "two-stage" and cfg.finetune == "boundary":  # planned once its activations are cached
+        state.data["time_budget"] = {"seconds": budget}
+        return cfg.epochs_finetune
     rate = state.data.get("forward_images_per_second")
     per_epoch = (budget_mod.estimate_epoch_seconds(len(splits.train), len(splits.val), rate,
                                                    extract_precision=extract_precision, training_precision=precision)
@@ -861,6 +887,17 @@ def _boundary_finetune(model, splits: DataSplits, cfg: TrainConfig, spec: Backbo
     lr, lr_record = _boundary_lr(split.top, view_x, train_y, cfg)
     best = state.data["best"]
     epochs = state.data.get("finetune_epochs_planned", cfg.epochs_finetune)
+    if deadline is not None:
+        epochs = _plan_boundary_epochs(split.top, val_x, len(train_y), epochs, deadline, autocast, state)
+
+    if epochs == 0:
+        state.data["phase_seconds"]["boundary_cache"] = caching
+        state.data["finetune"] = {"mode": "boundary", "skipped": "time budget", **fit, "epochs_run": 0,
+                                  "seconds": round(time.perf_counter() - t0, 3),
+                                  "discarded_seconds": round(time.perf_counter() - t0, 3)}
+        state.data["boundary_done"] = True
+        state.save()
+        return True
 
     def on_epoch(rec: dict, improved: bool) -> None:
         record("finetune", rec)
