@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -61,6 +61,10 @@ from transferlab.training.io import (
 from transferlab.training.memory import parse_size
 from transferlab.training.progressive import ProgressiveResize, progressive_sizes
 
+
+if TYPE_CHECKING:
+    from transferlab.classifier import Classifier
+
 log = logging.getLogger("transferlab")
 
 METRIC_COLUMNS = [
@@ -78,6 +82,7 @@ class TrainResult:
     summary: dict[str, Any]
     rows: list[dict] = field(default_factory=list)
     is_global_zero: bool = True  # False in the other processes of a multi-device run
+    _classifier: Classifier | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def val_accuracy_best(self) -> float:
@@ -91,10 +96,20 @@ class TrainResult:
     def classes(self) -> list[str]:
         return self.summary["classes"]
 
-    def predict(self, inputs, top_k: int = 3) -> list[dict]:
-        from transferlab.evaluation.predict import predict
+    @property
+    def classifier(self) -> Classifier:
+        """The trained model as an object (transferlab.load of the run), loaded once on first use."""
+        if self._classifier is None:
+            from transferlab.classifier import load
 
-        return predict(self.run_dir, inputs, top_k=top_k)
+            self._classifier = load(self.run_dir)
+        return self._classifier
+
+    def predict(self, inputs, top_k: int = 3) -> list[dict]:
+        """transferlab.predict's dicts for `inputs` (files, folders, globs); `classifier.predict` gives
+        typed Predictions and takes in-memory images too."""
+        return [p.to_dict() for p in self.classifier.predict(list(inputs) if not isinstance(inputs, (str, Path))
+                                                              else [inputs], top_k=top_k)]
 
 
 class RunState:
