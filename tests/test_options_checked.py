@@ -44,3 +44,21 @@ def test_the_cli_refuses_a_bad_option_at_once_and_leaves_no_run_behind(tmp_path)
     assert p.returncode == 2 and "augment 'heavy' is not one of" in p.stderr
     assert "Traceback" not in p.stderr + p.stdout and not run.exists()
     assert "data:" not in p.stderr + p.stdout  # the data were not read
+
+
+def test_a_backbone_typed_as_its_package_is_named_is_found():
+    from transferlab.models.registry import resolve_backbone
+
+    assert resolve_backbone("efficientnet-lite0", pretrained=False).name == "efficientnet_lite0"
+    assert resolve_backbone("EfficientNet-Lite0", pretrained=False).name == "efficientnet_lite0"
+
+
+def test_an_unknown_backbone_suggests_each_name_once_and_the_command_that_lists_them():
+    from transferlab.models.registry import BackboneUnavailable, resolve_backbone
+
+    with pytest.raises(BackboneUnavailable) as info:
+        resolve_backbone("efficientnet_lit0", pretrained=True)
+    message = str(info.value)
+    suggested = message.split("Did you mean: ")[1].split("?")[0].split(", ")
+    assert "efficientnet_lite0" in suggested and len(suggested) == len(set(suggested))
+    assert "`transferlab models`" in message and "backbones`" not in message
