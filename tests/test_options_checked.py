@@ -62,3 +62,12 @@ def test_an_unknown_backbone_suggests_each_name_once_and_the_command_that_lists_
     suggested = message.split("Did you mean: ")[1].split("?")[0].split(", ")
     assert "efficientnet_lite0" in suggested and len(suggested) == len(set(suggested))
     assert "`transferlab models`" in message and "backbones`" not in message
+
+
+def test_the_cli_has_version_and_short_help():
+    import transferlab
+
+    p = cli("--version")
+    assert p.returncode == 0 and p.stdout.strip() == f"transferlab {transferlab.__version__}"
+    p = cli("train", "-h")
+    assert p.returncode == 0 and "--epochs-finetune" in p.stdout
