@@ -1099,7 +1099,9 @@ class _RunCallback(L.Callback):
                                    f"after fine-tuning epoch {epoch}.")
         if not trainer.is_global_zero:
             return
-        lr = trainer.optimizers[0].param_groups[-1]["lr"]
+        # the highest LR of the epoch's last step (the head's or the top block's); the last group is the
+        # deepest block's, decayed to ~1e-10 under exp:3 — not what a reader of the column wants
+        lr = max(g["lr"] for g in trainer.optimizers[0].param_groups)
         self.record("finetune", {"epoch": epoch, **metrics, "lr": lr, "epoch_seconds": time.perf_counter() - self.t0})
         self.maybe_save_best("finetune", epoch, metrics["val_accuracy"], metrics["val_loss"], weights)
         trees = {
