@@ -475,6 +475,12 @@ def _dtype_name(autocast) -> str:
     return "bf16-mixed" if autocast == torch.bfloat16 else "32-true"
 
 
+def drops_last_batch(n_images: int, batch_size: int, bn_mode: str) -> bool:
+    """Whether an epoch drops its partial last batch. It is kept — 40 images at batch 32 are two steps,
+    not one — except a last batch of a single image while BatchNorm trains: batch statistics need two."""
+    return bn_mode == "train" and n_images > batch_size and n_images % batch_size == 1
+
+
 def _plan_finetune(cfg: TrainConfig, splits: DataSplits, state: RunState, elapsed: float,
                    extract_precision: str, precision: str) -> int:
     """Fine-tuning epochs to run: all requested ones, or under --time-budget as many as fit (boundary
@@ -685,7 +691,7 @@ def _finetune(model, splits, cfg, spec, pre, state, run_dir, accelerator, precis
     batch_size = cfg.batch_size // ranks.world_size
     sampler = EpochSeededSampler(len(train_ds), seed=cfg.seed, start_epoch=done,
                                  rank=ranks.rank, world_size=ranks.world_size)
-    drop_last = len(sampler) > batch_size
+    drop_last = drops_last_batch(len(sampler), batch_size, cfg.bn_mode)
     sizes = progressive_sizes(cfg.img_size, epochs, cfg.progressive_resize) if cfg.progressive_resize else None
     train_loader = DataLoader(train_ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                               num_workers=cfg.num_workers, pin_memory=accelerator == "cuda",
