@@ -26,11 +26,13 @@ def test_train_then_predict_json_through_the_cli(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"")
     p = cli("predict", run, data / "val" / "blue", bad, "--top-k", "1", "--json")
-    assert p.returncode == 0, p.stderr
+    assert p.returncode == 1, p.stderr  # 1: some inputs could not be used; they are listed, the others predicted
     results = json.loads(p.stdout)
     assert len(results) == 7
     assert all(len(r["predictions"]) == 1 for r in results if "error" not in r)
     assert next(r for r in results if "error" in r)["path"] == str(bad)
+    p = cli("predict", run, data / "val" / "blue", "--top-k", "1", "--json")
+    assert p.returncode == 0, p.stderr  # every input predicted
 
 
 def test_missing_data_path_is_a_clear_error_without_traceback(tmp_path):

@@ -17,10 +17,13 @@ from transferlab.api import (  # shipping a model (export/)
     serve,
     train,
 )
+from transferlab.classifier import Classifier, Prediction, load
 from transferlab.config import TrainConfig
 from transferlab.errors import TransferlabError
 
 __all__ = [
+    "Classifier",
+    "Prediction",
     "TrainConfig",
     "TransferlabError",
     "__version__",
@@ -30,6 +33,7 @@ __all__ = [
     "evaluate",
     "export_model",
     "list_models",
+    "load",
     "lr_find",
     "predict",
     "predict_to_file",

@@ -149,10 +149,25 @@ def deterministic_scope():
             os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas_workspace
 
 
-def resolve_accelerator(device: str = "auto") -> str:
-    """'cpu' | 'cuda' | 'mps' from 'auto' or an explicit choice."""
+def device_unavailable(device: str) -> str | None:
+    """Why an explicit --device cannot run on this machine (None when it can, or for 'auto'), checked
+    before any work: the deep-stack error would otherwise come after the frozen stage."""
     import torch
 
+    if device in ("cuda", "gpu") and not torch.cuda.is_available():
+        return (f"device '{device}' asked for, but torch sees no CUDA GPU on this machine (torch "
+                f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); use --device cpu or auto")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        return "device 'mps' asked for, but Apple's Metal backend is not available here; use --device cpu or auto"
+    return None
+
+
+def resolve_accelerator(device: str = "auto") -> str:
+    """'cpu' | 'cuda' | 'mps' from 'auto' or an explicit choice ('gpu' is Lightning's name for 'cuda')."""
+    import torch
+
+    if device == "gpu":
+        return "cuda"
     if device != "auto":
         return device
     if torch.cuda.is_available():

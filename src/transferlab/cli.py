@@ -35,10 +35,25 @@ from rich.table import Table
 from transferlab.errors import TransferlabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Transfer learning for image classification: train, predict, explore backbones.")
 # Piped output (CI logs, `| less`) would otherwise be cut to 80 columns and truncate table cells.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 out_console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from transferlab import __version__
+
+        out_console.print(f"transferlab {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="Print the version and exit")] = False) -> None:
+    """Transfer learning for image classification: train, predict, explore backbones."""
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -261,6 +276,7 @@ def predict(
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     """Predict labels for images with a trained run or an exported ONNX model (onnxruntime only, no torch).
+    Exit code 0 when every input was predicted, 1 when some could not be (each listed), 2 for a usage error.
 
     transferlab predict runs/ants img1.jpg more_images/ "shots/*.png" --top-k 3
     transferlab predict runs/ants/export/model.onnx photos/ --out preds.csv
@@ -288,10 +304,10 @@ def predict(
             console.print(f"[yellow]… {len(failures) - 10} more failures (see the file's error column)[/]")
         out_console.print(f"predictions={counts['images'] - counts['failed']} failed={counts['failed']} out={out}",
                           markup=False, highlight=False, soft_wrap=True)
-        return
+        raise typer.Exit(1 if failures else 0)
     if as_json:
         out_console.print_json(json.dumps(results))
-        return
+        raise typer.Exit(1 if failures else 0)
     table = Table(title=f"predictions ({len(results) - len(failures)} images, {len(failures)} failed)")
     table.add_column("image", overflow="fold")
     table.add_column("top predictions")
@@ -300,6 +316,7 @@ def predict(
             f"{escape(p['label'])} {p['probability']:.3f}" for p in r["predictions"])
         table.add_row(escape(r["path"]), text)
     out_console.print(table)
+    raise typer.Exit(1 if failures else 0)  # 1: some inputs could not be used (each one listed above)
 
 
 class _progress_bar:

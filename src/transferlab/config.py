@@ -31,6 +31,12 @@ AUTO_LR = "auto"
 PREPROCESS_KEYS = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
 # Lightning strategies for spreading a run over devices/nodes ("auto": one device → none, several → DDP).
 DIST_STRATEGIES = ("auto", "ddp", "fsdp")
+# Lightning's precision names the run accepts, and what people type for them instead.
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+PRECISION_ALIASES = {"32": "32-true", "fp32": "32-true", "float32": "32-true", "bf16": "bf16-mixed",
+                     "bfloat16": "bf16-mixed", "16": "16-mixed", "fp16": "16-mixed", "float16": "16-mixed",
+                     "half": "16-mixed", "amp": "16-mixed", "64": "64-true", "fp64": "64-true"}
+DEVICES = ("auto", "cpu", "cuda", "gpu", "mps")
 
 
 _DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
@@ -183,6 +189,20 @@ class TrainConfig:
             bad("val_split must be between 0 and 1")
         if self.batch_size < 1:
             bad("batch_size must be >= 1")
+        if self.precision not in PRECISIONS:
+            hint = PRECISION_ALIASES.get(str(self.precision).lower())
+            bad(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}"
+                + (f" (for '{self.precision}' write '{hint}')" if hint else ""))
+        if self.device not in DEVICES:
+            bad(f"device '{self.device}' is not one of {', '.join(DEVICES)}")
+        from transferlab._runtime import device_unavailable
+
+        if (why := device_unavailable(self.device)) is not None:
+            bad(why)
+        from transferlab.data.transforms import AUGMENT_PRESETS
+
+        if self.augment not in AUGMENT_PRESETS:
+            bad(f"augment '{self.augment}' is not one of {', '.join(AUGMENT_PRESETS)}")
         if self.dist_strategy not in DIST_STRATEGIES:
             bad(f"dist_strategy '{self.dist_strategy}' is not one of {', '.join(DIST_STRATEGIES)}")
         if self.devices < 1 or self.num_nodes < 1:

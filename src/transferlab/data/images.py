@@ -211,6 +211,17 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, *, at_least: int 
         raise ImageError(f"unsupported colour mode {upright.mode!r}: {exc}") from exc
 
 
+def as_rgb(image: Image.Image) -> Image.Image:
+    """An image already in memory (a PIL image a user passes to the Python API) as `load_image` returns
+    a decoded file: upright, 8-bit RGB, transparency on white."""
+    upright = _upright(image)
+    convert = _TO_RGB.get(upright.mode, _convert_rgb)
+    try:
+        return convert(upright)
+    except ValueError as exc:
+        raise ImageError(f"unsupported colour mode {upright.mode!r}: {exc}") from exc
+
+
 def file_digest(path: str | Path) -> str:
     """SHA-1 of the file's bytes: finds byte-identical duplicates and keys caches. A file that cannot be
     read (deleted since it was validated, its permissions changed) is an :class:`ImageError`

@@ -204,10 +204,10 @@ def _offline_error(name: str) -> BackboneUnavailable:
 
 
 def _unknown_error(name: str, candidates: list[str], what: str = "backbone") -> BackboneUnavailable:
-    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
+    close = difflib.get_close_matches(name, list(dict.fromkeys(candidates)), n=5, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     return BackboneUnavailable(
-        f"Unknown {what} '{name}'.{hint} See `transferlab backbones` (list_backbones) for valid names."
+        f"Unknown {what} '{name}'.{hint} See `transferlab models` (transferlab.list_models) for valid names."
     )
 
 
@@ -609,12 +609,24 @@ SOURCES: dict[str, Source] = {
 """Backbone sources in precedence order; the first whose ``claims`` accepts a name resolves it."""
 
 
+def _canonical_name(name: str) -> str:
+    """The registry's spelling of a name typed as its pip package or paper writes it: 'EfficientNet-Lite0'
+    → 'efficientnet_lite0' (timm's names use underscores; a tag after '.' and prefixed names are kept)."""
+    if ":" in name or "/" in name or "-" not in name:
+        return name
+    arch, dot, tag = name.partition(".")
+    candidate = arch.lower().replace("-", "_") + dot + tag
+    import timm
+
+    return candidate if candidate.split(".")[0] in offline.SHIPPED or timm.is_model(candidate.split(".")[0]) else name
+
+
 def resolve_backbone(name: str, *, pretrained: bool = True, img_size: int | None = None) -> BackboneSpec:
     """Turn a user-typed name into a :class:`BackboneSpec`; fails fast if weights cannot be obtained.
 
     ``img_size`` overrides the input resolution (mean/std/crop are kept).
     """
-    name = name.strip()
+    name = _canonical_name(name.strip())
     if not name:
         raise BackboneUnavailable("Empty backbone name. Try e.g. 'efficientnet_lite0'.")
     if img_size is not None and int(img_size) < 1:

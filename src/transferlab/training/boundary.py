@@ -320,7 +320,7 @@ def train_top(
             correct += (logits.argmax(1) == train_y[idx]).sum().item()
         val_loss, val_acc = evaluate_top(top, val_x, val_y, autocast)
         record = {"epoch": epoch, "train_loss": total / n, "train_accuracy": correct / n, "val_loss": val_loss,
-                  "val_accuracy": val_acc, "lr": optimizer.param_groups[0]["lr"],
+                  "val_accuracy": val_acc, "lr": max(g["lr"] for g in optimizer.param_groups),
                   "epoch_seconds": time.perf_counter() - start}
         records.append(record)
         improved = selection_score(val_acc, val_loss) > best

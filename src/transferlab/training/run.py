@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -61,6 +61,10 @@ from transferlab.training.io import (
 from transferlab.training.memory import parse_size
 from transferlab.training.progressive import ProgressiveResize, progressive_sizes
 
+
+if TYPE_CHECKING:
+    from transferlab.classifier import Classifier
+
 log = logging.getLogger("transferlab")
 
 METRIC_COLUMNS = [
@@ -78,6 +82,7 @@ class TrainResult:
     summary: dict[str, Any]
     rows: list[dict] = field(default_factory=list)
     is_global_zero: bool = True  # False in the other processes of a multi-device run
+    _classifier: Classifier | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def val_accuracy_best(self) -> float:
@@ -91,10 +96,20 @@ class TrainResult:
     def classes(self) -> list[str]:
         return self.summary["classes"]
 
-    def predict(self, inputs, top_k: int = 3) -> list[dict]:
-        from transferlab.evaluation.predict import predict
+    @property
+    def classifier(self) -> Classifier:
+        """The trained model as an object (transferlab.load of the run), loaded once on first use."""
+        if self._classifier is None:
+            from transferlab.classifier import load
 
-        return predict(self.run_dir, inputs, top_k=top_k)
+            self._classifier = load(self.run_dir)
+        return self._classifier
+
+    def predict(self, inputs, top_k: int = 3) -> list[dict]:
+        """transferlab.predict's dicts for `inputs` (files, folders, globs); `classifier.predict` gives
+        typed Predictions and takes in-memory images too."""
+        return [p.to_dict() for p in self.classifier.predict(list(inputs) if not isinstance(inputs, (str, Path))
+                                                              else [inputs], top_k=top_k)]
 
 
 class RunState:
@@ -460,6 +475,12 @@ def _dtype_name(autocast) -> str:
     return "bf16-mixed" if autocast == torch.bfloat16 else "32-true"
 
 
+def drops_last_batch(n_images: int, batch_size: int, bn_mode: str) -> bool:
+    """Whether an epoch drops its partial last batch. It is kept — 40 images at batch 32 are two steps,
+    not one — except a last batch of a single image while BatchNorm trains: batch statistics need two."""
+    return bn_mode == "train" and n_images > batch_size and n_images % batch_size == 1
+
+
 def _plan_finetune(cfg: TrainConfig, splits: DataSplits, state: RunState, elapsed: float,
                    extract_precision: str, precision: str) -> int:
     """Fine-tuning epochs to run: all requested ones, or under --time-budget as many as fit (boundary
@@ -670,7 +691,7 @@ def _finetune(model, splits, cfg, spec, pre, state, run_dir, accelerator, precis
     batch_size = cfg.batch_size // ranks.world_size
     sampler = EpochSeededSampler(len(train_ds), seed=cfg.seed, start_epoch=done,
                                  rank=ranks.rank, world_size=ranks.world_size)
-    drop_last = len(sampler) > batch_size
+    drop_last = drops_last_batch(len(sampler), batch_size, cfg.bn_mode)
     sizes = progressive_sizes(cfg.img_size, epochs, cfg.progressive_resize) if cfg.progressive_resize else None
     train_loader = DataLoader(train_ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                               num_workers=cfg.num_workers, pin_memory=accelerator == "cuda",
@@ -1084,7 +1105,9 @@ class _RunCallback(L.Callback):
                                    f"after fine-tuning epoch {epoch}.")
         if not trainer.is_global_zero:
             return
-        lr = trainer.optimizers[0].param_groups[-1]["lr"]
+        # the highest LR of the epoch's last step (the head's or the top block's); the last group is the
+        # deepest block's, decayed to ~1e-10 under exp:3 — not what a reader of the column wants
+        lr = max(g["lr"] for g in trainer.optimizers[0].param_groups)
         self.record("finetune", {"epoch": epoch, **metrics, "lr": lr, "epoch_seconds": time.perf_counter() - self.t0})
         self.maybe_save_best("finetune", epoch, metrics["val_accuracy"], metrics["val_loss"], weights)
         trees = {

@@ -1,0 +1,212 @@
+"""A trained model as one object: ``clf = transferlab.load(path)``, then ``clf.predict(...)``.
+
+`path` is a run directory, its ``model.safetensors`` or an exported ``.onnx``; the object is the same
+either way (`runtime` says which), and an ONNX model loads with onnxruntime alone — torch is never
+imported for it. Predictions are typed (:class:`Prediction`), in input order, and a file that cannot be
+used gives a prediction with its ``error`` instead of stopping the others, as `transferlab predict`.
+
+    import transferlab
+    clf = transferlab.load("runs/ants")
+    p = clf.predict("bee.jpg")            # one input → one Prediction
+    p.label, p.probability, p.top_k      # 'bees', 0.97, (Candidate('bees', 0.97), Candidate('ants', 0.03))
+    clf.predict(["a.jpg", "photos/"])     # several (files, folders, globs, PIL images) → a list
+    clf.model                            # the torch.nn.Module (run-backed classifiers)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from transferlab.errors import TransferlabError
+
+if TYPE_CHECKING:
+    import torch
+
+    from transferlab.evaluation.evaluate import EvalResult
+    from transferlab.export.exporter import ExportResult
+    from transferlab.export.predictors import Predictor
+
+__all__ = ["Candidate", "Classifier", "Prediction", "load"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One label and its probability."""
+
+    label: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the classifier says of one input: the most probable label, then the top k (most probable
+    first). `source` is the file's path (None for in-memory images); `error` says why a file could not
+    be used, and then `label` is None and `top_k` empty."""
+
+    label: str | None
+    probability: float | None
+    top_k: tuple[Candidate, ...]
+    source: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `transferlab predict --json` shape: {"path", "predictions": [{"label", "probability"}]} or
+        {"path", "error"}."""
+        if self.error is not None:
+            return {"path": self.source, "error": self.error}
+        return {"path": self.source,
+                "predictions": [{"label": c.label, "probability": c.probability} for c in self.top_k]}
+
+    @classmethod
+    def from_entry(cls, entry: dict[str, Any]) -> Prediction:
+        """From one entry of export.batch.iter_predictions."""
+        if "error" in entry:
+            return cls(None, None, (), source=entry["path"], error=entry["error"])
+        top = tuple(Candidate(p["label"], p["probability"]) for p in entry["predictions"])
+        return cls(top[0].label, top[0].probability, top, source=entry["path"])
+
+
+class Classifier:
+    """A trained classifier ready for inference; build it with :func:`load`."""
+
+    def __init__(self, predictor: Predictor, path: Path) -> None:
+        self._predictor = predictor
+        self.path = path
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self._predictor.classes)
+
+    @property
+    def runtime(self) -> str:
+        """"pytorch" (a run) or "onnxruntime" (an exported .onnx)."""
+        return self._predictor.runtime
+
+    @property
+    def input_size(self) -> int:
+        return self._predictor.input_size
+
+    @property
+    def transform(self) -> Callable[[Image.Image], Any]:
+        """The eval preprocessing: an RGB PIL image → the model's input (a tensor for a run, an array for
+        ONNX), exactly as training validated."""
+        return self._predictor.prepare
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The network as a plain ``torch.nn.Module`` (eval mode, BatchNorm folded into the convolutions,
+        channels-last), taking `transform`'s outputs stacked into a batch and returning logits."""
+        model = getattr(self._predictor, "model", None)
+        if model is None:
+            raise TransferlabError(f"{self.path} is an ONNX model run by onnxruntime; it has no torch module. "
+                                   "Load the run directory it was exported from for one.")
+        return model
+
+    def predict(self, inputs: Any, *, top_k: int = 3, batch_size: int = 32) -> Prediction | list[Prediction]:
+        """Predict one input (an image file, a PIL image, an HxWx3 uint8 array) → a Prediction, or many (a
+        list or tuple of those, a folder, a glob) → a list in input order. A file or glob that yields
+        nothing usable gives a Prediction with its `error`; the others go on."""
+        if top_k < 1:
+            raise TransferlabError("top_k must be at least 1")
+        single = _is_single(inputs)
+        items = [inputs] if single or isinstance(inputs, (str, Path)) else list(inputs)
+        results = list(self._predict_items(items, top_k=top_k, batch_size=batch_size))
+        return results[0] if single else results
+
+    def probabilities(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
+        """In-memory images → (N, classes) float32 probabilities, columns in `classes` order."""
+        if not images:
+            return np.zeros((0, len(self.classes)), np.float32)
+        return self._predictor.probabilities([self._predictor.prepare(_as_image(x)) for x in images])
+
+    def _predict_items(self, items: list[Any], *, top_k: int, batch_size: int) -> Iterator[Prediction]:
+        """Files/folders/globs stream through export.batch (decoded ahead, constant memory); in-memory
+        images are scored in batches of their own; the order of `items` is kept."""
+        from transferlab.export.batch import iter_predictions, top_k_labels
+
+        k = min(top_k, len(self.classes))
+        run: list[Any] = []  # consecutive items of one kind, flushed when the kind changes
+        for item in [*items, _END]:
+            if run and (item is _END or _is_path(item) != _is_path(run[0])):
+                if _is_path(run[0]):
+                    entries = iter_predictions(self._predictor, run, top_k=top_k, batch_size=batch_size)
+                    yield from (Prediction.from_entry(e) for e in entries)
+                else:
+                    for start in range(0, len(run), batch_size):
+                        chunk = run[start:start + batch_size]
+                        for row in self.probabilities(chunk):
+                            yield Prediction.from_entry({"path": None, "predictions": top_k_labels(row, self.classes, k)})
+                run = []
+            if item is not _END:
+                run.append(item)
+
+    def evaluate(self, data: str | Path | None = None, **options: Any) -> EvalResult:
+        """Metrics on the run's own val split, or on labelled `data` (transferlab.evaluate's options)."""
+        from transferlab.api import evaluate
+
+        return evaluate(self._run_path("evaluate"), data, **options)
+
+    def export(self, format: str = "onnx", **options: Any) -> ExportResult:
+        """Export to ONNX or TorchScript with its sidecar and parity check (transferlab.export_model's
+        options); load the file again with `transferlab.load`."""
+        from transferlab.api import export_model
+
+        return export_model(self._run_path("export"), format, **options)
+
+    def _run_path(self, verb: str) -> Path:
+        if self.runtime != "pytorch":
+            raise TransferlabError(f"{verb} needs the run directory; {self.path} is an exported ONNX model.")
+        return self.path
+
+    def __repr__(self) -> str:
+        return (f"Classifier({str(self.path)!r}, runtime={self.runtime!r}, classes={len(self.classes)}, "
+                f"input_size={self.input_size})")
+
+
+_END = object()
+
+
+def _is_path(item: Any) -> bool:
+    return isinstance(item, (str, Path))
+
+
+def _is_single(inputs: Any) -> bool:
+    """One image: a PIL image, an image array, or a path that is neither a folder nor a glob (a missing
+    file is one input, whose Prediction says so)."""
+    if isinstance(inputs, (Image.Image, np.ndarray)):
+        return True
+    return _is_path(inputs) and not Path(inputs).is_dir() and not any(ch in str(inputs) for ch in "*?[")
+
+
+def _as_image(item: Any) -> Image.Image:
+    """A PIL image or an HxW / HxWx3 / HxWx4 uint8 array → RGB, as a decoded file would be."""
+    from transferlab.data.images import as_rgb
+
+    if isinstance(item, np.ndarray):
+        if item.dtype != np.uint8 or item.ndim not in (2, 3) or (item.ndim == 3 and item.shape[2] not in (3, 4)):
+            raise TransferlabError(f"an image array must be HxW or HxWx3/4 uint8, got {item.dtype} {item.shape}; "
+                                   "pass model inputs to `classifier.model` instead")
+        item = Image.fromarray(item)
+    if not isinstance(item, Image.Image):
+        raise TransferlabError(f"cannot predict a {type(item).__name__}: give image files, folders, globs, PIL "
+                               "images or uint8 arrays")
+    return as_rgb(item)
+
+
+def load(path: str | Path) -> Classifier:
+    """The classifier in a run directory, its model.safetensors, or an exported .onnx (onnxruntime only:
+    torch is not imported). Errors (no such file, no trained model, a pickle) are clear TransferlabErrors."""
+    from transferlab.export.predictors import load_predictor
+
+    path = Path(path)
+    return Classifier(load_predictor(path), path)
