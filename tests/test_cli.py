@@ -23,6 +23,9 @@ def test_train_then_predict_json_through_the_cli(tmp_path):
             "--epochs-frozen", "2", "--epochs-finetune", "1", "--batch-size", "8", "--out", run, "--no-progress")
     assert p.returncode == 0, p.stderr
     assert "val_accuracy=" in p.stdout and str(run) in p.stdout
+    logged = p.stderr.splitlines()  # piped: plain log lines, not padded to a console width
+    assert any(line.startswith("INFO     data: ") for line in logged)
+    assert not any(line.endswith(" ") for line in logged)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"")
     p = cli("predict", run, data / "val" / "blue", bad, "--top-k", "1", "--json")

@@ -91,6 +91,15 @@ def run_exported(path: Path, x: np.ndarray) -> np.ndarray:
         return torch.jit.load(str(path)).eval()(torch.from_numpy(x)).numpy()
 
 
+def test_an_export_takes_any_batch_unless_a_fixed_one_is_asked_for(run, tmp_path):
+    assert read_sidecar(transferlab.export_model(run, out=tmp_path / "a.onnx").path)["input"]["shape"][0] is None
+    env = {**os.environ, "TRANSFERLAB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "transferlab", "export", str(run), "--fixed-batch", "-o",
+                        str(tmp_path / "b.onnx")], capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr
+    assert read_sidecar(tmp_path / "b.onnx")["input"]["shape"][0] == 1
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 @pytest.mark.parametrize("dynamic", [False, True], ids=["batch1", "dynamic"])
 def test_export_proves_parity_on_validation_images_and_writes_a_complete_sidecar(run, tmp_path, fmt, dynamic):
@@ -127,7 +136,7 @@ def test_export_proves_parity_on_validation_images_and_writes_a_complete_sidecar
 def test_static_onnx_graph_has_batch_one_and_dynamic_graph_a_symbolic_batch(run, onnx_model, tmp_path):
     import onnx
 
-    static = transferlab.export_model(run, "onnx", out=tmp_path / "static.onnx").path
+    static = transferlab.export_model(run, "onnx", out=tmp_path / "static.onnx", dynamic_batch=False).path
 
     def batch_dim(path):
         return onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0]

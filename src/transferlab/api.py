@@ -118,7 +118,7 @@ def predict_to_file(model: str | Path, inputs: Iterable[str | Path], out: str | 
     return write_predictions(results, out, top_k=min(top_k, len(predictor.classes)), on_entry=on_entry)
 
 
-def export_model(run: str | Path, format: str = "onnx", *, out: str | Path | None = None, dynamic_batch: bool = False,
+def export_model(run: str | Path, format: str = "onnx", *, out: str | Path | None = None, dynamic_batch: bool = True,
            fp16: bool = False, opset: int | None = None, parity_images: int = 8) -> ExportResult:
     """Export a run to ONNX or TorchScript (default RUN/export/model.onnx) with a JSON sidecar (classes,
     preprocessing, parity). Raises if the file's probabilities differ from PyTorch's beyond tolerance."""

@@ -13,7 +13,7 @@
     transferlab demo
     transferlab recipe list
     transferlab recipe run flowers102-resnet50 --data-root ~/datasets
-    transferlab export runs/ants --format onnx --dynamic-batch
+    transferlab export runs/ants --format onnx --fixed-batch
     transferlab predict runs/ants/export/model.onnx photos/ --out preds.csv
     transferlab serve runs/ants --port 8000
     transferlab bench-infer runs/ants
@@ -58,9 +58,14 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_print_ver
 
 def _setup_logging(verbose: bool) -> None:
     logger = logging.getLogger("transferlab")
-    if not any(isinstance(h, RichHandler) for h in logger.handlers):
-        handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+    if not any(getattr(h, "_transferlab_cli", False) for h in logger.handlers):
+        if console.is_terminal:
+            handler: logging.Handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+        else:  # piped or logged: plain lines, neither padded to a width nor wrapped inside a number
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
+        handler._transferlab_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
@@ -720,7 +725,7 @@ def export(
     run: Annotated[Path, typer.Argument(help="Run directory (or its model.safetensors)")],
     format: Annotated[str, typer.Option("--format", "-f", help="onnx | torchscript")] = "onnx",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Model file (default RUN/export/model[-fp16].onnx|.pt); metadata goes to FILE.json")] = None,
-    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Any batch size (default: batch 1, the edge/mobile shape)")] = False,
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch/--fixed-batch", help="Any batch size (default), or a fixed batch of 1: the edge/mobile shape some runtimes need")] = True,
     fp16: Annotated[bool, typer.Option("--fp16", help="Half-precision weights and arithmetic (fp32 input/output; parity tolerance 1e-2)")] = False,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default 17)")] = None,
     parity_images: Annotated[int, typer.Option(help="Validation images the parity check runs on")] = 8,
@@ -731,7 +736,7 @@ def export(
     PyTorch on real validation images (max |Δ probability| ≤ 1e-4 in fp32, identical top-1). Fails otherwise.
 
     transferlab export runs/ants
-    transferlab export runs/ants --format torchscript --dynamic-batch -o deploy/ants.pt
+    transferlab export runs/ants --format torchscript -o deploy/ants.pt
     """
     from rich.markup import escape
 

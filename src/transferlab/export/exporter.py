@@ -83,7 +83,7 @@ def default_export_path(run_dir: Path, fmt: str, fp16: bool) -> Path:
     return run_dir / "export" / f"model{'-fp16' if fp16 else ''}{FORMATS[fmt].extension}"
 
 
-def export_run(run: str | Path, fmt: str = "onnx", *, out: str | Path | None = None, dynamic_batch: bool = False,
+def export_run(run: str | Path, fmt: str = "onnx", *, out: str | Path | None = None, dynamic_batch: bool = True,
                fp16: bool = False, opset: int = DEFAULT_OPSET, parity_count: int = 8) -> ExportResult:
     """Export a run (directory or model.safetensors) to `fmt`; raises ParityError if the file disagrees
     with the PyTorch model beyond tolerance (see ``parity.py``), leaving nothing under `out`."""
