@@ -56,6 +56,19 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_print_ver
     """Transfer learning for image classification: train, predict, explore backbones."""
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A plain log handler writing to whatever ``sys.stderr`` is when a record comes (as the rich console
+    does), not to the stream of the moment it was made: a caller may redirect stderr between commands."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging(verbose: bool) -> None:
     logger = logging.getLogger("transferlab")
     if not any(getattr(h, "_transferlab_cli", False) for h in logger.handlers):
@@ -63,7 +76,7 @@ def _setup_logging(verbose: bool) -> None:
             handler: logging.Handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
             handler.setFormatter(logging.Formatter("%(message)s"))
         else:  # piped or logged: plain lines, neither padded to a width nor wrapped inside a number
-            handler = logging.StreamHandler(sys.stderr)
+            handler = _StderrHandler()
             handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
         handler._transferlab_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
