@@ -283,6 +283,7 @@ class DoctorResult:
             "summary": self.summary(), "skipped_count": self.skipped_count,
             "features_cached": self.features_cached, "seconds": self.seconds,
             "checks": {kind: {"title": c.title, "score": c.score} for kind, c in CHECKS.items()},
+            "out_dir": None if self.out_dir is None else str(self.out_dir),
             "findings": [f.to_dict() for f in self.findings],
         }
 
