@@ -232,7 +232,8 @@ def _size_outliers(d: DoctorData) -> list[Finding]:
     for k, i in enumerate(known):
         score = max(abs(z_area[k]), abs(z_aspect[k]))
         if score > d.options.outlier_z:
-            what = "size" if abs(z_area[k]) >= abs(z_aspect[k]) else "aspect ratio"
+            what = " and ".join(name for name, z in (("size", z_area[k]), ("aspect ratio", z_aspect[k]))
+                                if abs(z) > d.options.outlier_z)
             sample = d.samples[i]
             found.append(Finding("size_outlier", str(sample.path), float(score), d.split_of[i],
                                  d.classes[sample.label],
