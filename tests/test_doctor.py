@@ -161,11 +161,11 @@ def test_cli_prints_the_findings(planted, tmp_path):
     assert f"csv={tmp_path / 'out' / 'findings.csv'}" in p.stdout
 
 
-def test_cli_rejects_a_bad_option_without_traceback(planted, capsys):
+def test_cli_rejects_a_bad_option_without_traceback(planted, capsys, monkeypatch):
     from transferlab import cli
 
+    monkeypatch.setattr(sys, "argv", ["transferlab", "doctor", str(planted), "--folds", "1"])
     with pytest.raises(SystemExit) as exit_:
-        sys.argv = ["transferlab", "doctor", str(planted), "--folds", "1"]
         cli.main()
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "--folds" in err and "Traceback" not in err
