@@ -66,6 +66,8 @@ def test_single_run_report_is_written_in_the_run_after_evaluating_it(runs, singl
                     "Confusion matrix", "Calibration", "Top losses", "Timing", "Environment"):
         assert f">{section}<" in page, section
     assert "expected calibration error" in page and "feature extraction" in page
+    # these runs kept their features in memory: the report makes no second forward pass for the doctor
+    assert "did not cache frozen features" in page.split(">Data doctor<", 1)[1]
 
 
 def doctor_pictures(run: Path) -> int:

@@ -46,7 +46,7 @@ from transferlab.data.images import ImageError, image_size
 from transferlab.data.sources import SPLITS, DataSplits, Sample
 from transferlab.errors import DataError, RunDirError, TransferlabError
 
-__all__ = ["CHECKS", "CSV_COLUMNS", "DOCTOR_FORMAT", "DoctorOptions", "DoctorResult", "Finding", "doctor_run",
+__all__ = ["CHECKS", "CSV_COLUMNS", "DOCTOR_FORMAT", "DoctorOptions", "DoctorResult", "Finding", "cached_by", "doctor_run",
            "is_run_dir", "load_doctor", "run_doctor"]
 
 log = logging.getLogger("transferlab")
@@ -309,13 +309,24 @@ def default_out_dir() -> Path:
     return Path("runs") / f"doctor-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def doctor_run(run_dir: str | Path, options: DoctorOptions | None = None, *, progress: bool = True) -> DoctorResult:
+def cached_by(cfg: TrainConfig) -> bool:
+    """Whether a run with `cfg` left its frozen features in the disk cache (a run that trains no head on
+    them, or keeps them in memory, did not)."""
+    return cfg.feature_cache == "disk" and cfg.strategy in ("two-stage", "head-only") and cfg.epochs_frozen > 0
+
+
+def doctor_run(run_dir: str | Path, options: DoctorOptions | None = None, *, progress: bool = True,
+               only_if_cached: bool = False) -> DoctorResult:
     """The doctor of a run's data with the run's own backbone and settings (its cached features),
-    written into RUN/doctor/."""
+    written into RUN/doctor/. `only_if_cached` (the report's): refuse rather than make a forward pass
+    over the data when the run did not cache its features."""
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         raise RunDirError(f"'{run_dir}' is not a run directory (no config.yaml and model.json).")
     cfg = TrainConfig.load(run_dir / "config.yaml")
+    if only_if_cached and not cached_by(cfg):
+        raise TransferlabError(f"this run did not cache frozen features (strategy {cfg.strategy}, feature cache "
+                               f"{cfg.feature_cache}); `transferlab doctor {run_dir}` runs it with one forward pass")
     cfg.progress = progress
     return run_doctor(cfg, options or DoctorOptions(), out=run_dir / RUN_SUBDIR)
 

@@ -165,17 +165,17 @@ def _load_run(run_dir: Path, progress: bool) -> dict[str, Any]:
 def _load_doctor(run_dir: Path, progress: bool) -> dict[str, Any]:
     """The data doctor of the run's data (RUN/doctor/doctor.json), run first when the run has none, with its
     pictures: {"result", "plots"}, or {"error"} when it cannot run (the data moved, say). The report is
-    written either way."""
+    written either way. Only from the run's cached features: a report never costs another forward pass
+    over the data (a run that kept no features says how to run the doctor instead)."""
     path = run_dir / RUN_SUBDIR / JSON_NAME
     try:
         if not path.is_file():
             log.info("%s has no data doctor yet: running it on the run's data", run_dir)
-            doctor_run(run_dir, progress=progress)
+            doctor_run(run_dir, progress=progress, only_if_cached=True)
         result = load_doctor(path)
         return {"result": result, "plots": doctor_plots(result, run_dir / RUN_SUBDIR)}
     except (TransferlabError, OSError, ValueError, RuntimeError) as exc:
-        log.warning("no data doctor in the report of %s (%s); run `transferlab doctor %s` to see why", run_dir,
-                    exc, run_dir)
+        log.warning("no data doctor in the report of %s: %s", run_dir, exc)
         return {"error": str(exc)}
 
 
