@@ -62,19 +62,26 @@ def test_single_run_report_is_written_in_the_run_after_evaluating_it(runs, singl
     assert single_report == runs[0] / "report.html"
     assert (runs[0] / "eval-val.json").is_file()  # the report evaluated the run first
     page = single_report.read_text(encoding="utf-8")
-    for section in ("Configuration", "Data", "Training curves", "Evaluation: val", "Per class", "Most confused",
+    for section in ("Configuration", "Data", "Data doctor", "Training curves", "Evaluation: val", "Per class", "Most confused",
                     "Confusion matrix", "Calibration", "Top losses", "Timing", "Environment"):
         assert f">{section}<" in page, section
     assert "expected calibration error" in page and "feature extraction" in page
+    # these runs kept their features in memory: the report makes no second forward pass for the doctor
+    assert "did not cache frozen features" in page.split(">Data doctor<", 1)[1]
 
 
-def test_report_is_self_contained(single_report):
+def doctor_pictures(run: Path) -> int:
+    """The data doctor's pictures in a run's report: duplicate pairs and label issues, each when found."""
+    return len(list((run / "doctor").glob("*.png")))
+
+
+def test_report_is_self_contained(runs, single_report):
     page = single_report.read_text(encoding="utf-8")
     assert "http://" not in page and "https://" not in page
     assert 'src="file:' not in page and "<script" not in page.lower() and "<link" not in page.lower()
     sources = IMG_SRC.findall(page)
-    # curves, confusion matrix, reliability diagram, per-class accuracy, top losses
-    assert len(sources) == 5 == page.count("<img")
+    # curves, confusion matrix, reliability diagram, per-class accuracy, top losses; the doctor's pictures
+    assert len(sources) == 5 + doctor_pictures(runs[0]) == page.count("<img")
     sizes = [decode_png(src).size for src in sources]
     assert all(w > 100 and h > 100 for w, h in sizes)
 
@@ -140,7 +147,7 @@ IMAGE_PROBE = ('<script>window.addEventListener("load",function(){var im=documen
                'document.title="images-decoded:"+ok+"/"+im.length;});</script>')
 
 
-def test_chromium_renders_the_report_with_every_image(single_report, tmp_path):
+def test_chromium_renders_the_report_with_every_image(runs, single_report, tmp_path):
     binary = chromium()
     shot = tmp_path / "shot.png"
     # tall enough for the whole page: every plot is painted into the screenshot
@@ -165,4 +172,4 @@ def test_chromium_renders_the_report_with_every_image(single_report, tmp_path):
     title = re.search(r"<title>(.*?)</title>", p.stdout)
     assert title is not None, p.stderr[-2000:]
     assert title.group(1) == f"images-decoded:{expected}/{expected}"
-    assert expected == 5
+    assert expected == 5 + doctor_pictures(runs[0])

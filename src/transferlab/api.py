@@ -18,6 +18,7 @@ from transferlab.errors import TransferlabError
 
 if TYPE_CHECKING:  # the heavy stack (torch, Lightning) loads only when a command needs it
     from transferlab.evaluation.compare import CompareResult
+    from transferlab.evaluation.doctor import DoctorResult
     from transferlab.evaluation.evaluate import EvalResult
     from transferlab.evaluation.selection import SelectionResult
     from transferlab.export.exporter import ExportResult
@@ -195,6 +196,30 @@ def report(runs: str | Path | Iterable[str | Path], out: str | Path | None = Non
 
     run_dirs = [runs] if isinstance(runs, (str, Path)) else list(runs)
     return write_report(run_dirs, out, progress=progress)
+
+
+def doctor(data: str | Path, *, similarity: float = 0.97, folds: int = 5, imbalance: float = 0.2,
+           outlier_z: float = 3.5, top: int = 20, out: str | Path | None = None, progress: bool = True,
+           **options: Any) -> DoctorResult:
+    """What is wrong with a dataset: unreadable files, exact and near-duplicate images (cosine similarity of
+    frozen features >= `similarity`; across splits they leak), label-issue candidates (confident learning on
+    out-of-fold probe probabilities), class imbalance and image size/aspect outliers. From `train`'s cached
+    features (the same backbone and settings) when it has them; else one forward pass, cached for `train`.
+    `data`: a dataset (then `options` are TrainConfig fields: backbone, img_size, val_split, seed, ...,
+    default out runs/doctor-<time>) or a run directory (its own data and settings, out RUN/doctor).
+    Writes OUT/findings.csv and OUT/doctor.json; `result.findings` lists them, `result.of_kind(kind)` one kind."""
+    from transferlab.evaluation.doctor import DoctorOptions, doctor_run, is_run_dir, run_doctor
+
+    checks = DoctorOptions(similarity=similarity, folds=folds, imbalance=imbalance, outlier_z=outlier_z, top=top)
+    checks.validate()
+    if data is not None and is_run_dir(data):
+        if options:
+            raise TransferlabError(f"{data} is a run: its doctor uses the run's own settings, so "
+                                   f"{', '.join(sorted(options))} cannot be set; pass its data folder to choose them")
+        if out is not None:
+            raise TransferlabError(f"{data} is a run: its doctor writes into {Path(data) / 'doctor'}; leave out --out")
+        return doctor_run(data, checks, progress=progress)
+    return run_doctor(_train_config("doctor", data, {**options, "progress": progress}), checks, out=out)
 
 
 def select(data: str | Path, backbones: str | Iterable[str] | None = None, **options: Any) -> SelectionResult:

@@ -10,6 +10,7 @@
     transferlab models --search convnext --max-params 30M
     transferlab select data/ --backbones efficientnet_lite0,efficientnet_lite1,efficientnet_lite2 --budget-ms 20
     transferlab compare data/ --backbones efficientnet_lite0,efficientnet_lite2 --strategies head-only,two-stage,full --out runs/cmp
+    transferlab doctor data/
     transferlab demo
     transferlab recipe list
     transferlab recipe run flowers102-resnet50 --data-root ~/datasets
@@ -593,6 +594,99 @@ def select(
             highlight=False)
     console.print(f"files → [bold]{escape(str(result.out_dir))}[/] (selection.csv, selection.json, selection.png, "
                   "learning_curve.png)")
+
+
+def _doctor_tables(result) -> list[Table]:
+    """A summary (findings per kind) and, for each kind found, its worst `options.top` findings."""
+    from rich.markup import escape
+
+    from transferlab.evaluation.doctor import CHECKS
+
+    def short(path: str) -> str:
+        try:
+            return Path(path).relative_to(result.root).as_posix()
+        except ValueError:
+            return path
+
+    counts = result.counts
+    summary = Table(title=f"data doctor: {sum(sum(c.values()) for c in counts.values())} images, "
+                          f"{len(result.classes)} classes ({escape(result.backbone)} features"
+                          f"{', from the cache' if result.features_cached else ''})")
+    summary.add_column("check")
+    summary.add_column("findings", justify="right")
+    summary.add_column("score")
+    found = result.summary()
+    for kind, check in CHECKS.items():
+        summary.add_row(check.title, str(found[kind]), check.score)
+    tables = [summary]
+    for kind, check in CHECKS.items():
+        findings = result.of_kind(kind)
+        if not findings:
+            continue
+        shown = findings[:result.options.top]
+        table = Table(title=f"{check.title}: {len(shown)} of {len(findings)}")
+        for name in ("class" if kind == "class_imbalance" else "image", "score", "other image / suggested label",
+                     "detail"):
+            table.add_column(name, justify="right" if name == "score" else "left", overflow="fold")
+        for f in shown:
+            table.add_row(escape(f.label if kind == "class_imbalance" else short(f.path)), f"{f.score:.3f}",
+                          escape(short(f.partner) if f.partner else f.suggested_label), escape(f.detail))
+        tables.append(table)
+    return tables
+
+
+@app.command()
+def doctor(
+    data: Annotated[Path, typer.Argument(help="ImageFolder tree (train/ val/ [test/]), class folders, a CSV of path,label, or a run directory (its data and settings)")],
+    backbone: Annotated[str | None, typer.Option(help="Backbone whose frozen features describe the images (default: train's, efficientnet_lite0)")] = None,
+    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained", help="Pretrained weights (default: yes)")] = None,
+    img_size: Annotated[int | None, typer.Option(help="As train's --img-size (default: the backbone's)")] = None,
+    eval_size: Annotated[int | None, typer.Option(help="As train's --eval-size: the size features are extracted at")] = None,
+    val_split: Annotated[float | None, typer.Option(help="Validation fraction when the data has no val/ folder (default 0.2)")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed of the split and the probe (default 0)")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | mps")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto | 32-true | bf16-mixed | 16-mixed")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache directory (default: train's)")] = None,
+    similarity: Annotated[float, typer.Option(help="Near-duplicates: cosine similarity of the embeddings at or above this")] = 0.97,
+    folds: Annotated[int, typer.Option(help="Label issues: folds of the out-of-fold probe")] = 5,
+    imbalance: Annotated[float, typer.Option(help="Class imbalance: a class with under this fraction of the largest class's images")] = 0.2,
+    outlier_z: Annotated[float, typer.Option(help="Size outliers: robust z-score of log area or log aspect above this")] = 3.5,
+    top: Annotated[int, typer.Option(help="Findings shown per kind (the CSV has all)")] = 20,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default runs/doctor-<time>; a run: RUN/doctor)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print doctor.json instead of the tables")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Find what is wrong with a dataset before a model learns it: unreadable files, exact and near-duplicate
+    images (within and across splits), likely mislabelled images, class imbalance, odd sizes. Seconds on
+    data `train` has seen (its cached features); else one forward pass, cached for `train`.
+
+    transferlab doctor data/
+    transferlab doctor data/ --backbone resnet50 --similarity 0.95 --out runs/doctor
+    transferlab doctor runs/ants            # a run's data, with the run's backbone and settings
+    """
+    from rich.markup import escape
+
+    from transferlab import api
+
+    _setup_logging(verbose)
+    given = {"backbone": backbone, "pretrained": pretrained, "img_size": img_size, "eval_size": eval_size,
+             "val_split": val_split, "seed": seed, "device": device, "precision": precision,
+             "cache_dir": None if cache_dir is None else str(cache_dir)}
+    options = {k: v for k, v in given.items() if v is not None}
+    result = api.doctor(data, similarity=similarity, folds=folds, imbalance=imbalance, outlier_z=outlier_z, top=top,
+                        out=out, progress=progress, **options)
+    if as_json:
+        out_console.print_json(result.files["json"].read_text(encoding="utf-8"))
+        return
+    for table in _doctor_tables(result):
+        out_console.print(table)
+    s = result.seconds
+    console.print(f"doctor took {s['total']:.1f} s (features {s['features']:.1f} s, "
+                  f"{'from the cache' if result.features_cached else 'extracted and cached'}); findings → "
+                  f"[bold]{escape(str(result.files['csv']))}[/], {escape(result.files['json'].name)} beside it")
+    out_console.print(" ".join(f"{k}={n}" for k, n in result.summary().items()) + f" csv={result.files['csv']}",
+                      markup=False, highlight=False, soft_wrap=True)
 
 
 def _compare_table(result) -> Table:

@@ -26,6 +26,7 @@ __all__ = [
     "ImageError",
     "file_digest",
     "has_image_extension",
+    "image_size",
     "load_image",
     "looks_like_image",
     "probe_image",
@@ -187,6 +188,22 @@ def probe_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> None:
             image.load()
         except _DECODE_ERRORS as exc:
             raise ImageError(f"truncated or corrupt image: {exc}") from exc
+
+
+# EXIF orientations that turn the picture a quarter turn: its upright width and height swap
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
+
+
+def image_size(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) of the image as shown upright, from its header alone (nothing is decoded).
+    Raises :class:`ImageError` as `load_image` does for a file it cannot open."""
+    with _open_checked(Path(path), max_pixels) as image:
+        width, height = image.size
+        try:
+            turned = image.getexif().get(0x0112) in _QUARTER_TURNS  # 0x0112: the EXIF orientation tag
+        except _DECODE_ERRORS:  # malformed EXIF: as `_upright`, ignored
+            turned = False
+    return (height, width) if turned else (width, height)
 
 
 def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, *, at_least: int | None = None) -> Image.Image:

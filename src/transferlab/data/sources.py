@@ -47,6 +47,7 @@ __all__ = [
     "SPLITS",
     "DataSplits",
     "Sample",
+    "exact_duplicate_groups",
     "load_splits",
 ]
 
@@ -145,6 +146,8 @@ class DataSplits:
     skipped: list[dict[str, str]]  # {"path": str, "reason": str}: a SkipList, the first MAX_LISTED_SKIPS
     warnings: list[str]
     layout: str  # LAYOUT_SPLIT_FOLDERS | LAYOUT_CLASS_FOLDERS | LAYOUT_CSV
+    # SHA-1 of each usable file's bytes, from validation (empty when not validated): exact duplicates
+    digests: dict[Path, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.skipped, SkipList):
@@ -162,6 +165,10 @@ class DataSplits:
             per_label = Counter(sample.label for sample in getattr(self, split))
             result[split] = {name: per_label[i] for i, name in enumerate(self.classes)}
         return result
+
+    def duplicate_groups(self) -> list[list[tuple[str, Sample]]]:
+        """Byte-identical files, as groups of (split, sample); none when the data were not validated."""
+        return exact_duplicate_groups({split: getattr(self, split) for split in SPLITS}, self.digests)
 
     def drop_unreadable(self) -> list[dict[str, str]]:
         """Files that became unreadable since validation (deleted, permissions changed) are removed from
@@ -638,19 +645,27 @@ def _check_known_classes(found: _Found, classes: list[str]) -> None:
             )
 
 
+def exact_duplicate_groups(
+    splits: dict[str, list[Sample]], digests: dict[Path, str]
+) -> list[list[tuple[str, Sample]]]:
+    """Groups (two or more) of byte-identical files as (split, sample), in split order: the one place
+    exact duplicates are found (the load warnings below and `transferlab doctor` both read them)."""
+    groups: dict[str, list[tuple[str, Sample]]] = defaultdict(list)
+    for split in SPLITS:
+        for sample in splits.get(split, []):
+            digest = digests.get(sample.path)
+            if digest is not None:
+                groups[digest].append((split, sample))
+    return [members for members in groups.values() if len(members) > 1]
+
+
 def _duplicate_warnings(
     splits: dict[str, list[Sample]], digests: dict[Path, str], root: Path
 ) -> list[str]:
     """Identical files across splits inflate validation scores; within a split they over-weight."""
-    groups: dict[str, list[tuple[str, Sample]]] = defaultdict(list)
-    for split in SPLITS:
-        for sample in splits[split]:
-            groups[digests[sample.path]].append((split, sample))
     across: list[str] = []
     within: dict[str, list[list[tuple[str, Sample]]]] = defaultdict(list)
-    for members in groups.values():
-        if len(members) < 2:
-            continue
+    for members in exact_duplicate_groups(splits, digests):
         split_names = list(dict.fromkeys(split for split, _ in members))
         if len(split_names) > 1:
             files = " == ".join(_display(sample.path, root) for _, sample in members)
@@ -725,4 +740,5 @@ def _assemble(
         skipped=found.skipped,
         warnings=found.warnings,
         layout=found.layout,
+        digests=digests,
     )

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PROBE_CS", "ProbeResult", "cv_folds", "learning_curve", "learning_curve_sizes", "linear_probe"]
+__all__ = ["PROBE_CS", "ProbeResult", "cv_folds", "learning_curve", "learning_curve_sizes", "linear_probe",
+           "out_of_fold_probabilities"]
 
 PROBE_CS = (0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths: from heavily regularised to nearly free
 MAX_FOLDS = 5
@@ -38,12 +39,12 @@ class ProbeResult:
         return asdict(self)
 
 
-def _probe(c: float):
+def _probe(c: float, max_iter: int = 1000):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000))
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
 
 
 def _fit_score(c: float, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> float:
@@ -114,3 +115,31 @@ def learning_curve(train_x, train_y, val_x, val_y, *, c: float, sizes: Sequence[
         points.append({"per_class": int(size), "images": len(subsets[0]), "all": size >= top,
                        "accuracy": float(np.mean(accs)), "std": float(np.std(accs))})
     return points
+
+
+def out_of_fold_probabilities(x, y, num_classes: int, *, c: float = DEFAULT_C, max_folds: int = MAX_FOLDS,
+                              seed: int = 0, max_iter: int = 300) -> np.ndarray:
+    """[N, num_classes] class probabilities of each image from a probe that never saw it: stratified
+    k-fold (at most `max_folds`, at least 2, even when a class has fewer images than folds), each fold
+    predicted by the probe fit on the others. A class absent from a fold's training part gets
+    probability 0 there. `max_iter` is lower than the ranking probes': these probabilities only rank
+    images by how much the rest of the data disagrees with their label, which needs no last digit."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.model_selection import StratifiedKFold
+
+    x, y = np.asarray(x, dtype=np.float32), np.asarray(y)
+    counts = np.bincount(y, minlength=num_classes)
+    # StratifiedKFold needs as many images as folds in total and warns when a class has fewer
+    folds = max(2, min(max_folds, int(counts[counts > 0].max(initial=0)), len(y)))
+    probs = np.zeros((len(y), num_classes), dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        for train, held_out in StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, y):
+            seen = np.unique(y[train])
+            if len(seen) < 2:  # one class only: nothing to discriminate, it takes all the probability
+                probs[np.ix_(held_out, seen)] = 1.0
+                continue
+            model = _probe(c, max_iter).fit(x[train], y[train])
+            probs[np.ix_(held_out, model.classes_)] = model.predict_proba(x[held_out])
+    return probs

@@ -20,10 +20,11 @@ from typing import Any
 
 import yaml
 
-from transferlab.errors import RunDirError
+from transferlab.errors import RunDirError, TransferlabError
+from transferlab.evaluation.doctor import CHECKS, CSV_NAME, JSON_NAME, RUN_SUBDIR, doctor_run, load_doctor
 from transferlab.evaluation.evaluate import eval_json_paths, evaluate_run, load_eval
 from transferlab.reporting.curves import plot_curves
-from transferlab.reporting.plots import eval_plots
+from transferlab.reporting.plots import doctor_plots, eval_plots
 from transferlab.training.io import atomic_write_text, read_json
 
 __all__ = ["write_report"]
@@ -148,6 +149,7 @@ def _load_run(run_dir: Path, progress: bool) -> dict[str, Any]:
         evaluations.append({"eval": ev, "plots": eval_plots(ev, run_dir / path.stem)})
     return {
         "dir": run_dir,
+        "doctor": _load_doctor(run_dir, progress),
         "config": config,
         "summary": _optional_json(run_dir / "summary.json"),
         "data": _optional_json(run_dir / "data.json"),
@@ -158,6 +160,23 @@ def _load_run(run_dir: Path, progress: bool) -> dict[str, Any]:
         "evaluations": evaluations,
         "recipe": _optional_json(run_dir / "recipe.json"),
     }
+
+
+def _load_doctor(run_dir: Path, progress: bool) -> dict[str, Any]:
+    """The data doctor of the run's data (RUN/doctor/doctor.json), run first when the run has none, with its
+    pictures: {"result", "plots"}, or {"error"} when it cannot run (the data moved, say). The report is
+    written either way. Only from the run's cached features: a report never costs another forward pass
+    over the data (a run that kept no features says how to run the doctor instead)."""
+    path = run_dir / RUN_SUBDIR / JSON_NAME
+    try:
+        if not path.is_file():
+            log.info("%s has no data doctor yet: running it on the run's data", run_dir)
+            doctor_run(run_dir, progress=progress, only_if_cached=True)
+        result = load_doctor(path)
+        return {"result": result, "plots": doctor_plots(result, run_dir / RUN_SUBDIR)}
+    except (TransferlabError, OSError, ValueError, RuntimeError) as exc:
+        log.warning("no data doctor in the report of %s: %s", run_dir, exc)
+        return {"error": str(exc)}
 
 
 def _labels(run_dirs: Sequence[Path]) -> list[str]:
@@ -224,6 +243,55 @@ def _skipped_list(skipped: Sequence[Mapping[str, str]], title: str) -> str:
             for s in skipped[:MAX_LISTED]]
     more = f"<p class=muted>and {len(skipped) - MAX_LISTED} more</p>" if len(skipped) > MAX_LISTED else ""
     return f"<h4>{_esc(title)} ({len(skipped)})</h4>" + _table(["file", "reason"], rows) + more
+
+
+def _doctor_section(doctor: Mapping[str, Any]) -> _Html:
+    """Findings of the data doctor: a count per check, the pictures, the worst findings of each kind."""
+    if "error" in doctor:
+        return _Html(f"<h3>Data doctor</h3><p class=muted>not run: {_esc(doctor['error'])}</p>")
+    d, plots = doctor["result"], doctor["plots"]
+    root, top = Path(d.get("root", "")), d["options"]["top"]
+
+    def short(path: str) -> _Html:
+        try:
+            shown = Path(path).relative_to(root).as_posix()
+        except ValueError:
+            shown = path
+        return _Html(f"<span class=path>{_esc(shown)}</span>")
+
+    parts = ["<h3>Data doctor</h3>",
+             (f"<p>{_esc(d['backbone'])} features{' (from the cache)' if d['features_cached'] else ''}, "
+              f"{_fmt(d['seconds']['total'], 1)} s; every finding in <span class=path>"
+              f"{_esc(Path(d.get('out_dir') or RUN_SUBDIR) / CSV_NAME)}</span></p>")]
+    summary = d["summary"]
+    parts.append(_table(["check", "findings", "score"],
+                        [[CHECKS[k].title if k in CHECKS else k, n, d["checks"].get(k, {}).get("score", "")]
+                         for k, n in summary.items()]))
+    by_kind: dict[str, list[Mapping[str, Any]]] = {}
+    for f in d["findings"]:
+        by_kind.setdefault(f["kind"], []).append(f)
+    figure_of = {"near_duplicate": "duplicates", "exact_duplicate": "duplicates", "label_issue": "label_issues"}
+    drawn: set[str] = set()
+    for kind, findings in by_kind.items():
+        title = d["checks"].get(kind, {}).get("title", kind)
+        cls = "leak" if kind in ("exact_duplicate", "near_duplicate") and any("leakage" in f["detail"] for f in findings) \
+            else "warn"
+        parts.append(f"<h4><span class={cls}>{_esc(title)}: {len(findings)}</span></h4>")
+        figure = figure_of.get(kind)
+        if figure in plots and figure not in drawn:
+            parts.append(_img(plots[figure], title))
+            drawn.add(figure)
+        shown = findings[:top]
+        if kind == "class_imbalance":
+            rows = [[f["label"], f["score"], f["detail"]] for f in shown]
+            parts.append(_table(["class", "score", "detail"], rows, digits=3))
+        else:
+            rows = [[short(f["path"]), f["score"], short(f["partner"]) if f["partner"] else f["suggested_label"],
+                     f["detail"]] for f in shown]
+            parts.append(_table(["image", "score", "other image / suggested label", "detail"], rows, digits=3))
+        if len(findings) > top:
+            parts.append(f"<p class=muted>and {len(findings) - top} more in findings.csv</p>")
+    return _Html("".join(parts))
 
 
 def _metric_rows(m: Mapping[str, Any], t: Mapping[str, Any] | None) -> list[list[Any]]:
@@ -347,6 +415,7 @@ def _run_section(run: Mapping[str, Any], label: str, index: int) -> _Html:
                     f"({_esc(best.get('phase', '?'))} epoch {_esc(best.get('epoch', '?'))}), "
                     f"final {_fmt(s.get('val_accuracy_final'))}, {_fmt(s.get('total_seconds'), 1)} s</p>")
     parts = [*head, _published_section(run), f"<div class=grid><div>{_config_section(run['config'])}</div><div>{_data_section(run['data'])}</div></div>",
+             _doctor_section(run["doctor"]),
              "<h3>Training curves</h3>",
              _img(run["curves"], "training curves") if run["curves"] else "<p class=muted>no metrics.csv</p>"]
     parts += [_evaluation_section(e["eval"], e["plots"]) for e in run["evaluations"]]

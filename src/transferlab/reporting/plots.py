@@ -1,4 +1,5 @@
-"""Evaluation plots (PNG, headless): confusion matrix, reliability diagram, top losses, per-class accuracy.
+"""Evaluation plots (PNG, headless): confusion matrix, reliability diagram, top losses, per-class accuracy;
+and the data doctor's pictures (duplicate pairs, label-issue candidates).
 
 Each takes plain data (lists, dicts: the JSON form of an evaluation), so a saved ``eval-*.json`` can be
 re-plotted without the model. Class names are user data: matplotlib's mathtext is switched off for
@@ -23,7 +24,8 @@ from PIL import Image
 
 from transferlab.data.images import ImageError, load_image
 
-__all__ = ["eval_plots", "plot_confusion_matrix", "plot_per_class_accuracy", "plot_reliability", "plot_top_losses"]
+__all__ = ["doctor_plots", "eval_plots", "plot_confusion_matrix", "plot_image_pairs", "plot_label_issues",
+           "plot_per_class_accuracy", "plot_reliability", "plot_top_losses"]
 
 CELL_TEXT_MAX_CLASSES = 30  # above this, numbers in cells are unreadable
 MAX_TICK_LABELS = 40
@@ -111,26 +113,72 @@ def _thumbnail(path: str, size: int) -> np.ndarray | None:
     return np.asarray(image)
 
 
-def plot_top_losses(entries: Sequence[Mapping[str, Any]], path: Path, ncols: int = 4, thumb: int = 160) -> Path:
-    """The images the model is most wrong about, captioned "true / predicted / p(predicted)"."""
-    n = max(1, len(entries))
+def _image_grid(paths: Sequence[str], captions: Sequence[str], path: Path, title: str, ncols: int = 4,
+                thumb: int = 160) -> Path:
+    """Thumbnails of `paths` in rows of `ncols`, each under its caption; a missing image says so."""
+    n = max(1, len(paths))
     ncols = min(ncols, n)
     nrows = math.ceil(n / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.9 * nrows), squeeze=False, constrained_layout=True)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, entry in zip(axes.flat, entries):
-        pixels = _thumbnail(entry["path"], thumb)
+    for ax, image_path, caption in zip(axes.flat, paths, captions):
+        pixels = _thumbnail(image_path, thumb)
         if pixels is None:
             ax.text(0.5, 0.5, "image unavailable", ha="center", va="center", color="grey", transform=ax.transAxes)
         else:
             ax.imshow(pixels)
-        ax.set_title(f"{_short(entry['true'])} / {_short(entry['predicted'])} / {entry['probability']:.2f}\n"
-                     f"loss {entry['loss']:.2f}", fontsize=8, parse_math=False)
-    if not entries:
+        ax.set_title(caption, fontsize=8, parse_math=False)
+    if not paths:
         axes.flat[0].text(0.5, 0.5, "no images", ha="center", va="center", transform=axes.flat[0].transAxes)
-    fig.suptitle("top losses: true / predicted / probability of predicted", fontsize=10)
+    fig.suptitle(title, fontsize=10, parse_math=False)
     return _save(fig, path)
+
+
+def plot_top_losses(entries: Sequence[Mapping[str, Any]], path: Path, ncols: int = 4, thumb: int = 160) -> Path:
+    """The images the model is most wrong about, captioned "true / predicted / p(predicted)"."""
+    captions = [f"{_short(e['true'])} / {_short(e['predicted'])} / {e['probability']:.2f}\nloss {e['loss']:.2f}"
+                for e in entries]
+    return _image_grid([e["path"] for e in entries], captions, path,
+                       "top losses: true / predicted / probability of predicted", ncols, thumb)
+
+
+DOCTOR_PAIRS_SHOWN = 8  # duplicate pairs drawn (two per row); the tables and the CSV list all of them
+DOCTOR_IMAGES_SHOWN = 12
+
+
+def plot_image_pairs(findings: Sequence[Mapping[str, Any]], path: Path, thumb: int = 128) -> Path:
+    """Duplicate pairs side by side (two pairs per row): each image above its split and file name, the
+    listed one captioned with the pair's score."""
+    paths, captions = [], []
+    for f in findings:
+        score = "identical" if f["kind"] == "exact_duplicate" else f"similarity {f['score']:.3f}"
+        paths += [f["partner"], f["path"]]
+        captions += [f"{f['partner_split']}: {_short(Path(f['partner']).name)}",
+                     f"{f['split']}: {_short(Path(f['path']).name)}\n{score}"]
+    return _image_grid(paths, captions, path, "duplicates: each pair side by side", 4, thumb)
+
+
+def plot_label_issues(findings: Sequence[Mapping[str, Any]], path: Path, thumb: int = 128) -> Path:
+    """Likely mislabelled images, captioned "label -> suggested / p(label)"."""
+    captions = [f"{_short(f['label'])} -> {_short(f['suggested_label'])}\np(label) {1 - f['score']:.2f}"
+                for f in findings]
+    return _image_grid([f["path"] for f in findings], captions, path,
+                       "label-issue candidates: given label -> suggested label", 4, thumb)
+
+
+def doctor_plots(doctor: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
+    """The pictures of a saved doctor result (``DoctorResult.to_dict()``) into out_dir, by name: duplicate
+    pairs and label-issue candidates, each when there are any."""
+    findings = doctor["findings"]
+    pairs = [f for f in findings if f["kind"] in ("exact_duplicate", "near_duplicate")][:DOCTOR_PAIRS_SHOWN]
+    issues = [f for f in findings if f["kind"] == "label_issue"][:DOCTOR_IMAGES_SHOWN]
+    plots = {}
+    if pairs:
+        plots["duplicates"] = plot_image_pairs(pairs, Path(out_dir) / "duplicates.png")
+    if issues:
+        plots["label_issues"] = plot_label_issues(issues, Path(out_dir) / "label_issues.png")
+    return plots
 
 
 def plot_per_class_accuracy(accuracy: Mapping[str, float | None], path: Path, title: str = "") -> Path:
