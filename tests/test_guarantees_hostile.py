@@ -324,3 +324,35 @@ def test_the_same_skip_is_listed_once():
     for name in "bcde":
         skips.add(f"{name}.png", "zero-byte file")
     assert [e["path"] for e in skips] == ["a.png", "b.png", "c.png"] and skips.total == 5 and skips.unlisted == 2
+
+
+# --- a one-cycle schedule over a handful of steps ----------------------------------------------------
+
+
+def test_sixteen_images_and_two_finetune_epochs_train_to_the_end(tmp_path):
+    """16 training images, batches of 8, 2 fine-tuning epochs: 4 one-cycle steps, whose warm-up (the
+    boundary stage's 25 %) ends on step 0, where torch's OneCycleLR divides by zero. `build_scheduler`
+    runs any cycle with under two warm-up steps at a constant LR instead."""
+    from guarantees import TINY_FLAGS, read_metrics
+
+    data = make_image_folder(tmp_path / "data", per_class=(8, 2))
+    flags = list(TINY_FLAGS)
+    flags[flags.index("--finetune") + 1] = "boundary"
+    r = cli("train", data, "--out", tmp_path / "run", *flags, "--finetune-when", "always")
+    assert r.code == 0, r.text
+    assert len([row for row in read_metrics(tmp_path / "run") if row["phase"] != "frozen"]) == 2
+
+
+@pytest.mark.parametrize("pct_start", [0.25, 0.3])
+@pytest.mark.parametrize("steps", range(1, 13))
+def test_every_one_cycle_schedule_runs_its_steps(steps, pct_start):
+    """The full-network loop and the boundary stage share `build_scheduler`: no step count divides by zero."""
+    from torch import nn
+
+    from transferlab.training.finetune import build_scheduler
+
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = build_scheduler("onecycle", optimizer, steps, pct_start=pct_start)
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
