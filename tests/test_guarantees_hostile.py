@@ -22,14 +22,14 @@ from transferlab.models.registry import resolve_backbone
 # --- TorchScript export of the default backbone (timm's TF-'SAME' convolutions) -----------------------
 
 
-def _untrained_run(root: Path, backbone: str, img_size: int) -> Path:
+def _untrained_run(root: Path, backbone: str, img_size: int, head: str = "linear") -> Path:
     """A run directory as `train` writes it, for `backbone` at random init: the export bug is in the
     architecture (its 'SAME'-padded convolutions), not in the weights."""
     from transferlab.training.run import model_metadata, save_model
 
     spec = resolve_backbone(backbone, pretrained=False, img_size=img_size)
     torch.manual_seed(0)
-    head = HeadConfig()
+    head = HeadConfig(kind=head, hidden=16)
     model = build_classifier(spec, 3, head, load_weights=False).eval()
     root.mkdir(parents=True)
     save_model(root, model, model_metadata(spec, head, ["a", "b", "c"], {}))
@@ -356,3 +356,156 @@ def test_every_one_cycle_schedule_runs_its_steps(steps, pct_start):
     for _ in range(steps):
         optimizer.step()
         scheduler.step()
+
+
+# --- clear errors, not tracebacks: damaged model files, config.yaml, read-only runs, shard names -------
+
+
+def _edit_model(run: Path, json_edit=None, tensor_edit=None) -> None:
+    from safetensors.torch import load_file, save_file
+
+    if json_edit is not None:
+        meta = json.loads((run / "model.json").read_text())
+        json_edit(meta)
+        (run / "model.json").write_text(json.dumps(meta))
+    if tensor_edit is not None:
+        tensors = load_file(run / "model.safetensors")
+        tensor_edit(tensors)
+        save_file(tensors, run / "model.safetensors")
+
+
+def _set_input_size(meta: dict, size) -> None:
+    meta["preprocessing"]["input_size"] = meta["backbone"]["preprocessing"]["input_size"] = size
+
+
+DAMAGED_MODELS = {
+    # model.json's sizes: refused from the JSON and the tensors' headers, before anything is built for real
+    "num_classes 10**9": (lambda m: m.update(num_classes=10**9), None,
+                          "model.json is damaged: 'num_classes' is 1000000000 but 'classes' names 3"),
+    "num_classes -3": (lambda m: m.update(num_classes=-3), None, "'num_classes' is -3 but 'classes' names 3"),
+    "classes and num_classes 10**6": (lambda m: m.update(classes=[str(i) for i in range(10**6)], num_classes=10**6),
+                                      None, "classifier.head.3.weight: [3, 16] in the file, [1000000, 16] in model.json"),
+    "hidden 10**9": (lambda m: m["head"].update(hidden=10**9), None,
+                     "classifier.head.0.weight: [16, 256] in the file, [1000000000, 256] in model.json's architecture"),
+    "hidden 10**30": (lambda m: m["head"].update(hidden=10**30), None, "describes a model that cannot be built"),
+    "input_size 20000": (lambda m: _set_input_size(m, 20000), None, "input_size must be an integer from 1 to 4096, got 20000"),
+    "input_size 'big'": (lambda m: _set_input_size(m, "big"), None, "input_size must be an integer from 1 to 4096, got 'big'"),
+    "no head": (lambda m: m.pop("head"), None, "model.json is damaged: it has no 'head' entry"),
+    # the tensors
+    "a wrong-shape tensor": (None, lambda t: t.update({"conv_stem.weight": torch.zeros(24, 3, 5, 5)}),
+                             "conv_stem.weight: [24, 3, 5, 5] in the file, [24, 3, 3, 3] in model.json's architecture"),
+    "a missing tensor": (None, lambda t: t.pop("conv_head.weight"), "1 missing"),
+    "weights all NaN": (None, lambda t: t.update({k: torch.full_like(v, float("nan")) for k, v in t.items()
+                                                  if v.is_floating_point()}),
+                        "holds NaN or infinite weights"),
+    "one infinite weight": (None, lambda t: t["conv_stem.weight"].view(-1).__setitem__(0, float("inf")),
+                            "holds NaN or infinite weights (1 tensors, e.g. conv_stem.weight)"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED_MODELS))
+def test_a_damaged_model_is_refused_with_a_clear_error_before_anything_is_allocated(tmp_path, damage, monkeypatch):
+    """`predict` (and every command loading a run's model: evaluate, report, export, serve) on a model
+    whose model.json and model.safetensors disagree: exit 2 and a message naming the fault. Nothing is
+    built before the check: torch's allocator is not reached for a real (non-meta) model."""
+    from PIL import Image
+
+    from transferlab.models import heads
+
+    json_edit, tensor_edit, message = DAMAGED_MODELS[damage]
+    run = _untrained_run(tmp_path / "run", "test_efficientnet", img_size=32, head="mlp")
+    _edit_model(run, json_edit, tensor_edit)
+    Image.new("RGB", (40, 40)).save(tmp_path / "a.png")
+    built = []
+    real_build = heads.build_classifier
+
+    def counting_build(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        built.append(next(model.parameters()).device.type)
+        return model
+
+    monkeypatch.setattr(heads, "build_classifier", counting_build)
+    r = cli("predict", run, tmp_path / "a.png")
+    assert r.code == 2, r.text
+    assert message in r.text and "Traceback" not in r.text
+    if "NaN" not in message and "infinite" not in message:
+        assert "cpu" not in built  # refused from the JSON and the file's header alone
+
+
+def test_config_yaml_that_is_not_the_runs_settings_is_a_clear_error_on_resume(tmp_path):
+    cases = {
+        "a python tag": ("data: !!python/object/apply:os.system ['touch {marker}']\n",
+                         "could not determine a constructor for the tag"),
+        "a syntax error": ("data: [unclosed\nseed: 1\n", "expected ',' or ']'"),
+        "a list": ("- data\n- seed\n", "it holds a YAML list, not the run's settings"),
+        "a wrong type": ("data: x\nepochs_frozen: many\n", "'epochs_frozen' must be int, got 'many'"),
+    }
+    marker = tmp_path / "pwned"
+    for name, (text, message) in cases.items():
+        run = tmp_path / name.replace(" ", "_")
+        run.mkdir()
+        (run / "config.yaml").write_text(text.format(marker=marker))
+        r = cli("train", "--resume", run)
+        assert r.code == 2, (name, r.text)
+        assert f"Cannot read {run / 'config.yaml'}" in r.text and message in r.text, (name, r.text)
+        assert "Traceback" not in r.text
+    assert not marker.exists()
+
+
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*")}
+
+
+def test_report_with_o_writes_nothing_into_the_run_and_a_read_only_run_asks_for_o(tmp_path, tiny_run, monkeypatch):
+    import shutil
+
+    from transferlab.reporting import html
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    for made in list(run.glob("eval-*")) + [run / "curves.png", run / "report.html"]:  # the report must make them
+        shutil.rmtree(made) if made.is_dir() else made.unlink(missing_ok=True)
+    before = _listing(run)
+    r = cli("report", run, "-o", tmp_path / "elsewhere.html", "--no-progress")
+    assert r.code == 0, r.text
+    assert _listing(run) == before  # no evaluation, no plot, no curves written into the run
+    page = (tmp_path / "elsewhere.html").read_text()
+    assert page.count("<img") == 5 and "Evaluation: val" in page  # yet all of them are in the page
+    # a read-only run (as root, chmod does not stop writes: the probe is what decides)
+    monkeypatch.setattr(html, "is_writable_dir", lambda path: Path(path) != run)
+    r = cli("report", run, "--no-progress")
+    assert r.code == 2 and "Traceback" not in r.text
+    assert f"Cannot write the report into '{run}': the run directory is read-only. Write it elsewhere with -o FILE" in r.text
+    assert _listing(run) == before
+
+
+def test_a_shard_member_with_an_absolute_or_parent_name_is_skipped_and_listed(tmp_path):
+    """`shard / '/etc/x.png'` is '/etc/x.png': such a member would be read from this disk, outside the shard."""
+    import io
+    import tarfile
+
+    from guarantees import png_bytes, noise
+    from PIL import Image
+
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(png_bytes(Image.new("RGB", (40, 40))))
+    (tmp_path / "shards").mkdir()
+
+    def add(tar, name, payload):
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+
+    with tarfile.open(tmp_path / "shards" / "train-000000.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        for i in range(8):
+            add(tar, f"{i:04d}.png", png_bytes(Image.fromarray(noise(seed=i))))
+            add(tar, f"{i:04d}.cls", str(i % 2).encode())
+        for name in (str(outside.with_suffix("")), "../../escape", "C:/windows/x"):
+            add(tar, f"{name}.png", outside.read_bytes())
+            add(tar, f"{name}.cls", b"1")
+    splits = load_splits(tmp_path / "shards", progress=False)
+    used = [str(s.path) for s in splits.train + splits.val]
+    assert len(used) == 8 and not any("secret" in p or "escape" in p or "windows" in p for p in used)
+    refused = {e["path"].split(".tar:", 1)[1] for e in splits.skipped if "absolute or '..' name" in e["reason"]}
+    assert refused == {f"{name}.{ext}" for name in (str(outside.with_suffix("")), "../../escape", "C:/windows/x")
+                       for ext in ("png", "cls")}
