@@ -247,7 +247,6 @@ def test_slow_clients_are_timed_out_and_valid_requests_still_answered(served_run
                 s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                           b"Content-Length: 100000\r\n\r\n--b\r\n")
             slow.append(s)
-        start = time.monotonic()
         time.sleep(5)  # past both deadlines
         status, body = _post_png(port, png_bytes(Image.new("RGB", (40, 40), (200, 40, 40))))
         assert status == 200, body
@@ -509,3 +508,67 @@ def test_a_shard_member_with_an_absolute_or_parent_name_is_skipped_and_listed(tm
     refused = {e["path"].split(".tar:", 1)[1] for e in splits.skipped if "absolute or '..' name" in e["reason"]}
     assert refused == {f"{name}.{ext}" for name in (str(outside.with_suffix("")), "../../escape", "C:/windows/x")
                        for ext in ("png", "cls")}
+
+
+# --- one writer per run directory; --resume notices changed data and works from anywhere ---------------
+
+
+def test_a_second_train_into_a_run_directory_in_use_stops_at_once_naming_the_holder(tmp_path):
+    """The holder is another live process; once it is gone (killed: no clean-up ran) its lock is taken over."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from transferlab.training.run_lock import RunLock
+
+    data = make_image_folder(tmp_path / "data", per_class=(4, 2))
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from transferlab.training.run_lock import RunLock; "
+         "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)", str(run)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = cli("train", data, "--out", run, "--backbone", "test_efficientnet", "--no-pretrained", "--no-progress")
+        assert r.code == 2 and "Traceback" not in r.text
+        assert f"'{run}' is in use: another transferlab process is writing into it (pid {holder.pid} on " in r.text
+        assert "choose another --out" in r.text
+        assert not (run / "config.yaml").exists()  # nothing written
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    lock = RunLock(run).acquire()  # the dead holder's lock is taken over
+    assert (run / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
+    lock.release()
+
+
+def test_resume_works_from_another_directory_and_refuses_changed_data(tmp_path, monkeypatch):
+    from guarantees import TINY_FLAGS
+
+    make_image_folder(tmp_path / "data", per_class=(4, 2))
+    monkeypatch.chdir(tmp_path)
+    r = cli("train", "data", "--out", "run", *TINY_FLAGS, "--strategy", "head-only", "--epochs-frozen", "1",
+            "--feature-cache", "memory")
+    assert r.code == 0, r.text
+    run = tmp_path / "run"
+    assert "data: " + str(tmp_path / "data") in (run / "config.yaml").read_text()  # stored absolute
+    assert len(json.loads((run / "data.json").read_text())["fingerprint"]) == 64
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    r = cli("train", "--resume", run, "--no-progress")
+    assert r.code == 0, r.text
+    # the data changes: one more image
+    from conftest import COLOURS, make_image
+    import numpy as np
+
+    make_image(tmp_path / "data" / "train" / "red" / "new.png", COLOURS["red"], np.random.default_rng(1))
+    r = cli("train", "--resume", run, "--no-progress")
+    assert r.code == 2 and "Traceback" not in r.text
+    assert ("The data changed since this run started (8 train / 4 val images then, 9 / 4 now; a file was added, "
+            "removed, moved, relabelled or rewritten)") in r.text and "--allow-changed-data" in r.text
+    r = cli("train", "--resume", run, "--allow-changed-data", "--no-progress")
+    assert r.code == 0, r.text

@@ -112,6 +112,7 @@ def train(
     max_memory: Annotated[str | None, typer.Option(help="Activation memory per pass, e.g. 8G; over it (or on out-of-memory) batches are halved")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<time>-<backbone>)")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run directory")] = None,
+    allow_changed_data: Annotated[bool, typer.Option("--allow-changed-data", help="With --resume: continue even though the data changed since the run started")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html at the end")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -124,7 +125,7 @@ def train(
     if resume is None and data is None:
         raise TransferlabError("Missing DATA: give a folder of images or a CSV file (or --resume RUN).")
     try:
-        result = _train_or_resume(api, data, resume, {
+        result = _train_or_resume(api, data, resume, allow_changed_data, {
             "backbone": backbone, "pretrained": pretrained, "head": head, "head_hidden": head_hidden,
             "head_dropout": head_dropout, "strategy": strategy, "epochs_frozen": epochs_frozen,
             "epochs_finetune": epochs_finetune, "finetune": finetune, "boundary_stages": boundary_stages,
@@ -146,10 +147,10 @@ def train(
         _report_train(result)
 
 
-def _train_or_resume(api, data, resume, options: dict):
+def _train_or_resume(api, data, resume, allow_changed_data: bool, options: dict):
     """A resumed run takes its configuration from the run directory, not from the options."""
     if resume is not None:
-        return api.train(resume=resume)
+        return api.train(resume=resume, allow_changed_data=allow_changed_data)
     return api.train(data, **options)
 
 

@@ -14,10 +14,13 @@ Anything that makes the data unusable as a whole raises :class:`DataError` sayin
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 import math
 import os
 import random
+import stat
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -134,6 +137,17 @@ class SkipList(list):
                 f"({self.unlisted} more not listed)")
 
 
+def _stat_key(path: Path) -> str:
+    """'size:mtime_ns' of the file, or of the shard holding a member (`shard.tar/0001.png`); '-' if gone."""
+    for candidate in (path, *path.parents):
+        try:
+            st = os.stat(candidate)
+        except OSError:  # NotADirectoryError for a shard member: try its shard
+            continue
+        return f"{st.st_size}:{st.st_mtime_ns}" if stat.S_ISREG(st.st_mode) else "-"
+    return "-"
+
+
 @dataclass
 class DataSplits:
     """The loaded dataset plus everything the user should know about how it was read."""
@@ -162,6 +176,31 @@ class DataSplits:
             per_label = Counter(sample.label for sample in getattr(self, split))
             result[split] = {name: per_label[i] for i, name in enumerate(self.classes)}
         return result
+
+    def fingerprint(self) -> str:
+        """SHA-256 of what a run trains on: the classes, and every sample's split, label, path, size and
+        modification time (a shard member counts its shard's). Stat only, so a file edited in place
+        keeping its size and mtime goes unnoticed; a file added, removed, moved, relabelled or rewritten
+        changes it."""
+        digest = hashlib.sha256(json.dumps(self.classes).encode())
+        for split in SPLITS:
+            for sample in getattr(self, split):
+                digest.update(f"{split}\t{sample.label}\t{sample.path}\t{_stat_key(sample.path)}\n".encode())
+        return digest.hexdigest()
+
+    def check_unchanged(self, recorded: dict[str, Any]) -> None:
+        """DataError when `recorded` (a run's data.json) has another fingerprint than this data's: resuming
+        would continue a run on other data than it began with. Runs from before fingerprints pass."""
+        before = recorded.get("fingerprint")
+        if before is None or before == self.fingerprint():
+            return
+        counts = f"{recorded.get('num_train', '?')} train / {recorded.get('num_val', '?')} val images then, " \
+                 f"{len(self.train)} / {len(self.val)} now"
+        raise DataError(
+            f"The data changed since this run started ({counts}; a file was added, removed, moved, relabelled "
+            "or rewritten): resuming would continue it on other data. Start a new run with another --out, "
+            "or pass --allow-changed-data to resume anyway."
+        )
 
     def drop_unreadable(self) -> list[dict[str, str]]:
         """Files that became unreadable since validation (deleted, permissions changed) are removed from
@@ -196,6 +235,7 @@ class DataSplits:
             "skipped": [dict(entry) for entry in self.skipped],
             "skipped_count": self.skipped_count,
             "warnings": list(self.warnings),
+            "fingerprint": self.fingerprint(),
         }
 
 
