@@ -572,3 +572,81 @@ def test_resume_works_from_another_directory_and_refuses_changed_data(tmp_path, 
             "removed, moved, relabelled or rewritten)") in r.text and "--allow-changed-data" in r.text
     r = cli("train", "--resume", run, "--allow-changed-data", "--no-progress")
     assert r.code == 0, r.text
+
+
+# --- paths confined to their directory; every image file accounted for ---------------------------------
+
+
+def test_csv_rows_outside_the_csvs_folder_are_refused_unless_asked_for(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=(4, 2))
+    outside = make_image_folder(tmp_path / "elsewhere", per_class=(1, 0)) / "train" / "red" / "red_0.png"
+    rows = ["path,label"] + [f"{p.relative_to(data).as_posix()},{p.parent.name}" for p in sorted(data.rglob("*.png"))]
+    hostile = ["/proc/self/environ", "../../etc/passwd", "train/../../elsewhere/train/red/red_0.png", str(outside)]
+    (data / "labels.csv").write_text("\n".join(rows + [f"{h},red" for h in hostile]) + "\n")
+    splits = load_splits(data / "labels.csv", progress=False)
+    used = {str(s.path) for s in splits.train + splits.val}
+    assert len(used) == 12 and all(str(data) in p for p in used)
+    refused = [e for e in splits.skipped if "outside the CSV's folder" in e["reason"]]
+    assert [e["path"] for e in refused] == [f"labels.csv:{14 + i}" for i in range(4)]
+    assert refused[0]["reason"] == (f"/proc/self/environ is outside the CSV's folder {data}: refused (pass "
+                                    "--csv-anywhere to read files anywhere on this disk)")
+    # asked for: a file elsewhere is read (the non-images are then skipped as such, never trained on)
+    anywhere = load_splits(data / "labels.csv", progress=False, csv_anywhere=True)
+    assert str(outside) in {str(s.path) for s in anywhere.train + anywhere.val}
+
+
+def test_one_file_under_two_labels_is_reported_and_used_once(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=(4, 2))
+    rows = ["path,label"] + [f"{p.relative_to(data).as_posix()},{p.parent.name}" for p in sorted(data.rglob("*.png"))]
+    rows.append("train/./red/../red/red_0.png,blue")  # the same file, spelt otherwise, labelled otherwise
+    (data / "labels.csv").write_text("\n".join(rows) + "\n")
+    splits = load_splits(data / "labels.csv", progress=False)
+    assert len(splits.train) + len(splits.val) == 12
+    (entry,) = splits.skipped
+    first = rows.index("train/red/red_0.png,red") + 1
+    assert entry == {"path": "labels.csv:14", "reason": f"train/./red/../red/red_0.png listed again with another "
+                                                        f"label 'blue' (first at line {first} as 'red'): one file, "
+                                                        "one label; the first is used"}
+
+
+def test_images_in_formats_read_nowhere_here_are_listed_as_skipped(tmp_path):
+    from transferlab.data.images import IMAGE_EXTENSIONS
+
+    data = make_image_folder(tmp_path / "data", per_class=(4, 2))
+    for name in ("photo.heic", "photo.HEIF", "logo.svg", "frame.jxl", "README.txt"):
+        (data / "train" / "red" / name).write_bytes(b"not decoded here")
+    splits = load_splits(data, progress=False)
+    reasons = {Path(e["path"]).name: e["reason"] for e in splits.skipped}
+    assert reasons == {name: f"unsupported image format {Path(name).suffix.lower()} (no decoder for it here: convert "
+                             "it to JPEG or PNG)" for name in ("photo.heic", "photo.HEIF", "logo.svg", "frame.jxl")}
+    # AVIF: used where Pillow decodes it (as `serve` does), else listed like HEIC
+    from PIL import Image
+
+    avif = data / "train" / "red" / "extra.avif"
+    if ".avif" in IMAGE_EXTENSIONS:
+        Image.new("RGB", (40, 40), (200, 40, 40)).save(avif)
+        assert avif in {s.path for s in load_splits(data, progress=False).train + load_splits(data, progress=False).val}
+    else:
+        avif.write_bytes(b"x")
+        assert "unsupported image format .avif" in {Path(e["path"]).name: e["reason"]
+                                                    for e in load_splits(data, progress=False).skipped}["extra.avif"]
+
+
+def test_a_checkpoint_naming_a_tensor_file_outside_the_run_is_refused(tmp_path):
+    import shutil
+
+    from transferlab.errors import RunDirError
+    from transferlab.training.checkpoint import load_training_state, save_training_state
+
+    last = tmp_path / "run" / "checkpoints" / "last"
+    last.parent.mkdir(parents=True)
+    save_training_state(last, {"w": torch.ones(2)}, {"opt": {"step": torch.zeros(1)}}, {"epoch": 1})
+    meta = json.loads(last.with_suffix(".json").read_text())
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.copy(last.parent / meta["tensors_file"], outside)  # a valid file, with the right state id
+    for name in (str(outside), "../../elsewhere.safetensors", "sub/last.safetensors"):
+        (last.with_suffix(".json")).write_text(json.dumps({**meta, "tensors_file": name}))
+        with pytest.raises(RunDirError, match="which is not a file beside it in the run directory: refusing to read it"):
+            load_training_state(last)
+    last.with_suffix(".json").write_text(json.dumps(meta))
+    assert torch.equal(load_training_state(last)[0]["w"], torch.ones(2))

@@ -122,6 +122,7 @@ class TrainConfig:
     preprocess: dict[str, Any] = field(default_factory=dict)
     feature_views: int = 0
     val_split: float = 0.2
+    csv_anywhere: bool = False  # a CSV's rows may name files outside its folder
     batch_size: int = 32
     num_workers: int | None = None
     decode_cache: bool = True

@@ -28,6 +28,7 @@ __all__ = [
     "has_image_extension",
     "load_image",
     "looks_like_image",
+    "unsupported_format",
     "probe_image",
     "resized_short_side",
     "unreadable_reason",
@@ -40,10 +41,26 @@ resize would make larger (a 1x200000 strip with its short side resized to 224) b
 PIXEL_LIMIT_REASONS: tuple[str, ...] = ("decompression bomb", "resize bomb")
 """How the reasons of images refused for their size begin (``serve`` answers them with 413)."""
 
+# Image formats some installs of Pillow decode and others do not (AVIF: Pillow >= 11.3 wheels).
+_OPTIONAL_FORMATS = (".avif",)
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+    | {ext for ext in _OPTIONAL_FORMATS if ext in Image.registered_extensions()}
 )
-"""Lower-case suffixes (with the dot) of files read as images; compare ``suffix.lower()``."""
+"""Lower-case suffixes (with the dot) of files read as images; compare ``suffix.lower()``. What `serve`
+decodes (any format Pillow opens) and what a folder contributes agree: AVIF is in where Pillow reads it."""
+# Images in formats read nowhere here: a data folder lists them as skipped (with this reason) rather than
+# passing over them in silence like a README or a .DS_Store.
+UNSUPPORTED_IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".heic", ".heif", ".svg", ".svgz", ".jxl", ".jp2", *_OPTIONAL_FORMATS}) - IMAGE_EXTENSIONS
+
+
+def unsupported_format(path: str | Path) -> str | None:
+    """The skip reason for an image in a format no decoder here reads, else None."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in UNSUPPORTED_IMAGE_EXTENSIONS:
+        return None
+    return f"unsupported image format {suffix} (no decoder for it here: convert it to JPEG or PNG)"
 
 # What PIL's plugins raise on malformed files: each format reports damage its own way
 # (truncated streams, bad structure, impossible sizes, failed decompression...).

@@ -39,6 +39,7 @@ from transferlab.data.images import (
     looks_like_image,
     probe_image,
     unreadable_reason,
+    unsupported_format,
 )
 from transferlab.errors import DataError
 
@@ -273,8 +274,12 @@ def load_splits(
     seed: int = 0,
     validate: bool = True,
     progress: bool = True,
+    csv_anywhere: bool = False,
 ) -> DataSplits:
     """Read a dataset folder or CSV into train/val/test samples.
+
+    A CSV's rows may name files below the CSV's own folder only (``../../etc/passwd`` and
+    ``/proc/self/environ`` are skipped rows), unless ``csv_anywhere``.
 
     ``val_split`` is the fraction of each class held out when no validation split is given.
     ``validate`` decodes every image once (bad ones are skipped, not fatal) and looks for
@@ -296,7 +301,7 @@ def load_splits(
                 f"{path} is a file but not a .csv. Pass a folder of class sub-folders or a CSV "
                 "file with a path,label header."
             )
-        found = _read_csv(path)
+        found = _read_csv(path, anywhere=csv_anywhere)
     else:
         found = _read_folder(path)
     return _assemble(
@@ -344,6 +349,9 @@ def _walk_images(folder: Path, found: _Found) -> list[Path]:
         dirnames[:] = [name for name in dirnames if not _is_ignored(name) and not _is_loop(Path(dirpath, name), real, found)]
         for name in filenames:
             path = Path(dirpath, name)
+            if not _is_ignored(name) and (reason := unsupported_format(path)):
+                found.skip(path, reason)
+                continue
             if _is_ignored(name) or (path.suffix and not has_image_extension(path)):
                 continue
             if not path.exists():
@@ -456,12 +464,12 @@ def _read_shards(data: str | Path) -> _Found:
     return found
 
 
-def _read_csv(csv_path: Path) -> _Found:
+def _read_csv(csv_path: Path, anywhere: bool = False) -> _Found:
     root = csv_path.parent
     found = _Found(
         source=csv_path, root=root, layout=LAYOUT_CSV, files={"train": []}, declared=[]
     )
-    first_line: dict[Path, int] = {}
+    first_line: dict[Path, tuple[int, str]] = {}
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
@@ -478,7 +486,7 @@ def _read_csv(csv_path: Path) -> _Found:
             for row in reader:
                 where = f"{csv_path.name}:{reader.line_num}"
                 _read_csv_row(
-                    row, columns, where, reader.line_num, root, first_line, found
+                    row, columns, where, reader.line_num, root, first_line, found, anywhere
                 )
     except UnicodeDecodeError as exc:
         raise DataError(
@@ -498,8 +506,9 @@ def _read_csv_row(
     where: str,
     line: int,
     root: Path,
-    first_line: dict[Path, int],
+    first_line: dict[Path, tuple[int, str]],
     found: _Found,
+    anywhere: bool = False,
 ) -> None:
     raw_path = (row.get(columns["path"]) or "").strip()
     label = (row.get(columns["label"]) or "").strip()
@@ -519,14 +528,25 @@ def _read_csv_row(
             return
         split = _SPLIT_ALIASES[raw_split]
     path = Path(raw_path).expanduser()
-    path = path if path.is_absolute() else root / path
+    # Lexically normalised ('a/../b.png' is 'b.png'): one file, one spelling, and '..' cannot climb out
+    # unseen. Symlinks are not resolved: a data folder may link to images stored elsewhere.
+    path = Path(os.path.normpath(path if path.is_absolute() else root / path))
+    if not anywhere and not path.is_relative_to(root):
+        found.skip(where, f"{raw_path} is outside the CSV's folder {root}: refused (pass --csv-anywhere "
+                          "to read files anywhere on this disk)")
+        return
     if path in first_line:
-        found.skip(where, f"{raw_path} listed again (first at line {first_line[path]})")
+        first, first_label = first_line[path]
+        if first_label != label:
+            found.skip(where, f"{raw_path} listed again with another label {label!r} (first at line {first} as "
+                              f"{first_label!r}): one file, one label; the first is used")
+        else:
+            found.skip(where, f"{raw_path} listed again (first at line {first})")
         return
     if not path.is_file():
         found.skip(path, "file not found")
         return
-    first_line[path] = line
+    first_line[path] = (line, label)
     found.files[split].append((path, label))
 
 

@@ -251,7 +251,8 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
         cfg.num_workers = _runtime.default_num_workers()
 
     def read_data() -> DataSplits:  # once, on rank 0: validating every image is a full decode pass
-        splits = load_splits(cfg.data, val_split=cfg.val_split, seed=cfg.seed, progress=cfg.progress)
+        splits = load_splits(cfg.data, val_split=cfg.val_split, seed=cfg.seed, progress=cfg.progress,
+                             csv_anywhere=cfg.csv_anywhere)
         for w in splits.warnings:
             log.warning(w)
         for s in splits.skipped:
