@@ -650,3 +650,43 @@ def test_a_checkpoint_naming_a_tensor_file_outside_the_run_is_refused(tmp_path):
             load_training_state(last)
     last.with_suffix(".json").write_text(json.dumps(meta))
     assert torch.equal(load_training_state(last)[0]["w"], torch.ones(2))
+
+
+def liar_jpeg(path: Path, claimed: int = 9000) -> Path:
+    """A 48x48 JPEG stream under a header (SOF0) claiming claimed x claimed pixels."""
+    import io
+
+    from PIL import Image
+
+    from guarantees import noise
+
+    buffer = io.BytesIO()
+    Image.fromarray(noise((48, 48))).save(buffer, "JPEG")
+    data = bytearray(buffer.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", claimed, claimed)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_jpeg_whose_header_claims_more_than_it_holds_is_skipped_in_validation(tmp_path):
+    """libjpeg decodes such a file with a warning only, filling 9000x9000 with grey (38 s, 243 MB here):
+    it trained as a grey image. A Huffman-coded JPEG needs a bit per 8x8 block at least, so the file's
+    size refuses it from the header, before any decode, in every path (validation, predict, serve)."""
+    from transferlab.data.images import ImageError, load_image
+
+    data = make_image_folder(tmp_path / "data", per_class=(4, 2))
+    liar = liar_jpeg(data / "train" / "red" / "liar.jpg")
+    splits = load_splits(data, progress=False)
+    assert liar not in {s.path for s in splits.train + splits.val}
+    reason = {Path(e["path"]).name: e["reason"] for e in splits.skipped}["liar.jpg"]
+    assert reason.startswith("truncated or corrupt image: ") and "cannot hold the 9000x9000 JPEG its header claims" in reason
+    with pytest.raises(ImageError, match="cannot hold the 9000x9000 JPEG"):
+        load_image(liar)
+    # real JPEGs, even flat ones at their smallest (progressive, 4:2:0, optimised tables), are far above the bound
+    from PIL import Image
+
+    for progressive in (False, True):
+        Image.new("RGB", (4000, 3000), (128, 128, 128)).save(tmp_path / "flat.jpg", quality=1, subsampling=2,
+                                                               optimize=True, progressive=progressive)
+        assert load_image(tmp_path / "flat.jpg").size == (4000, 3000)

@@ -156,7 +156,37 @@ def _open_checked(path: Path, max_pixels: int) -> Iterator[Image.Image]:
                 raise ImageError(
                     f"decompression bomb: {width}x{height} pixels exceeds limit {max_pixels}"
                 )
+            _check_jpeg_holds_its_size(image, size)
             yield image
+
+
+# JPEG start-of-frame markers of arithmetic coding (SOF9-11, SOF13-15), which may spend under a bit per block
+_ARITHMETIC_SOF = tuple(bytes((0xFF, m)) for m in (0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+
+
+def _check_jpeg_holds_its_size(image: Image.Image, file_size: int) -> None:
+    """A Huffman-coded JPEG spends at least one bit on every 8x8 block of its first component (the code of
+    its DC coefficient, in baseline and progressive files alike), so a file smaller than a bit per luma
+    block cannot hold the image its header claims: it is truncated, or lies (a 48x48 stream under a
+    9000x9000 header). libjpeg would only warn and fill the rest with grey, after seconds of work; here it
+    is refused from the header, before any decode. Arithmetic-coded files (rare) are not judged."""
+    if image.format not in ("JPEG", "MPO"):
+        return
+    width, height = image.size
+    blocks = -(-width // 8) * -(-height // 8)
+    if file_size * 8 >= blocks:
+        return
+    fp = image.fp
+    where = fp.tell()  # the start of the first scan: everything before it is headers
+    try:
+        fp.seek(0)
+        headers = fp.read(where)
+    finally:
+        fp.seek(where)
+    if any(marker in headers for marker in _ARITHMETIC_SOF):
+        return
+    raise ImageError(f"truncated or corrupt image: {file_size} bytes cannot hold the {width}x{height} JPEG its "
+                     f"header claims (at least {-(-blocks // 8)} bytes of image data)")
 
 
 def resized_short_side(width: int, height: int, short: int, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
