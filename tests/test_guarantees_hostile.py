@@ -604,8 +604,8 @@ def test_one_file_under_two_labels_is_reported_and_used_once(tmp_path):
     assert len(splits.train) + len(splits.val) == 12
     (entry,) = splits.skipped
     first = rows.index("train/red/red_0.png,red") + 1
-    assert entry == {"path": "labels.csv:14", "reason": f"train/./red/../red/red_0.png listed again with another "
-                                                        f"label 'blue' (first at line {first} as 'red'): one file, "
+    assert entry == {"path": "labels.csv:14", "reason": f"train/./red/../red/red_0.png listed again (first at line "
+                                                        f"{first}, as 'red') with another label 'blue': one file, "
                                                         "one label; the first is used"}
 
 
