@@ -605,8 +605,8 @@ def test_one_file_under_two_labels_is_reported_and_used_once(tmp_path):
     (entry,) = splits.skipped
     first = rows.index("train/red/red_0.png,red") + 1
     assert entry == {"path": "labels.csv:14", "reason": f"train/./red/../red/red_0.png listed again (first at line "
-                                                        f"{first}, as 'red') with another label 'blue': one file, "
-                                                        "one label; the first is used"}
+                                                        f"{first}) with another label 'blue' (there 'red'): one "
+                                                        "file, one label; the first is used"}
 
 
 def test_images_in_formats_read_nowhere_here_are_listed_as_skipped(tmp_path):

@@ -538,8 +538,8 @@ def _read_csv_row(
     if path in first_line:
         first, first_label = first_line[path]
         if first_label != label:
-            found.skip(where, f"{raw_path} listed again (first at line {first}, as {first_label!r}) with another "
-                              f"label {label!r}: one file, one label; the first is used")
+            found.skip(where, f"{raw_path} listed again (first at line {first}) with another label {label!r} "
+                              f"(there {first_label!r}): one file, one label; the first is used")
         else:
             found.skip(where, f"{raw_path} listed again (first at line {first})")
         return
