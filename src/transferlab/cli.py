@@ -815,7 +815,9 @@ def main() -> None:
     try:
         app()
     except TransferlabError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/] {escape(str(exc))}")  # the message may quote '[' (a YAML error, a path)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/] — continue with `transferlab train --resume RUN_DIR`")
