@@ -247,6 +247,7 @@ def test_slow_clients_are_timed_out_and_valid_requests_still_answered(served_run
                 s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                           b"Content-Length: 100000\r\n\r\n--b\r\n")
             slow.append(s)
+        start = time.monotonic()
         time.sleep(5)  # past both deadlines
         status, body = _post_png(port, png_bytes(Image.new("RGB", (40, 40), (200, 40, 40))))
         assert status == 200, body
