@@ -22,14 +22,14 @@ from transferlab.models.registry import resolve_backbone
 # --- TorchScript export of the default backbone (timm's TF-'SAME' convolutions) -----------------------
 
 
-def _untrained_run(root: Path, backbone: str, img_size: int) -> Path:
+def _untrained_run(root: Path, backbone: str, img_size: int, head: str = "linear") -> Path:
     """A run directory as `train` writes it, for `backbone` at random init: the export bug is in the
     architecture (its 'SAME'-padded convolutions), not in the weights."""
     from transferlab.training.run import model_metadata, save_model
 
     spec = resolve_backbone(backbone, pretrained=False, img_size=img_size)
     torch.manual_seed(0)
-    head = HeadConfig()
+    head = HeadConfig(kind=head, hidden=16)
     model = build_classifier(spec, 3, head, load_weights=False).eval()
     root.mkdir(parents=True)
     save_model(root, model, model_metadata(spec, head, ["a", "b", "c"], {}))
@@ -324,3 +324,370 @@ def test_the_same_skip_is_listed_once():
     for name in "bcde":
         skips.add(f"{name}.png", "zero-byte file")
     assert [e["path"] for e in skips] == ["a.png", "b.png", "c.png"] and skips.total == 5 and skips.unlisted == 2
+
+
+# --- a one-cycle schedule over a handful of steps ----------------------------------------------------
+
+
+def test_sixteen_images_and_two_finetune_epochs_train_to_the_end(tmp_path):
+    """16 training images, batches of 8, 2 fine-tuning epochs: 4 one-cycle steps, whose warm-up (the
+    boundary stage's 25 %) ends on step 0, where torch's OneCycleLR divides by zero. `build_scheduler`
+    runs any cycle with under two warm-up steps at a constant LR instead."""
+    from guarantees import TINY_FLAGS, read_metrics
+
+    data = make_image_folder(tmp_path / "data", per_class=(8, 2))
+    flags = list(TINY_FLAGS)
+    flags[flags.index("--finetune") + 1] = "boundary"
+    r = cli("train", data, "--out", tmp_path / "run", *flags, "--finetune-when", "always")
+    assert r.code == 0, r.text
+    assert len([row for row in read_metrics(tmp_path / "run") if row["phase"] != "frozen"]) == 2
+
+
+@pytest.mark.parametrize("pct_start", [0.25, 0.3])
+@pytest.mark.parametrize("steps", range(1, 13))
+def test_every_one_cycle_schedule_runs_its_steps(steps, pct_start):
+    """The full-network loop and the boundary stage share `build_scheduler`: no step count divides by zero."""
+    from torch import nn
+
+    from transferlab.training.finetune import build_scheduler
+
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = build_scheduler("onecycle", optimizer, steps, pct_start=pct_start)
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+
+
+# --- clear errors, not tracebacks: damaged model files, config.yaml, read-only runs, shard names -------
+
+
+def _edit_model(run: Path, json_edit=None, tensor_edit=None) -> None:
+    from safetensors.torch import load_file, save_file
+
+    if json_edit is not None:
+        meta = json.loads((run / "model.json").read_text())
+        json_edit(meta)
+        (run / "model.json").write_text(json.dumps(meta))
+    if tensor_edit is not None:
+        tensors = load_file(run / "model.safetensors")
+        tensor_edit(tensors)
+        save_file(tensors, run / "model.safetensors")
+
+
+def _set_input_size(meta: dict, size) -> None:
+    meta["preprocessing"]["input_size"] = meta["backbone"]["preprocessing"]["input_size"] = size
+
+
+DAMAGED_MODELS = {
+    # model.json's sizes: refused from the JSON and the tensors' headers, before anything is built for real
+    "num_classes 10**9": (lambda m: m.update(num_classes=10**9), None,
+                          "model.json is damaged: 'num_classes' is 1000000000 but 'classes' names 3"),
+    "num_classes -3": (lambda m: m.update(num_classes=-3), None, "'num_classes' is -3 but 'classes' names 3"),
+    "classes and num_classes 10**6": (lambda m: m.update(classes=[str(i) for i in range(10**6)], num_classes=10**6),
+                                      None, "classifier.head.3.weight: [3, 16] in the file, [1000000, 16] in model.json"),
+    "hidden 10**9": (lambda m: m["head"].update(hidden=10**9), None,
+                     "classifier.head.0.weight: [16, 256] in the file, [1000000000, 256] in model.json's architecture"),
+    "hidden 10**30": (lambda m: m["head"].update(hidden=10**30), None, "describes a model that cannot be built"),
+    "input_size 20000": (lambda m: _set_input_size(m, 20000), None, "input_size must be an integer from 1 to 4096, got 20000"),
+    "input_size 'big'": (lambda m: _set_input_size(m, "big"), None, "input_size must be an integer from 1 to 4096, got 'big'"),
+    "no head": (lambda m: m.pop("head"), None, "model.json is damaged: it has no 'head' entry"),
+    # the tensors
+    "a wrong-shape tensor": (None, lambda t: t.update({"conv_stem.weight": torch.zeros(24, 3, 5, 5)}),
+                             "conv_stem.weight: [24, 3, 5, 5] in the file, [24, 3, 3, 3] in model.json's architecture"),
+    "a missing tensor": (None, lambda t: t.pop("conv_head.weight"), "1 missing"),
+    "weights all NaN": (None, lambda t: t.update({k: torch.full_like(v, float("nan")) for k, v in t.items()
+                                                  if v.is_floating_point()}),
+                        "holds NaN or infinite weights"),
+    "one infinite weight": (None, lambda t: t["conv_stem.weight"].view(-1).__setitem__(0, float("inf")),
+                            "holds NaN or infinite weights (1 tensors, e.g. conv_stem.weight)"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED_MODELS))
+def test_a_damaged_model_is_refused_with_a_clear_error_before_anything_is_allocated(tmp_path, damage, monkeypatch):
+    """`predict` (and every command loading a run's model: evaluate, report, export, serve) on a model
+    whose model.json and model.safetensors disagree: exit 2 and a message naming the fault. Nothing is
+    built before the check: torch's allocator is not reached for a real (non-meta) model."""
+    from PIL import Image
+
+    from transferlab.models import heads
+
+    json_edit, tensor_edit, message = DAMAGED_MODELS[damage]
+    run = _untrained_run(tmp_path / "run", "test_efficientnet", img_size=32, head="mlp")
+    _edit_model(run, json_edit, tensor_edit)
+    Image.new("RGB", (40, 40)).save(tmp_path / "a.png")
+    built = []
+    real_build = heads.build_classifier
+
+    def counting_build(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        built.append(next(model.parameters()).device.type)
+        return model
+
+    monkeypatch.setattr(heads, "build_classifier", counting_build)
+    r = cli("predict", run, tmp_path / "a.png")
+    assert r.code == 2, r.text
+    assert message in r.text and "Traceback" not in r.text
+    if "NaN" not in message and "infinite" not in message:
+        assert "cpu" not in built  # refused from the JSON and the file's header alone
+
+
+def test_config_yaml_that_is_not_the_runs_settings_is_a_clear_error_on_resume(tmp_path):
+    cases = {
+        "a python tag": ("data: !!python/object/apply:os.system ['touch {marker}']\n",
+                         "could not determine a constructor for the tag"),
+        "a syntax error": ("data: [unclosed\nseed: 1\n", "expected ',' or ']'"),
+        "a list": ("- data\n- seed\n", "it holds a YAML list, not the run's settings"),
+        "a wrong type": ("data: x\nepochs_frozen: many\n", "'epochs_frozen' must be int, got 'many'"),
+    }
+    marker = tmp_path / "pwned"
+    for name, (text, message) in cases.items():
+        run = tmp_path / name.replace(" ", "_")
+        run.mkdir()
+        (run / "config.yaml").write_text(text.format(marker=marker))
+        r = cli("train", "--resume", run)
+        assert r.code == 2, (name, r.text)
+        assert f"Cannot read {run / 'config.yaml'}" in r.text and message in r.text, (name, r.text)
+        assert "Traceback" not in r.text
+    assert not marker.exists()
+
+
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*")}
+
+
+def test_report_with_o_writes_nothing_into_the_run_and_a_read_only_run_asks_for_o(tmp_path, tiny_run, monkeypatch):
+    import shutil
+
+    from transferlab.reporting import html
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    for made in list(run.glob("eval-*")) + [run / "curves.png", run / "report.html"]:  # the report must make them
+        shutil.rmtree(made) if made.is_dir() else made.unlink(missing_ok=True)
+    before = _listing(run)
+    r = cli("report", run, "-o", tmp_path / "elsewhere.html", "--no-progress")
+    assert r.code == 0, r.text
+    assert _listing(run) == before  # no evaluation, no plot, no curves written into the run
+    page = (tmp_path / "elsewhere.html").read_text()
+    assert page.count("<img") == 5 and "Evaluation: val" in page  # yet all of them are in the page
+    # a read-only run (as root, chmod does not stop writes: the probe is what decides)
+    monkeypatch.setattr(html, "is_writable_dir", lambda path: Path(path) != run)
+    r = cli("report", run, "--no-progress")
+    assert r.code == 2 and "Traceback" not in r.text
+    assert f"Cannot write the report into '{run}': the run directory is read-only. Write it elsewhere with -o FILE" in r.text
+    assert _listing(run) == before
+
+
+def test_a_shard_member_with_an_absolute_or_parent_name_is_skipped_and_listed(tmp_path):
+    """`shard / '/etc/x.png'` is '/etc/x.png': such a member would be read from this disk, outside the shard."""
+    import io
+    import tarfile
+
+    from guarantees import png_bytes, noise
+    from PIL import Image
+
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(png_bytes(Image.new("RGB", (40, 40))))
+    (tmp_path / "shards").mkdir()
+
+    def add(tar, name, payload):
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+
+    with tarfile.open(tmp_path / "shards" / "train-000000.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        for i in range(8):
+            add(tar, f"{i:04d}.png", png_bytes(Image.fromarray(noise(seed=i))))
+            add(tar, f"{i:04d}.cls", str(i % 2).encode())
+        for name in (str(outside.with_suffix("")), "../../escape", "C:/windows/x"):
+            add(tar, f"{name}.png", outside.read_bytes())
+            add(tar, f"{name}.cls", b"1")
+    splits = load_splits(tmp_path / "shards", progress=False)
+    used = [str(s.path) for s in splits.train + splits.val]
+    assert len(used) == 8 and not any("secret" in p or "escape" in p or "windows" in p for p in used)
+    refused = {e["path"].split(".tar:", 1)[1] for e in splits.skipped if "absolute or '..' name" in e["reason"]}
+    assert refused == {f"{name}.{ext}" for name in (str(outside.with_suffix("")), "../../escape", "C:/windows/x")
+                       for ext in ("png", "cls")}
+
+
+# --- one writer per run directory; --resume notices changed data and works from anywhere ---------------
+
+
+def test_a_second_train_into_a_run_directory_in_use_stops_at_once_naming_the_holder(tmp_path):
+    """The holder is another live process; once it is gone (killed: no clean-up ran) its lock is taken over."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from transferlab.training.run_lock import RunLock
+
+    data = make_image_folder(tmp_path / "data", per_class=(4, 2))
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from transferlab.training.run_lock import RunLock; "
+         "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)", str(run)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = cli("train", data, "--out", run, "--backbone", "test_efficientnet", "--no-pretrained", "--no-progress")
+        assert r.code == 2 and "Traceback" not in r.text
+        assert f"'{run}' is in use: another transferlab process is writing into it (pid {holder.pid} on " in r.text
+        assert "choose another --out" in r.text
+        assert not (run / "config.yaml").exists()  # nothing written
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    lock = RunLock(run).acquire()  # the dead holder's lock is taken over
+    assert (run / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
+    lock.release()
+
+
+def test_resume_works_from_another_directory_and_refuses_changed_data(tmp_path, monkeypatch):
+    from guarantees import TINY_FLAGS
+
+    make_image_folder(tmp_path / "data", per_class=(4, 2))
+    monkeypatch.chdir(tmp_path)
+    r = cli("train", "data", "--out", "run", *TINY_FLAGS, "--strategy", "head-only", "--epochs-frozen", "1",
+            "--feature-cache", "memory")
+    assert r.code == 0, r.text
+    run = tmp_path / "run"
+    assert "data: " + str(tmp_path / "data") in (run / "config.yaml").read_text()  # stored absolute
+    assert len(json.loads((run / "data.json").read_text())["fingerprint"]) == 64
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    r = cli("train", "--resume", run, "--no-progress")
+    assert r.code == 0, r.text
+    # the data changes: one more image
+    from conftest import COLOURS, make_image
+    import numpy as np
+
+    make_image(tmp_path / "data" / "train" / "red" / "new.png", COLOURS["red"], np.random.default_rng(1))
+    r = cli("train", "--resume", run, "--no-progress")
+    assert r.code == 2 and "Traceback" not in r.text
+    assert ("The data changed since this run started (8 train / 4 val images then, 9 / 4 now; a file was added, "
+            "removed, moved, relabelled or rewritten)") in r.text and "--allow-changed-data" in r.text
+    r = cli("train", "--resume", run, "--allow-changed-data", "--no-progress")
+    assert r.code == 0, r.text
+
+
+# --- paths confined to their directory; every image file accounted for ---------------------------------
+
+
+def test_csv_rows_outside_the_csvs_folder_are_refused_unless_asked_for(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=(4, 2))
+    outside = make_image_folder(tmp_path / "elsewhere", per_class=(1, 0)) / "train" / "red" / "red_0.png"
+    rows = ["path,label"] + [f"{p.relative_to(data).as_posix()},{p.parent.name}" for p in sorted(data.rglob("*.png"))]
+    hostile = ["/proc/self/environ", "../../etc/passwd", "train/../../elsewhere/train/red/red_0.png", str(outside)]
+    (data / "labels.csv").write_text("\n".join(rows + [f"{h},red" for h in hostile]) + "\n")
+    splits = load_splits(data / "labels.csv", progress=False)
+    used = {str(s.path) for s in splits.train + splits.val}
+    assert len(used) == 12 and all(str(data) in p for p in used)
+    refused = [e for e in splits.skipped if "outside the CSV's folder" in e["reason"]]
+    assert [e["path"] for e in refused] == [f"labels.csv:{14 + i}" for i in range(4)]
+    assert refused[0]["reason"] == (f"/proc/self/environ is outside the CSV's folder {data}: refused (pass "
+                                    "--csv-anywhere to read files anywhere on this disk)")
+    # asked for: a file elsewhere is read (the non-images are then skipped as such, never trained on)
+    anywhere = load_splits(data / "labels.csv", progress=False, csv_anywhere=True)
+    assert str(outside) in {str(s.path) for s in anywhere.train + anywhere.val}
+
+
+def test_one_file_under_two_labels_is_reported_and_used_once(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=(4, 2))
+    rows = ["path,label"] + [f"{p.relative_to(data).as_posix()},{p.parent.name}" for p in sorted(data.rglob("*.png"))]
+    rows.append("train/./red/../red/red_0.png,blue")  # the same file, spelt otherwise, labelled otherwise
+    (data / "labels.csv").write_text("\n".join(rows) + "\n")
+    splits = load_splits(data / "labels.csv", progress=False)
+    assert len(splits.train) + len(splits.val) == 12
+    (entry,) = splits.skipped
+    first = rows.index("train/red/red_0.png,red") + 1
+    assert entry == {"path": "labels.csv:14", "reason": f"train/./red/../red/red_0.png listed again (first at line "
+                                                        f"{first}) with another label 'blue' (there 'red'): one "
+                                                        "file, one label; the first is used"}
+
+
+def test_images_in_formats_read_nowhere_here_are_listed_as_skipped(tmp_path):
+    from transferlab.data.images import IMAGE_EXTENSIONS
+
+    data = make_image_folder(tmp_path / "data", per_class=(4, 2))
+    for name in ("photo.heic", "photo.HEIF", "logo.svg", "frame.jxl", "README.txt"):
+        (data / "train" / "red" / name).write_bytes(b"not decoded here")
+    splits = load_splits(data, progress=False)
+    reasons = {Path(e["path"]).name: e["reason"] for e in splits.skipped}
+    assert reasons == {name: f"unsupported image format {Path(name).suffix.lower()} (no decoder for it here: convert "
+                             "it to JPEG or PNG)" for name in ("photo.heic", "photo.HEIF", "logo.svg", "frame.jxl")}
+    # AVIF: used where Pillow decodes it (as `serve` does), else listed like HEIC
+    from PIL import Image
+
+    avif = data / "train" / "red" / "extra.avif"
+    if ".avif" in IMAGE_EXTENSIONS:
+        Image.new("RGB", (40, 40), (200, 40, 40)).save(avif)
+        assert avif in {s.path for s in load_splits(data, progress=False).train + load_splits(data, progress=False).val}
+    else:
+        avif.write_bytes(b"x")
+        assert "unsupported image format .avif" in {Path(e["path"]).name: e["reason"]
+                                                    for e in load_splits(data, progress=False).skipped}["extra.avif"]
+
+
+def test_a_checkpoint_naming_a_tensor_file_outside_the_run_is_refused(tmp_path):
+    import shutil
+
+    from transferlab.errors import RunDirError
+    from transferlab.training.checkpoint import load_training_state, save_training_state
+
+    last = tmp_path / "run" / "checkpoints" / "last"
+    last.parent.mkdir(parents=True)
+    save_training_state(last, {"w": torch.ones(2)}, {"opt": {"step": torch.zeros(1)}}, {"epoch": 1})
+    meta = json.loads(last.with_suffix(".json").read_text())
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.copy(last.parent / meta["tensors_file"], outside)  # a valid file, with the right state id
+    for name in (str(outside), "../../elsewhere.safetensors", "sub/last.safetensors"):
+        (last.with_suffix(".json")).write_text(json.dumps({**meta, "tensors_file": name}))
+        with pytest.raises(RunDirError, match="which is not a file beside it in the run directory: refusing to read it"):
+            load_training_state(last)
+    last.with_suffix(".json").write_text(json.dumps(meta))
+    assert torch.equal(load_training_state(last)[0]["w"], torch.ones(2))
+
+
+def liar_jpeg(path: Path, claimed: int = 9000) -> Path:
+    """A 48x48 JPEG stream under a header (SOF0) claiming claimed x claimed pixels."""
+    import io
+
+    from PIL import Image
+
+    from guarantees import noise
+
+    buffer = io.BytesIO()
+    Image.fromarray(noise((48, 48))).save(buffer, "JPEG")
+    data = bytearray(buffer.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", claimed, claimed)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_jpeg_whose_header_claims_more_than_it_holds_is_skipped_in_validation(tmp_path):
+    """libjpeg decodes such a file with a warning only, filling 9000x9000 with grey (38 s, 243 MB here):
+    it trained as a grey image. A Huffman-coded JPEG needs a bit per 8x8 block at least, so the file's
+    size refuses it from the header, before any decode, in every path (validation, predict, serve)."""
+    from transferlab.data.images import ImageError, load_image
+
+    data = make_image_folder(tmp_path / "data", per_class=(4, 2))
+    liar = liar_jpeg(data / "train" / "red" / "liar.jpg")
+    splits = load_splits(data, progress=False)
+    assert liar not in {s.path for s in splits.train + splits.val}
+    reason = {Path(e["path"]).name: e["reason"] for e in splits.skipped}["liar.jpg"]
+    assert reason.startswith("truncated or corrupt image: ") and "cannot hold the 9000x9000 JPEG its header claims" in reason
+    with pytest.raises(ImageError, match="cannot hold the 9000x9000 JPEG"):
+        load_image(liar)
+    # real JPEGs, even flat ones at their smallest (progressive, 4:2:0, optimised tables), are far above the bound
+    from PIL import Image
+
+    for progressive in (False, True):
+        Image.new("RGB", (4000, 3000), (128, 128, 128)).save(tmp_path / "flat.jpg", quality=1, subsampling=2,
+                                                               optimize=True, progressive=progressive)
+        assert load_image(tmp_path / "flat.jpg").size == (4000, 3000)

@@ -46,13 +46,15 @@ DEMO_OVERRIDES: dict[str, Any] = {
 }
 
 
-def train(data: str | Path | None = None, *, resume: str | Path | None = None, **options: Any) -> TrainResult:
+def train(data: str | Path | None = None, *, resume: str | Path | None = None, allow_changed_data: bool = False,
+          **options: Any) -> TrainResult:
     """Train a classifier on `data` (ImageFolder tree, class folders, or CSV). `options` are
-    TrainConfig fields (backbone, head, epochs_frozen, lr_decay, ...); `resume` continues a run."""
+    TrainConfig fields (backbone, head, epochs_frozen, lr_decay, ...); `resume` continues a run (refused
+    when its data changed since it started, unless `allow_changed_data`)."""
     from transferlab.training.run import train as _train
 
     if resume is not None:
-        return _train(TrainConfig(), resume=resume)
+        return _train(TrainConfig(), resume=resume, allow_changed_data=allow_changed_data)
     return _train(_train_config("train", data, options))
 
 

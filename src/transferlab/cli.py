@@ -145,7 +145,9 @@ def train(
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache directory")] = None,
     max_memory: Annotated[str | None, typer.Option(help="Activation memory per pass, e.g. 8G; over it (or on out-of-memory) batches are halved")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<time>-<backbone>)")] = None,
+    csv_anywhere: Annotated[bool, typer.Option("--csv-anywhere", help="Let a CSV's rows name files outside the CSV's folder")] = False,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run directory")] = None,
+    allow_changed_data: Annotated[bool, typer.Option("--allow-changed-data", help="With --resume: continue even though the data changed since the run started")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html at the end")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -158,14 +160,14 @@ def train(
     if resume is None and data is None:
         raise TransferlabError("Missing DATA: give a folder of images or a CSV file (or --resume RUN).")
     try:
-        result = _train_or_resume(api, data, resume, {
+        result = _train_or_resume(api, data, resume, allow_changed_data, {
             "backbone": backbone, "pretrained": pretrained, "head": head, "head_hidden": head_hidden,
             "head_dropout": head_dropout, "strategy": strategy, "epochs_frozen": epochs_frozen,
             "epochs_finetune": epochs_finetune, "finetune": finetune, "boundary_stages": boundary_stages,
             "boundary_views": boundary_views, "finetune_when": finetune_when, "lr_head": lr_head, "lr_finetune": parse_lr_finetune(lr_finetune), "lr_decay": lr_decay,
             "unfreeze": unfreeze, "lr_floor": lr_floor, "optimizer": optimizer, "weight_decay": weight_decay, "schedule": schedule,
             "label_smoothing": label_smoothing, "early_stop": early_stop, "finetune_gate": finetune_gate, "time_budget": time_budget, "progressive_resize": progressive_resize, "bn": bn, "augment": augment,
-            "feature_views": feature_views, "img_size": img_size, "eval_size": eval_size, "val_split": val_split, "batch_size": batch_size,
+            "feature_views": feature_views, "img_size": img_size, "eval_size": eval_size, "val_split": val_split, "csv_anywhere": csv_anywhere, "batch_size": batch_size,
             "num_workers": num_workers, "decode_cache": decode_cache, "compile": compile, "seed": seed, "precision": precision, "device": device, "devices": devices,
             "num_nodes": num_nodes, "dist_strategy": dist_strategy,
             "feature_cache": feature_cache, "cache_dir": str(cache_dir) if cache_dir else None, "max_memory": max_memory,
@@ -180,10 +182,10 @@ def train(
         _report_train(result)
 
 
-def _train_or_resume(api, data, resume, options: dict):
+def _train_or_resume(api, data, resume, allow_changed_data: bool, options: dict):
     """A resumed run takes its configuration from the run directory, not from the options."""
     if resume is not None:
-        return api.train(resume=resume)
+        return api.train(resume=resume, allow_changed_data=allow_changed_data)
     return api.train(data, **options)
 
 
@@ -942,7 +944,9 @@ def main() -> None:
     try:
         app()
     except TransferlabError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/] {escape(str(exc))}")  # the message may quote '[' (a YAML error, a path)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/] — continue with `transferlab train --resume RUN_DIR`")

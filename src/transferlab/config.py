@@ -133,6 +133,7 @@ class TrainConfig:
     preprocess: dict[str, Any] = field(default_factory=dict)
     feature_views: int = 0
     val_split: float = 0.2
+    csv_anywhere: bool = False  # a CSV's rows may name files outside its folder
     batch_size: int = 32
     num_workers: int | None = None
     decode_cache: bool = True
@@ -221,14 +222,16 @@ class TrainConfig:
             bad(f"compile '{self.compile}' is not one of auto, on, off")
         if self.decode_cache_mb < 0:
             bad("decode_cache_mb must be >= 0")
-        if self.img_size is not None and self.img_size < 16:
-            bad("img_size must be >= 16 pixels")
+        from transferlab.data.transforms import MAX_INPUT_SIZE, Preprocessing
+
+        if self.img_size is not None and not 16 <= self.img_size <= MAX_INPUT_SIZE:
+            bad(f"img_size must be from 16 to {MAX_INPUT_SIZE} pixels")
         if self.early_stop is not None and self.early_stop < 0:
             bad("early_stop must be >= 0 (0 turns it off)")
         if self.finetune_gate < 0:
             bad("finetune_gate must be >= 0 (0 turns it off)")
-        if self.eval_size is not None and self.eval_size < 16:
-            bad("eval_size must be >= 16 pixels")
+        if self.eval_size is not None and not 16 <= self.eval_size <= MAX_INPUT_SIZE:
+            bad(f"eval_size must be from 16 to {MAX_INPUT_SIZE} pixels")
         if self.max_memory is not None:
             from transferlab.training.memory import parse_size
 
@@ -246,8 +249,6 @@ class TrainConfig:
         if unknown:
             bad(f"preprocess keys {', '.join(sorted(unknown))} are not among {', '.join(PREPROCESS_KEYS)} "
                 "(the input size is img_size)")
-        from transferlab.data.transforms import Preprocessing
-
         try:
             Preprocessing.from_dict(self.preprocess)
         except (TypeError, ValueError) as exc:
@@ -307,4 +308,45 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+        """config.yaml as `save` wrote it. A file that is not that (a YAML syntax error, a tag such as
+        `!!python/object` that safe_load refuses, a value of the wrong type) is a RunDirError naming
+        the file and the fault, never a traceback."""
+        from transferlab.errors import RunDirError, TransferlabError
+
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            reason = " ".join(str(exc).split())
+            raise RunDirError(f"Cannot read {path}: {reason}. Fix or delete the damaged file (it is the "
+                              "configuration `train` wrote for this run).") from None
+        if not isinstance(data, dict):
+            raise RunDirError(f"Cannot read {path}: it holds a YAML {type(data).__name__}, not the run's settings.")
+        wrong = _wrong_types(cls, data)
+        if wrong:
+            raise RunDirError(f"Cannot read {path}: {'; '.join(wrong[:5])}.")
+        try:
+            return cls.from_dict(data)
+        except TransferlabError as exc:
+            raise RunDirError(f"Cannot read {path}: {exc}") from None
+
+
+def _wrong_types(cls: type, data: dict[str, Any]) -> list[str]:
+    """'key: expected T, got V' for each value whose type its field's annotation does not allow (ints
+    pass for floats, as YAML writes 1e-3 as a float but 1 as an int)."""
+    import types
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    wrong = []
+    for key, value in data.items():
+        hint = hints.get(key)
+        if hint is None:
+            continue
+        allowed = tuple(typing.get_origin(t) or t for t in (hint.__args__ if isinstance(hint, types.UnionType) else (hint,)))
+        allowed = tuple(t for t in allowed if t is not Any)
+        if not allowed or (float in allowed and isinstance(value, int) and not isinstance(value, bool)):
+            continue
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            wrong.append(f"'{key}' must be {names}, got {value!r}")
+    return wrong

@@ -29,6 +29,7 @@ __all__ = [
     "image_size",
     "load_image",
     "looks_like_image",
+    "unsupported_format",
     "probe_image",
     "resized_short_side",
     "unreadable_reason",
@@ -41,10 +42,26 @@ resize would make larger (a 1x200000 strip with its short side resized to 224) b
 PIXEL_LIMIT_REASONS: tuple[str, ...] = ("decompression bomb", "resize bomb")
 """How the reasons of images refused for their size begin (``serve`` answers them with 413)."""
 
+# Image formats some installs of Pillow decode and others do not (AVIF: Pillow >= 11.3 wheels).
+_OPTIONAL_FORMATS = (".avif",)
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+    | {ext for ext in _OPTIONAL_FORMATS if ext in Image.registered_extensions()}
 )
-"""Lower-case suffixes (with the dot) of files read as images; compare ``suffix.lower()``."""
+"""Lower-case suffixes (with the dot) of files read as images; compare ``suffix.lower()``. What `serve`
+decodes (any format Pillow opens) and what a folder contributes agree: AVIF is in where Pillow reads it."""
+# Images in formats read nowhere here: a data folder lists them as skipped (with this reason) rather than
+# passing over them in silence like a README or a .DS_Store.
+UNSUPPORTED_IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".heic", ".heif", ".svg", ".svgz", ".jxl", ".jp2", *_OPTIONAL_FORMATS}) - IMAGE_EXTENSIONS
+
+
+def unsupported_format(path: str | Path) -> str | None:
+    """The skip reason for an image in a format no decoder here reads, else None."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in UNSUPPORTED_IMAGE_EXTENSIONS:
+        return None
+    return f"unsupported image format {suffix} (no decoder for it here: convert it to JPEG or PNG)"
 
 # What PIL's plugins raise on malformed files: each format reports damage its own way
 # (truncated streams, bad structure, impossible sizes, failed decompression...).
@@ -140,7 +157,37 @@ def _open_checked(path: Path, max_pixels: int) -> Iterator[Image.Image]:
                 raise ImageError(
                     f"decompression bomb: {width}x{height} pixels exceeds limit {max_pixels}"
                 )
+            _check_jpeg_holds_its_size(image, size)
             yield image
+
+
+# JPEG start-of-frame markers of arithmetic coding (SOF9-11, SOF13-15), which may spend under a bit per block
+_ARITHMETIC_SOF = tuple(bytes((0xFF, m)) for m in (0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+
+
+def _check_jpeg_holds_its_size(image: Image.Image, file_size: int) -> None:
+    """A Huffman-coded JPEG spends at least one bit on every 8x8 block of its first component (the code of
+    its DC coefficient, in baseline and progressive files alike), so a file smaller than a bit per luma
+    block cannot hold the image its header claims: it is truncated, or lies (a 48x48 stream under a
+    9000x9000 header). libjpeg would only warn and fill the rest with grey, after seconds of work; here it
+    is refused from the header, before any decode. Arithmetic-coded files (rare) are not judged."""
+    if image.format not in ("JPEG", "MPO"):
+        return
+    width, height = image.size
+    blocks = -(-width // 8) * -(-height // 8)
+    if file_size * 8 >= blocks:
+        return
+    fp = image.fp
+    where = fp.tell()  # the start of the first scan: everything before it is headers
+    try:
+        fp.seek(0)
+        headers = fp.read(where)
+    finally:
+        fp.seek(where)
+    if any(marker in headers for marker in _ARITHMETIC_SOF):
+        return
+    raise ImageError(f"truncated or corrupt image: {file_size} bytes cannot hold the {width}x{height} JPEG its "
+                     f"header claims (at least {-(-blocks // 8)} bytes of image data)")
 
 
 def resized_short_side(width: int, height: int, short: int, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:

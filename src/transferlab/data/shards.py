@@ -24,7 +24,7 @@ import re
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from transferlab.data.images import has_image_extension
 from transferlab.errors import DataError
@@ -137,6 +137,13 @@ def read_shards(data: str | Path) -> ShardRead:
 def _labelled_images(shard: Path, skipped: list[dict[str, str]]) -> Iterable[tuple[Path, str]]:
     groups: dict[str, dict[str, str]] = {}
     for name in shard_index(shard):
+        if _escapes(name):
+            # `shard / name` would leave the shard: an absolute name replaces it, so the "member" would be
+            # read from that path on this disk (WebDataset and tarfile's data filter refuse them too)
+            reason = "shard member with an absolute or '..' name: refused (it would name a file outside the shard)"
+            skipped.append({"path": f"{shard}:{name}", "reason": reason})
+            log.warning("Skipping %s:%s: %s", shard, name, reason)
+            continue
         key, ext = _split_key(name)
         groups.setdefault(key, {})[ext] = name
     for key, members in groups.items():
@@ -153,6 +160,12 @@ def _labelled_images(shard: Path, skipped: list[dict[str, str]]) -> Iterable[tup
             log.warning("Skipping %s: %s", where, exc)
             continue
         yield where, label
+
+
+def _escapes(name: str) -> bool:
+    """Whether a member name is absolute (POSIX or Windows) or climbs out with '..'."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    return path.is_absolute() or ".." in path.parts or PureWindowsPath(name).drive != ""
 
 
 def _split_key(name: str) -> tuple[str, str]:

@@ -14,10 +14,13 @@ Anything that makes the data unusable as a whole raises :class:`DataError` sayin
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 import math
 import os
 import random
+import stat
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +39,7 @@ from transferlab.data.images import (
     looks_like_image,
     probe_image,
     unreadable_reason,
+    unsupported_format,
 )
 from transferlab.errors import DataError
 
@@ -135,6 +139,17 @@ class SkipList(list):
                 f"({self.unlisted} more not listed)")
 
 
+def _stat_key(path: Path) -> str:
+    """'size:mtime_ns' of the file, or of the shard holding a member (`shard.tar/0001.png`); '-' if gone."""
+    for candidate in (path, *path.parents):
+        try:
+            st = os.stat(candidate)
+        except OSError:  # NotADirectoryError for a shard member: try its shard
+            continue
+        return f"{st.st_size}:{st.st_mtime_ns}" if stat.S_ISREG(st.st_mode) else "-"
+    return "-"
+
+
 @dataclass
 class DataSplits:
     """The loaded dataset plus everything the user should know about how it was read."""
@@ -170,6 +185,31 @@ class DataSplits:
         """Byte-identical files, as groups of (split, sample); none when the data were not validated."""
         return exact_duplicate_groups({split: getattr(self, split) for split in SPLITS}, self.digests)
 
+    def fingerprint(self) -> str:
+        """SHA-256 of what a run trains on: the classes, and every sample's split, label, path, size and
+        modification time (a shard member counts its shard's). Stat only, so a file edited in place
+        keeping its size and mtime goes unnoticed; a file added, removed, moved, relabelled or rewritten
+        changes it."""
+        digest = hashlib.sha256(json.dumps(self.classes).encode())
+        for split in SPLITS:
+            for sample in getattr(self, split):
+                digest.update(f"{split}\t{sample.label}\t{sample.path}\t{_stat_key(sample.path)}\n".encode())
+        return digest.hexdigest()
+
+    def check_unchanged(self, recorded: dict[str, Any]) -> None:
+        """DataError when `recorded` (a run's data.json) has another fingerprint than this data's: resuming
+        would continue a run on other data than it began with. Runs from before fingerprints pass."""
+        before = recorded.get("fingerprint")
+        if before is None or before == self.fingerprint():
+            return
+        counts = f"{recorded.get('num_train', '?')} train / {recorded.get('num_val', '?')} val images then, " \
+                 f"{len(self.train)} / {len(self.val)} now"
+        raise DataError(
+            f"The data changed since this run started ({counts}; a file was added, removed, moved, relabelled "
+            "or rewritten): resuming would continue it on other data. Start a new run with another --out, "
+            "or pass --allow-changed-data to resume anyway."
+        )
+
     def drop_unreadable(self) -> list[dict[str, str]]:
         """Files that became unreadable since validation (deleted, permissions changed) are removed from
         every split and listed in ``skipped`` like the files validation rejected; returns the new entries.
@@ -203,6 +243,7 @@ class DataSplits:
             "skipped": [dict(entry) for entry in self.skipped],
             "skipped_count": self.skipped_count,
             "warnings": list(self.warnings),
+            "fingerprint": self.fingerprint(),
         }
 
 
@@ -240,8 +281,12 @@ def load_splits(
     seed: int = 0,
     validate: bool = True,
     progress: bool = True,
+    csv_anywhere: bool = False,
 ) -> DataSplits:
     """Read a dataset folder or CSV into train/val/test samples.
+
+    A CSV's rows may name files below the CSV's own folder only (``../../etc/passwd`` and
+    ``/proc/self/environ`` are skipped rows), unless ``csv_anywhere``.
 
     ``val_split`` is the fraction of each class held out when no validation split is given.
     ``validate`` decodes every image once (bad ones are skipped, not fatal) and looks for
@@ -263,7 +308,7 @@ def load_splits(
                 f"{path} is a file but not a .csv. Pass a folder of class sub-folders or a CSV "
                 "file with a path,label header."
             )
-        found = _read_csv(path)
+        found = _read_csv(path, anywhere=csv_anywhere)
     else:
         found = _read_folder(path)
     return _assemble(
@@ -311,6 +356,9 @@ def _walk_images(folder: Path, found: _Found) -> list[Path]:
         dirnames[:] = [name for name in dirnames if not _is_ignored(name) and not _is_loop(Path(dirpath, name), real, found)]
         for name in filenames:
             path = Path(dirpath, name)
+            if not _is_ignored(name) and (reason := unsupported_format(path)):
+                found.skip(path, reason)
+                continue
             if _is_ignored(name) or (path.suffix and not has_image_extension(path)):
                 continue
             if not path.exists():
@@ -423,12 +471,12 @@ def _read_shards(data: str | Path) -> _Found:
     return found
 
 
-def _read_csv(csv_path: Path) -> _Found:
+def _read_csv(csv_path: Path, anywhere: bool = False) -> _Found:
     root = csv_path.parent
     found = _Found(
         source=csv_path, root=root, layout=LAYOUT_CSV, files={"train": []}, declared=[]
     )
-    first_line: dict[Path, int] = {}
+    first_line: dict[Path, tuple[int, str]] = {}
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
@@ -445,7 +493,7 @@ def _read_csv(csv_path: Path) -> _Found:
             for row in reader:
                 where = f"{csv_path.name}:{reader.line_num}"
                 _read_csv_row(
-                    row, columns, where, reader.line_num, root, first_line, found
+                    row, columns, where, reader.line_num, root, first_line, found, anywhere
                 )
     except UnicodeDecodeError as exc:
         raise DataError(
@@ -465,8 +513,9 @@ def _read_csv_row(
     where: str,
     line: int,
     root: Path,
-    first_line: dict[Path, int],
+    first_line: dict[Path, tuple[int, str]],
     found: _Found,
+    anywhere: bool = False,
 ) -> None:
     raw_path = (row.get(columns["path"]) or "").strip()
     label = (row.get(columns["label"]) or "").strip()
@@ -486,14 +535,25 @@ def _read_csv_row(
             return
         split = _SPLIT_ALIASES[raw_split]
     path = Path(raw_path).expanduser()
-    path = path if path.is_absolute() else root / path
+    # Lexically normalised ('a/../b.png' is 'b.png'): one file, one spelling, and '..' cannot climb out
+    # unseen. Symlinks are not resolved: a data folder may link to images stored elsewhere.
+    path = Path(os.path.normpath(path if path.is_absolute() else root / path))
+    if not anywhere and not path.is_relative_to(root):
+        found.skip(where, f"{raw_path} is outside the CSV's folder {root}: refused (pass --csv-anywhere "
+                          "to read files anywhere on this disk)")
+        return
     if path in first_line:
-        found.skip(where, f"{raw_path} listed again (first at line {first_line[path]})")
+        first, first_label = first_line[path]
+        if first_label != label:
+            found.skip(where, f"{raw_path} listed again (first at line {first}) with another label {label!r} "
+                              f"(there {first_label!r}): one file, one label; the first is used")
+        else:
+            found.skip(where, f"{raw_path} listed again (first at line {first})")
         return
     if not path.is_file():
         found.skip(path, "file not found")
         return
-    first_line[path] = line
+    first_line[path] = (line, label)
     found.files[split].append((path, label))
 
 

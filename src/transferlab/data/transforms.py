@@ -8,6 +8,7 @@ with the run, so prediction and export reproduce it exactly. Built on torchvisio
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
@@ -40,6 +41,10 @@ INTERPOLATIONS: dict[str, v2.InterpolationMode] = {
     "bicubic": v2.InterpolationMode.BICUBIC,
 }
 CROP_MODES: tuple[str, ...] = ("center", "squash")
+# The largest input side any model is built or fed at. The largest pretrained configs (timm) are 800 px;
+# one 4096 px image is 200 MB of float32 already, and a model.json claiming 20000 px would allocate GBs
+# in the first probe pass, so a larger size is refused as a damaged or hostile file, not attempted.
+MAX_INPUT_SIZE = 4096
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
@@ -56,9 +61,10 @@ class Preprocessing:
     crop_mode: str = "center"  # "center" | "squash"
 
     def __post_init__(self) -> None:
-        if self.input_size < 1:
+        if not isinstance(self.input_size, numbers.Integral) or isinstance(self.input_size, bool) or not (
+                1 <= self.input_size <= MAX_INPUT_SIZE):
             raise ValueError(
-                f"input_size must be a positive integer, got {self.input_size}"
+                f"input_size must be an integer from 1 to {MAX_INPUT_SIZE}, got {self.input_size!r}"
             )
         if not 0.0 < self.crop_pct <= 1.0:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")

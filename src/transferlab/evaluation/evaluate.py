@@ -135,8 +135,10 @@ def evaluate_run(
     num_workers: int | None = None,
     progress: bool = True,
     decoded: DecodedImages | None = None,
+    out_dir: str | Path | None = None,
 ) -> EvalResult:
-    """Evaluate a run on its own `split` (as in training) or on `data`; writes eval-<name>.json.
+    """Evaluate a run on its own `split` (as in training) or on `data`; writes eval-<name>.json into
+    `out_dir` (default: the run directory).
 
     `decoded`: the images (and val views) a training run kept in memory; the report that ends
     ``train`` passes them, so the val images are not decoded and resized once more (in-process)."""
@@ -204,7 +206,7 @@ def evaluate_run(
         tta_probabilities=tta_probs, skipped=skipped, warnings=chosen.warnings,
         seconds=time.perf_counter() - start,
     )
-    result.json_path = run_dir / f"eval-{chosen.name}.json"
+    result.json_path = Path(out_dir or run_dir) / f"eval-{chosen.name}.json"
     atomic_write_json(result.json_path, result.to_dict())
     log.info("%s: accuracy %.4f on %d images (%d skipped) -> %s", chosen.name, metrics["accuracy"],
              len(kept), len(skipped), result.json_path)

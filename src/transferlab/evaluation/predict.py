@@ -21,10 +21,13 @@ if TYPE_CHECKING:
 
 
 def load_run_model(run: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """(model in eval mode, model.json metadata) from a run directory."""
-    from transferlab.models.heads import HeadConfig, build_classifier
-    from transferlab.models.registry import BackboneSpec
-    from transferlab.training.io import load_tensors, read_json
+    """(model in eval mode, model.json metadata) from a run directory. model.json is checked against
+    the tensors in model.safetensors before anything is built or allocated; weights that are not all
+    finite are refused."""
+    import torch
+
+    from transferlab.models.heads import build_classifier
+    from transferlab.training.io import load_tensors, read_json, tensor_shapes
 
     run = Path(run)
     if not run.exists():
@@ -37,17 +40,74 @@ def load_run_model(run: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
             "Train one with `transferlab train DATA --out DIR`, or --resume an interrupted run."
         )
     meta = read_json(meta_path)
-    spec = BackboneSpec.from_dict(meta["backbone"])
-    model = build_classifier(spec, meta["num_classes"], HeadConfig.from_dict(meta["head"]), load_weights=False)
+    spec, num_classes, head = _architecture(meta, meta_path)
+    # The architecture model.json describes, built on the meta device (shapes without storage), must
+    # have exactly the file's tensors: a num_classes or hidden size of 10**9 costs nothing to describe
+    # there, and would otherwise be allocated before load_state_dict could report the mismatch.
+    try:
+        with torch.device("meta"):
+            described = build_classifier(spec, num_classes, head, load_weights=False)
+    except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RunDirError(f"{meta_path} describes a model that cannot be built ({reason}); retrain it.") from None
+    _check_shapes({k: tuple(v.shape) for k, v in described.state_dict().items()}, tensor_shapes(weights_path),
+                  weights_path, meta_path)
+    model = build_classifier(spec, num_classes, head, load_weights=False)
     state = load_tensors(weights_path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
         raise RunDirError(
-            f"{weights_path} does not match its model.json ({len(missing)} missing, {len(unexpected)} unexpected "
-            "tensors); the run directory is inconsistent."
+            f"{weights_path} holds NaN or infinite weights ({len(broken)} tensors, e.g. {', '.join(broken[:3])}): "
+            "the model would predict nothing but NaN. It came from a diverged or damaged run; retrain it "
+            "(a run that diverges stops and keeps its last good model)."
         )
+    model.load_state_dict(state, strict=True)
     model.eval()
     return model, meta
+
+
+def _architecture(meta: Any, meta_path: Path):
+    """(backbone spec, num_classes, head config) from model.json, every field checked: a damaged or
+    hand-edited file is a RunDirError naming the field, never a traceback."""
+    from transferlab.models.heads import HeadConfig
+    from transferlab.models.registry import BackboneSpec
+
+    def bad(what: str) -> RunDirError:
+        return RunDirError(f"{meta_path} is damaged: {what}. Re-export or retrain the model to recreate it.")
+
+    if not isinstance(meta, dict):
+        raise bad("it is not a JSON object")
+    classes, num_classes = meta.get("classes"), meta.get("num_classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise bad("'classes' is not a list of class names")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes != len(classes):
+        raise bad(f"'num_classes' is {num_classes!r} but 'classes' names {len(classes)}")
+    try:
+        spec = BackboneSpec.from_dict(meta["backbone"])
+        head = HeadConfig.from_dict(meta["head"])
+        from transferlab.data.transforms import Preprocessing
+
+        Preprocessing.from_dict(meta["preprocessing"])
+    except KeyError as exc:
+        raise bad(f"it has no {exc} entry") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise bad(str(exc)) from None
+    return spec, num_classes, head
+
+
+def _check_shapes(described: dict[str, tuple[int, ...]], stored: dict[str, tuple[int, ...]],
+                  weights_path: Path, meta_path: Path) -> None:
+    differ = [f"{k}: {list(stored[k])} in the file, {list(v)} in model.json's architecture"
+              for k, v in described.items() if k in stored and stored[k] != v]
+    missing = sorted(set(described) - set(stored))
+    unexpected = sorted(set(stored) - set(described))
+    if differ or missing or unexpected:
+        details = "; ".join(differ[:3] + [f"missing {k}" for k in missing[:3]] + [f"unexpected {k}" for k in unexpected[:3]])
+        raise RunDirError(
+            f"{weights_path} does not match {meta_path.name} ({len(differ)} of another shape, "
+            f"{len(missing)} missing, {len(unexpected)} unexpected tensors: {details}); the run directory is "
+            "inconsistent or damaged. Retrain, or restore both files from the same run."
+        )
 
 
 def load_inference_model(run: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -122,7 +122,8 @@ def _run_split(run_dir: Path, classes: Sequence[str], split: str, progress: bool
     if not cfg or not cfg.get("data"):
         raise RunDirError(f"'{run_dir}' has no config.yaml naming its data: pass the data to evaluate "
                           f"(transferlab evaluate {run_dir} DATA).")
-    options = {"val_split": cfg.get("val_split", 0.2), "seed": cfg.get("seed", 0), "progress": progress}
+    options = {"val_split": cfg.get("val_split", 0.2), "seed": cfg.get("seed", 0), "progress": progress,
+               "csv_anywhere": bool(cfg.get("csv_anywhere", False))}
     try:
         splits = load_splits(cfg["data"], validate=False, **options)
         if splits.layout != LAYOUT_SPLIT_FOLDERS:

@@ -85,7 +85,8 @@ def run_recipe(recipe: Recipe, *, data_root: str | Path | None = None, out: str 
     check_available(recipe, data_root)
     data = prepare_dataset(recipe.dataset["name"], _data_root(data_root), recipe.dataset["splits"])
     out_dir = Path(out) if out else Path("runs") / f"{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    options = {"device": device, **recipe.config, "progress": progress,
+    # the CSV prepare_dataset wrote lives in ROOT/transferlab/ and names the dataset's own files beside it
+    options = {"device": device, "csv_anywhere": True, **recipe.config, "progress": progress,
                "extra": {**recipe.config.get("extra", {}), "recipe": recipe.name}}
     if recipe.kind == "train":
         # written first: the report at the end of training reads it

@@ -13,19 +13,19 @@ import html
 import json
 import logging
 import math
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from transferlab.config import TrainConfig
 from transferlab.errors import RunDirError, TransferlabError
 from transferlab.evaluation.doctor import CHECKS, CSV_NAME, JSON_NAME, RUN_SUBDIR, doctor_run, load_doctor
 from transferlab.evaluation.evaluate import eval_json_paths, evaluate_run, load_eval
 from transferlab.reporting.curves import plot_curves
 from transferlab.reporting.plots import doctor_plots, eval_plots
-from transferlab.training.io import atomic_write_text, read_json
+from transferlab.training.io import atomic_write_text, is_writable_dir, read_json
 
 __all__ = ["write_report"]
 
@@ -128,25 +128,27 @@ def _optional_json(path: Path) -> dict[str, Any]:
     return read_json(path) if path.is_file() else {}
 
 
-def _load_run(run_dir: Path, progress: bool) -> dict[str, Any]:
-    """Everything the page shows about one run; evaluates its val split first when it has no evaluation."""
+def _load_run(run_dir: Path, progress: bool, artefacts: Path) -> dict[str, Any]:
+    """Everything the page shows about one run; evaluates its val split first when it has no evaluation.
+    What the report makes (that evaluation, the plots) goes into `artefacts`: the run itself, or a
+    scratch folder when the run is not to be written into."""
     if not run_dir.is_dir():
         raise RunDirError(f"Run directory '{run_dir}' does not exist.")
-    evals = eval_json_paths(run_dir)
+    evals = eval_json_paths(run_dir) or eval_json_paths(artefacts)
     if not evals:
         log.info("%s has no evaluation yet: evaluating its val split", run_dir)
-        evaluate_run(run_dir, split="val", progress=progress)
-        evals = eval_json_paths(run_dir)
+        evaluate_run(run_dir, split="val", progress=progress, out_dir=artefacts)
+        evals = eval_json_paths(artefacts)
     config_path = run_dir / "config.yaml"
-    config = (yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}) if config_path.is_file() else {}
+    config = TrainConfig.load(config_path).to_dict() if config_path.is_file() else {}
     rows = _read_rows(run_dir / "metrics.csv")
     curves = run_dir / "curves.png"
     if not curves.is_file() and rows:
-        plot_curves(rows, curves, title=run_dir.name)
+        curves = plot_curves(rows, artefacts / "curves.png", title=run_dir.name)
     evaluations = []
     for path in evals:
         ev = load_eval(path)
-        evaluations.append({"eval": ev, "plots": eval_plots(ev, run_dir / path.stem)})
+        evaluations.append({"eval": ev, "plots": eval_plots(ev, artefacts / path.stem)})
     return {
         "dir": run_dir,
         "doctor": _load_doctor(run_dir, progress),
@@ -424,14 +426,28 @@ def _run_section(run: Mapping[str, Any], label: str, index: int) -> _Html:
 
 
 def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None, *, progress: bool = True) -> Path:
-    """Write the report; returns its path. Default: <run>/report.html for one run, ./report.html for several."""
+    """Write the report; returns its path. Default: <run>/report.html for one run, ./report.html for several.
+    A run is written into (its evaluation and plots kept for next time) only when no `out` is given and
+    it is writable; otherwise they are made in a scratch folder, since they are inlined in the page anyway."""
     dirs = [Path(p) for p in run_dirs]
     if not dirs:
         raise RunDirError("Give at least one run directory to report on.")
     for d in dirs:  # fail before evaluating anything
         if not d.is_dir():
             raise RunDirError(f"Run directory '{d}' does not exist.")
-    runs = [_load_run(d, progress) for d in dirs]
+    path = Path(out) if out is not None else (dirs[0] / "report.html" if len(dirs) == 1 else Path("report.html"))
+    if out is None and len(dirs) == 1 and not is_writable_dir(dirs[0]):
+        raise RunDirError(f"Cannot write the report into '{dirs[0]}': the run directory is read-only. Write it "
+                          "elsewhere with -o FILE (nothing is then written into the run).")
+    with tempfile.TemporaryDirectory(prefix="transferlab-report-") as scratch:
+        runs = [_load_run(d, progress, d if out is None and is_writable_dir(d) else Path(scratch) / str(i))
+                for i, d in enumerate(dirs)]
+        page = _page(dirs, runs)  # reads the plots: inside the scratch folder's lifetime
+    atomic_write_text(path, page)
+    return path
+
+
+def _page(dirs: Sequence[Path], runs: Sequence[Mapping[str, Any]]) -> str:
     labels = _labels(dirs)
     title = f"transferlab report: {labels[0]}" if len(dirs) == 1 else f"transferlab report: {len(dirs)} runs"
     from transferlab import __version__
@@ -442,9 +458,6 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None, 
         body.append("<h2>Comparison</h2>" + _comparison(runs, labels))
         body.append("<nav>" + "".join(f'<a href="#run-{i}">{_esc(lbl)}</a>' for i, lbl in enumerate(labels)) + "</nav>")
     body += [_run_section(run, label, i) for i, (run, label) in enumerate(zip(runs, labels))]
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width,initial-scale=1">'
             f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
-    path = Path(out) if out is not None else (dirs[0] / "report.html" if len(dirs) == 1 else Path("report.html"))
-    atomic_write_text(path, page)
-    return path

@@ -86,7 +86,16 @@ def save_training_state(path: Path, model_state: dict[str, torch.Tensor], trees:
 
 def tensors_path(path: Path) -> Path:
     """The safetensors file that the checkpoint `path` (without suffix) commits to."""
-    return path.parent / read_json(path.with_suffix(".json"))["tensors_file"]
+    return _tensors_file(path, read_json(path.with_suffix(".json"))["tensors_file"])
+
+
+def _tensors_file(path: Path, name: str) -> Path:
+    """`name` as a file beside the checkpoint: `save_training_state` writes a bare file name there, so a
+    path (absolute, '..', a sub-folder) is a damaged or hostile checkpoint, refused before it is opened."""
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise RunDirError(f"{path.with_suffix('.json')} names its tensors file {name!r}, which is not a file beside "
+                          "it in the run directory: refusing to read it. This checkpoint cannot be resumed from")
+    return path.parent / name
 
 
 def load_training_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any], dict]:
@@ -94,7 +103,7 @@ def load_training_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     meta = read_json(path.with_suffix(".json"))
     if not isinstance(meta, dict) or not isinstance(meta.get("tensors_file"), str):
         raise RunDirError(f"{path.with_suffix('.json')} is not a transferlab checkpoint; it cannot be resumed from")
-    weights = path.parent / meta["tensors_file"]
+    weights = _tensors_file(path, meta["tensors_file"])
     if not weights.exists():
         raise RunDirError(f"{weights} is missing; the checkpoint {path.with_suffix('.json')} cannot be resumed from")
     tensors = load_tensors(weights)

@@ -180,6 +180,28 @@ def tensor_metadata(path: Path) -> dict[str, str]:
         raise RunDirError(f"{path} is not a valid safetensors file ({exc})") from exc
 
 
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape from a safetensors header, read without loading (or allocating) any tensor."""
+    from safetensors import safe_open
+
+    refuse_pickle(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise RunDirError(f"{path} is not a valid safetensors file ({exc})") from exc
+
+
+def is_writable_dir(path: Path) -> bool:
+    """Whether a file can be created in the existing directory `path`, by trying (a permission check
+    alone is wrong for root, for read-only mounts and for network file systems)."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test."):
+            return True
+    except OSError:
+        return False
+
+
 def ensure_writable_dir(path: Path) -> Path:
     """Create the output directory and prove it is writable before hours of work go into it."""
     path = Path(path)

@@ -18,6 +18,7 @@ import dataclasses
 import io
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -60,6 +61,7 @@ from transferlab.training.io import (
 )
 from transferlab.training.memory import parse_size
 from transferlab.training.progressive import ProgressiveResize, progressive_sizes
+from transferlab.training.run_lock import RunLock
 
 
 if TYPE_CHECKING:
@@ -173,14 +175,18 @@ def save_model(run_dir: Path, model: torch.nn.Module | dict[str, torch.Tensor], 
     atomic_write_json(run_dir / "model.json", meta)
 
 
-def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> TrainResult:
-    """Run (or resume) one training run; returns its result. Raises TransferlabError on bad input."""
+def train(cfg: TrainConfig, *, resume: str | Path | None = None, allow_changed_data: bool = False) -> TrainResult:
+    """Run (or resume) one training run; returns its result. Raises TransferlabError on bad input.
+    `allow_changed_data`: resume even though the data's fingerprint differs from the run's."""
     _runtime.setup_torch()
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").exists():
             raise RunDirError(f"Cannot resume: '{run_dir}' is not a run directory (no config.yaml).")
         cfg = TrainConfig.load(run_dir / "config.yaml")
+    elif cfg.data:
+        # config.yaml keeps the data where it is, not where it was seen from: --resume works from any directory
+        cfg.data = os.path.abspath(os.path.expanduser(cfg.data))
     cfg.validate()
     start = time.perf_counter()
 
@@ -203,16 +209,22 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> TrainResult:
     # From here on, with --devices/--num-nodes > 1, this code runs once per process (rank).
     ranks = distributed.launch(cfg.devices, cfg.num_nodes, accelerator)
 
+    locks: list[RunLock] = []
+
     def open_run_dir() -> Path:
         path = Path(resume) if resume is not None else Path(cfg.out or default_run_dir(cfg.backbone))
         ensure_writable_dir(path)
+        locks.append(RunLock(path).acquire())  # a second `train` into the same directory stops here
         return path
 
     run_dir = ranks.on_zero(open_run_dir)
     handler = _setup_file_log(run_dir) if ranks.is_zero else None
     try:
-        return _train_in(run_dir, cfg, spec, start, resuming=resume is not None, ranks=ranks)
+        return _train_in(run_dir, cfg, spec, start, resuming=resume is not None, ranks=ranks,
+                         allow_changed_data=allow_changed_data)
     finally:
+        for lock in locks:
+            lock.release()
         for q, lvl in zip(quiet, levels):
             q.setLevel(lvl)
         log.setLevel(level)
@@ -232,7 +244,7 @@ def _open_state(run_dir: Path, resuming: bool) -> RunState:
 
 
 def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float, *, resuming: bool,
-              ranks: distributed.Ranks) -> TrainResult:
+              ranks: distributed.Ranks, allow_changed_data: bool = False) -> TrainResult:
     # rank 0 reads (and checks) the run's state; every rank starts from the same one
     state = ranks.on_zero(lambda: _open_state(run_dir, resuming))
     elapsed_before = state.data.get("elapsed_seconds", 0.0)
@@ -254,13 +266,16 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
         cfg.num_workers = _runtime.default_num_workers()
 
     def read_data() -> DataSplits:  # once, on rank 0: validating every image is a full decode pass
-        splits = load_splits(cfg.data, val_split=cfg.val_split, seed=cfg.seed, progress=cfg.progress)
+        splits = load_splits(cfg.data, val_split=cfg.val_split, seed=cfg.seed, progress=cfg.progress,
+                             csv_anywhere=cfg.csv_anywhere)
         for w in splits.warnings:
             log.warning(w)
         for s in splits.skipped:
             log.warning("skipped %s: %s", s["path"], s["reason"])
         if not resuming:
             cfg.save(run_dir / "config.yaml")
+        elif not allow_changed_data and (run_dir / "data.json").exists():
+            splits.check_unchanged(read_json(run_dir / "data.json"))
         atomic_write_json(run_dir / "data.json", splits.to_summary())
         return splits
 
