@@ -320,10 +320,10 @@ def cached_by(cfg: TrainConfig) -> bool:
 
 
 def doctor_run(run_dir: str | Path, options: DoctorOptions | None = None, *, progress: bool = True,
-               only_if_cached: bool = False) -> DoctorResult:
+               only_if_cached: bool = False, out: str | Path | None = None) -> DoctorResult:
     """The doctor of a run's data with the run's own backbone and settings (its cached features),
-    written into RUN/doctor/. `only_if_cached` (the report's): refuse rather than make a forward pass
-    over the data when the run did not cache its features."""
+    written into `out` (default RUN/doctor/). `only_if_cached` (the report's): refuse rather than make a
+    forward pass over the data when the run did not cache its features."""
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         raise RunDirError(f"'{run_dir}' is not a run directory (no config.yaml and model.json).")
@@ -332,7 +332,7 @@ def doctor_run(run_dir: str | Path, options: DoctorOptions | None = None, *, pro
         raise TransferlabError(f"this run did not cache frozen features (strategy {cfg.strategy}, feature cache "
                                f"{cfg.feature_cache}); `transferlab doctor {run_dir}` runs it with one forward pass")
     cfg.progress = progress
-    return run_doctor(cfg, options or DoctorOptions(), out=run_dir / RUN_SUBDIR)
+    return run_doctor(cfg, options or DoctorOptions(), out=out if out is not None else run_dir / RUN_SUBDIR)
 
 
 def run_doctor(cfg: TrainConfig, options: DoctorOptions, *, out: str | Path | None = None) -> DoctorResult:

@@ -151,7 +151,7 @@ def _load_run(run_dir: Path, progress: bool, artefacts: Path) -> dict[str, Any]:
         evaluations.append({"eval": ev, "plots": eval_plots(ev, artefacts / path.stem)})
     return {
         "dir": run_dir,
-        "doctor": _load_doctor(run_dir, progress),
+        "doctor": _load_doctor(run_dir, progress, artefacts),
         "config": config,
         "summary": _optional_json(run_dir / "summary.json"),
         "data": _optional_json(run_dir / "data.json"),
@@ -164,18 +164,20 @@ def _load_run(run_dir: Path, progress: bool, artefacts: Path) -> dict[str, Any]:
     }
 
 
-def _load_doctor(run_dir: Path, progress: bool) -> dict[str, Any]:
+def _load_doctor(run_dir: Path, progress: bool, artefacts: Path) -> dict[str, Any]:
     """The data doctor of the run's data (RUN/doctor/doctor.json), run first when the run has none, with its
     pictures: {"result", "plots"}, or {"error"} when it cannot run (the data moved, say). The report is
     written either way. Only from the run's cached features: a report never costs another forward pass
-    over the data (a run that kept no features says how to run the doctor instead)."""
+    over the data (a run that kept no features says how to run the doctor instead). What it makes goes
+    into `artefacts` (the run itself, or the scratch folder of a run not to be written into)."""
     path = run_dir / RUN_SUBDIR / JSON_NAME
     try:
         if not path.is_file():
             log.info("%s has no data doctor yet: running it on the run's data", run_dir)
-            doctor_run(run_dir, progress=progress, only_if_cached=True)
+            path = artefacts / RUN_SUBDIR / JSON_NAME
+            doctor_run(run_dir, progress=progress, only_if_cached=True, out=path.parent)
         result = load_doctor(path)
-        return {"result": result, "plots": doctor_plots(result, run_dir / RUN_SUBDIR)}
+        return {"result": result, "plots": doctor_plots(result, artefacts / RUN_SUBDIR)}
     except (TransferlabError, OSError, ValueError, RuntimeError) as exc:
         log.warning("no data doctor in the report of %s: %s", run_dir, exc)
         return {"error": str(exc)}
