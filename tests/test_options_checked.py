@@ -71,3 +71,16 @@ def test_the_cli_has_version_and_short_help():
     assert p.returncode == 0 and p.stdout.strip() == f"transferlab {transferlab.__version__}"
     p = cli("train", "-h")
     assert p.returncode == 0 and "--epochs-finetune" in p.stdout
+
+
+def test_options_given_with_resume_are_named_as_ignored_not_dropped_silently(tiny_run, tmp_path, caplog):
+    import shutil
+
+    from guarantees import cli as in_process
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    r = in_process("train", "--resume", run, "--epochs-finetune", "3", "--no-progress", "--no-report")
+    assert r.code == 0, r.text
+    assert "ignored: epochs_finetune=3" in r.text and "config.yaml" in r.text
+    r = in_process("train", "--resume", run, "--no-progress", "--no-report")
+    assert r.code == 0 and "ignored" not in r.text

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +55,11 @@ def train(data: str | Path | None = None, *, resume: str | Path | None = None, a
     from transferlab.training.run import train as _train
 
     if resume is not None:
+        if data is not None or options:
+            ignored = ", ".join([*(["data"] if data is not None else []), *(f"{k}={v!r}" for k, v in options.items())])
+            logging.getLogger("transferlab").warning(
+                "--resume continues %s with the settings in its config.yaml; ignored: %s (a new run with "
+                "another --out uses them)", resume, ignored)
         return _train(TrainConfig(), resume=resume, allow_changed_data=allow_changed_data)
     return _train(_train_config("train", data, options))
 

@@ -183,9 +183,17 @@ def train(
 
 
 def _train_or_resume(api, data, resume, allow_changed_data: bool, options: dict):
-    """A resumed run takes its configuration from the run directory, not from the options."""
+    """A resumed run takes its configuration from the run directory, not from the options: those given
+    with other values than the defaults are passed on only to be named in the warning."""
     if resume is not None:
-        return api.train(resume=resume, allow_changed_data=allow_changed_data)
+        import dataclasses
+
+        from transferlab.config import TrainConfig
+
+        defaults = {f.name: getattr(TrainConfig(), f.name) for f in dataclasses.fields(TrainConfig)}
+        given = {k: v for k, v in options.items() if k in defaults and k not in ("progress", "report")
+                 and v != defaults[k]}
+        return api.train(resume=resume, allow_changed_data=allow_changed_data, **given)
     return api.train(data, **options)
 
 
