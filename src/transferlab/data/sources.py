@@ -274,6 +274,18 @@ class _Found:
                            self.skipped.limit)
 
 
+def require_data(data: str | Path, *, or_also: str | None = None) -> None:
+    """DataError when `data` (a folder, a CSV or shards) does not exist: what every verb that reads data
+    checks first, before a backbone is loaded. `or_also` names one more kind of input the verb takes."""
+    from transferlab.data import shards
+
+    if shards.is_shard_source(data) or Path(data).expanduser().exists():
+        return
+    kinds = "a CSV file with a path,label header" + (f", or {or_also}" if or_also else "")
+    raise DataError(f"Data path does not exist: {Path(data).expanduser().absolute()}. Pass a folder of class "
+                    f"sub-folders, a folder with train/ and val/ sub-folders, {'' if or_also else 'or '}{kinds}.")
+
+
 def load_splits(
     data: str | Path,
     *,
@@ -296,12 +308,8 @@ def load_splits(
 
     if shards.is_shard_source(data):
         return _assemble(_read_shards(data), val_split=val_split, seed=seed, validate=validate, progress=progress)
+    require_data(data)
     path = Path(data).expanduser().absolute()
-    if not path.exists():
-        raise DataError(
-            f"Data path does not exist: {path}. Pass a folder of class sub-folders, "
-            "a folder with train/ and val/ sub-folders, or a CSV file with a path,label header."
-        )
     if path.is_file():
         if path.suffix.lower() != ".csv":
             raise DataError(

@@ -44,7 +44,7 @@ import numpy as np
 from transferlab.config import TrainConfig
 from transferlab.data.images import ImageError, image_size
 from transferlab.data.sources import SPLITS, DataSplits, Sample
-from transferlab.errors import DataError, RunDirError, TransferlabError
+from transferlab.errors import RunDirError, TransferlabError
 
 __all__ = ["CHECKS", "CSV_COLUMNS", "DOCTOR_FORMAT", "DoctorOptions", "DoctorResult", "Finding", "cached_by", "doctor_run",
            "is_run_dir", "load_doctor", "run_doctor"]
@@ -339,8 +339,7 @@ def run_doctor(cfg: TrainConfig, options: DoctorOptions, *, out: str | Path | No
     """Read and check `cfg.data` as `train` would, get every image's frozen features (cache or one pass),
     run CHECKS; write OUT/findings.csv and OUT/doctor.json (default runs/doctor-<time>)."""
     from transferlab import _runtime
-    from transferlab.data import shards
-    from transferlab.data.sources import load_splits
+    from transferlab.data.sources import load_splits, require_data
     from transferlab.models.registry import resolve_backbone
     from transferlab.training.io import ensure_writable_dir
     from transferlab.training.run import _resolve_sizes
@@ -351,10 +350,7 @@ def run_doctor(cfg: TrainConfig, options: DoctorOptions, *, out: str | Path | No
     cfg.validate()
     if cfg.world_size > 1:
         raise TransferlabError("doctor runs in one process: leave --devices and --num-nodes at 1.")
-    if not shards.is_shard_source(cfg.data) and not Path(cfg.data).expanduser().exists():
-        raise DataError(f"Data path does not exist: {Path(cfg.data).expanduser().absolute()}. Pass a folder of "
-                        "class sub-folders, a folder with train/ and val/ sub-folders, a CSV file with a "
-                        "path,label header, or a run directory.")
+    require_data(cfg.data, or_also="a run directory")
     _runtime.setup_torch()
     start = time.perf_counter()
     # what `train` builds, so that the features share its cache entries

@@ -22,9 +22,8 @@ import torch
 
 from transferlab import _runtime
 from transferlab.config import TrainConfig
-from transferlab.data import shards
-from transferlab.data.sources import load_splits
-from transferlab.errors import DataError, TransferlabError
+from transferlab.data.sources import load_splits, require_data
+from transferlab.errors import TransferlabError
 from transferlab.models.heads import HeadConfig, build_classifier
 from transferlab.models.param_groups import freeze_backbone
 from transferlab.models.registry import resolve_backbone
@@ -80,10 +79,7 @@ def find_lr(cfg: TrainConfig, *, num_steps: int = 100, method: str = "valley", s
         raise TransferlabError("lr-find fits the head first (as train does): --epochs-frozen must be >= 1.")
     if cfg.world_size > 1:
         raise TransferlabError("lr-find runs in one process: leave --devices and --num-nodes at 1.")
-    if not shards.is_shard_source(cfg.data) and not Path(cfg.data).expanduser().exists():
-        raise DataError(f"Data path does not exist: {Path(cfg.data).expanduser().absolute()}. Pass a folder of "
-                        "class sub-folders, a folder with train/ and val/ sub-folders, or a CSV file with a "
-                        "path,label header.")
+    require_data(cfg.data)
     _runtime.setup_torch()
     t_start = time.perf_counter()
     spec = resolve_backbone(cfg.backbone, pretrained=cfg.pretrained, img_size=cfg.img_size)  # offline: fails here
