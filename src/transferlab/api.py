@@ -58,7 +58,7 @@ def train(data: str | Path | None = None, *, resume: str | Path | None = None, a
         if data is not None or options:
             ignored = ", ".join([*(["data"] if data is not None else []), *(f"{k}={v!r}" for k, v in options.items())])
             logging.getLogger("transferlab").warning(
-                "--resume continues %s with the settings in its config.yaml; ignored: %s (a new run with "
+                "--resume takes %s's settings from its config.yaml; ignored: %s (a new run with "
                 "another --out uses them)", resume, ignored)
         return _train(TrainConfig(), resume=resume, allow_changed_data=allow_changed_data)
     return _train(_train_config("train", data, options))

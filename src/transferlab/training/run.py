@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -183,6 +184,9 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, allow_changed_d
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").exists():
             raise RunDirError(f"Cannot resume: '{run_dir}' is not a run directory (no config.yaml).")
+        finished = _finished_result(run_dir)
+        if finished is not None:  # nothing left to do: no data pass, no re-evaluation, no report
+            return finished
         cfg = TrainConfig.load(run_dir / "config.yaml")
     elif cfg.data:
         # config.yaml keeps the data where it is, not where it was seen from: --resume works from any directory
@@ -210,18 +214,29 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, allow_changed_d
     ranks = distributed.launch(cfg.devices, cfg.num_nodes, accelerator)
 
     locks: list[RunLock] = []
+    # what was in the output directory before this call (None: the call creates it): a run that fails
+    # before its first epoch removes what it added, since a half-written directory only poses as a run
+    before: list[set[str] | None] = []
 
     def open_run_dir() -> Path:
         path = Path(resume) if resume is not None else Path(cfg.out or default_run_dir(cfg.backbone))
+        if resume is None:
+            before.append(set(os.listdir(path)) if path.is_dir() else None)
         ensure_writable_dir(path)
         locks.append(RunLock(path).acquire())  # a second `train` into the same directory stops here
         return path
 
     run_dir = ranks.on_zero(open_run_dir)
     handler = _setup_file_log(run_dir) if ranks.is_zero else None
+    failed = True
     try:
-        return _train_in(run_dir, cfg, spec, start, resuming=resume is not None, ranks=ranks,
-                         allow_changed_data=allow_changed_data)
+        result = _train_in(run_dir, cfg, spec, start, resuming=resume is not None, ranks=ranks,
+                           allow_changed_data=allow_changed_data)
+        failed = False
+        return result
+    except KeyboardInterrupt:
+        failed = False  # an interrupted run is kept: `--resume` continues it
+        raise
     finally:
         for lock in locks:
             lock.release()
@@ -231,6 +246,34 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, allow_changed_d
         if handler is not None:
             log.removeHandler(handler)
             handler.close()
+        if failed and before and not RunState(run_dir).rows:
+            _remove_added(run_dir, before[0])
+
+
+def _remove_added(run_dir: Path, kept: set[str] | None) -> None:
+    """Remove `run_dir` (kept is None: this run created it) or the entries not in `kept`."""
+    if kept is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for name in set(os.listdir(run_dir)) - kept:
+        path = run_dir / name
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _finished_result(run_dir: Path) -> TrainResult | None:
+    """A finished run's saved result (it is not trained, evaluated or reported again); None otherwise."""
+    state_path, summary_path = run_dir / "state.json", run_dir / "summary.json"
+    if not (state_path.exists() and summary_path.exists()):
+        return None
+    state = RunState(run_dir)
+    if state.data.get("status") != "finished":
+        return None
+    summary = read_json(summary_path)
+    best = state.data["best"]
+    log.info("%s is a finished run (best val accuracy %.4f, %s epoch %d): nothing to resume. "
+             "To train longer, start a new run with more epochs (another --out).",
+             run_dir, best["val_accuracy"], best["phase"], best["epoch"])
+    return TrainResult(run_dir=run_dir, summary=summary, rows=state.rows)
 
 
 def _open_state(run_dir: Path, resuming: bool) -> RunState:
