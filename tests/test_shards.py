@@ -12,7 +12,8 @@ from conftest import TINY, make_image_folder
 
 import transferlab
 from transferlab.data import load_splits
-from transferlab.data.shards import expand_braces, member_bytes
+from transferlab.data.shards import expand_braces
+from transferlab.data.storage import member_bytes
 from transferlab.errors import DataError
 
 

@@ -95,7 +95,7 @@ def shards(data: str | Path, out: str | Path, *, shard_size: int = 1000, val_spl
     """Write `data` (any layout `train` reads) as WebDataset tar shards OUT/{train,val,test}/SPLIT-NNNNNN.tar,
     `shard_size` images each, with the same split `train` would use; returns the manifest (OUT/shards.json).
     `train(OUT)` then reads them in place."""
-    from transferlab.data.shards import write_shards
+    from transferlab.data.shard_writer import write_shards
 
     return write_shards(data, out, shard_size=shard_size, val_split=val_split, seed=seed, progress=progress)
 

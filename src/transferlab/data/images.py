@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from transferlab.data.storage import member_bytes
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_PIXELS",
@@ -319,8 +321,6 @@ def unreadable_reason(path: str | Path) -> str | None:
 
 
 def _shard_member(path: Path) -> bytes:
-    from transferlab.data.shards import member_bytes
-
     try:
         return member_bytes(path)
     except FileNotFoundError as exc:

@@ -15,23 +15,19 @@ opening it as a file fails with NotADirectoryError, and `member_bytes` serves it
 
 from __future__ import annotations
 
-import functools
-import io
 import json
 import logging
-import random
 import re
-import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from transferlab.data.images import has_image_extension
+from transferlab.data.storage import SHARD_SUFFIX, member_bytes, shard_index
 from transferlab.errors import DataError
 
 log = logging.getLogger("transferlab")
 
-SHARD_SUFFIX = ".tar"
 _SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 _BRACES = re.compile(r"\{([^{}]*)\}")
 
@@ -192,96 +188,3 @@ def _label(shard: Path, members: dict[str, str]) -> str:
             raise ValueError("empty .cls label")
         return text
     raise ValueError("no .cls or .json label")
-
-
-@functools.lru_cache(maxsize=4096)
-def _index(shard: str, mtime_ns: int, size: int) -> dict[str, tuple[int, int]]:
-    try:
-        with tarfile.open(shard, mode="r:") as tar:  # "r:": uncompressed, so members can be seeked
-            return {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
-    except (tarfile.TarError, OSError) as exc:
-        raise DataError(f"Cannot read shard {shard}: {exc}. Shards must be uncompressed .tar files.") from exc
-
-
-def shard_index(shard: Path) -> dict[str, tuple[int, int]]:
-    """Member name → (data offset, size), built once per process and shard version."""
-    stat = Path(shard).stat()
-    return _index(str(shard), stat.st_mtime_ns, stat.st_size)
-
-
-def member_bytes(path: Path) -> bytes:
-    """The bytes of `shard.tar/member`; FileNotFoundError when `path` names no shard member."""
-    path = Path(path)
-    for shard in path.parents:
-        if shard.suffix.lower() == SHARD_SUFFIX and shard.is_file():
-            member = path.relative_to(shard).as_posix()
-            entry = shard_index(shard).get(member)
-            if entry is None:
-                break
-            offset, size = entry
-            with open(shard, "rb") as f:
-                f.seek(offset)
-                return f.read(size)
-    raise FileNotFoundError(f"no such file or shard member: {path}")
-
-
-# --- writing ------------------------------------------------------------------------------
-
-
-def write_shards(data: str | Path, out: str | Path, *, shard_size: int = 1000, val_split: float = 0.2,
-                 seed: int = 0, progress: bool = True) -> dict:
-    """Write a dataset (any layout `load_splits` reads) as WebDataset shards, one folder per split:
-    OUT/train/train-000000.tar … with ``KEY.<ext>`` (the original bytes), ``KEY.cls`` (class
-    number) and ``KEY.json`` (class name, source path). Samples are shuffled (seeded) so that a
-    sequential reader sees mixed classes. Returns the manifest also written to OUT/shards.json."""
-    from transferlab.data.sources import load_splits
-    from transferlab.training.io import atomic_write_json
-
-    if shard_size < 1:
-        raise DataError("--shard-size must be >= 1")
-    splits = load_splits(data, val_split=val_split, seed=seed, progress=progress)
-    out = Path(out)
-    manifest: dict = {"format": "webdataset", "classes": splits.classes, "splits": {}}
-    for split in ("train", "val", "test"):
-        samples = list(getattr(splits, split))
-        if not samples:
-            continue
-        random.Random(f"{seed}/{split}").shuffle(samples)
-        folder = out / split
-        folder.mkdir(parents=True, exist_ok=True)
-        names = []
-        for first in range(0, len(samples), shard_size):
-            name = f"{split}-{first // shard_size:06d}{SHARD_SUFFIX}"
-            _write_tar(folder / name, samples[first:first + shard_size], first, splits.classes)
-            names.append(f"{split}/{name}")
-        manifest["splits"][split] = {"shards": names, "samples": len(samples),
-                                     "counts": splits.counts()[split]}
-    atomic_write_json(out / "shards.json", manifest)
-    return manifest
-
-
-def _write_tar(path: Path, samples, first_index: int, classes: list[str]) -> None:
-    """Reproducible tars (fixed mtime/owner), written to a temporary name and renamed when complete."""
-    tmp = path.with_name(path.name + ".tmp")
-
-    def add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mode, info.mtime = len(payload), 0o444, 0
-        tar.addfile(info, io.BytesIO(payload))
-
-    with tarfile.open(tmp, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for i, sample in enumerate(samples):
-            key = f"{first_index + i:08d}"
-            ext = sample.path.suffix.lower().lstrip(".")
-            add(tar, f"{key}.{ext}", _read(sample.path))
-            add(tar, f"{key}.cls", str(sample.label).encode())
-            meta = {"label": classes[sample.label], "source": sample.path.name}
-            add(tar, f"{key}.json", json.dumps(meta).encode())
-    tmp.replace(path)
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except NotADirectoryError:  # re-sharding shards
-        return member_bytes(path)
