@@ -10,7 +10,6 @@ import pytest
 from conftest import TINY
 
 import transferlab
-from transferlab import api
 from transferlab.errors import RunDirError
 
 GRID = {**TINY, "epochs_frozen": 2, "epochs_finetune": 1}
@@ -18,14 +17,16 @@ BACKBONES, STRATEGIES = "test_efficientnet,test_resnet", "head-only,two-stage"
 
 
 def _spy_train(monkeypatch):
+    from transferlab.training import run
+
     calls = []
-    real = api.train
+    real = run.train
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("resume"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(api, "train", spy)
+    monkeypatch.setattr(run, "train", spy)
     return calls
 
 
@@ -86,7 +87,7 @@ def test_invalid_grid_is_rejected_before_any_training(tiny_data, tmp_path, monke
 
 
 def test_best_cell_breaks_accuracy_ties_by_val_loss_then_speed(tmp_path):
-    from transferlab.evaluation.compare import CompareResult
+    from transferlab.workflows.compare import CompareResult
 
     rows = [
         {"backbone": "fast", "val_accuracy_best": 0.96, "val_loss_best": 0.20, "train_seconds": 10.0},

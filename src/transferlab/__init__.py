@@ -1,7 +1,6 @@
 """transferlab: folder of labelled images → strong classifier, by transfer learning, offline-first."""
 
-__version__ = "0.1.0"
-
+from transferlab._version import __version__
 from transferlab.api import (  # shipping a model (export/)
     bench_infer,
     compare,

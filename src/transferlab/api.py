@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -18,13 +17,13 @@ from transferlab.config import TrainConfig
 from transferlab.errors import TransferlabError
 
 if TYPE_CHECKING:  # the heavy stack (torch, Lightning) loads only when a command needs it
-    from transferlab.evaluation.compare import CompareResult
+    from transferlab.workflows.compare import CompareResult
     from transferlab.evaluation.doctor import DoctorResult
     from transferlab.evaluation.evaluate import EvalResult
     from transferlab.evaluation.selection import SelectionResult
     from transferlab.export.exporter import ExportResult
     from transferlab.recipes import Recipe
-    from transferlab.recipes.runner import RecipeResult
+    from transferlab.workflows.recipe import RecipeResult
     from transferlab.training.lr_find import LRFindResult
     from transferlab.training.run import TrainResult
 
@@ -65,14 +64,7 @@ def train(data: str | Path | None = None, *, resume: str | Path | None = None, a
 
 
 def _train_config(verb: str, data: str | Path | None, options: dict[str, Any]) -> TrainConfig:
-    """The TrainConfig for `data` and the caller's keyword options, each name checked first."""
-    if data is None:
-        raise TransferlabError(f"{verb} needs a data path (a folder of images or a CSV file)")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = set(options) - known
-    if unknown:
-        raise TransferlabError(f"Unknown training option(s): {', '.join(sorted(unknown))}")
-    return TrainConfig(data=str(data), **options)
+    return TrainConfig.from_options(verb, data, options)
 
 
 def lr_find(data: str | Path, *, num_steps: int = 100, method: str = "valley", start_lr: float = 1e-7,
@@ -187,14 +179,10 @@ def evaluate(
 ) -> EvalResult:
     """Metrics and interpretation of a run on its own `split` (as in training) or on labelled `data`.
     Writes <run>/eval-<name>.json and, with `plots`, PNGs in <run>/eval-<name>/; returns an EvalResult."""
-    from transferlab.evaluation.evaluate import evaluate_run
-    from transferlab.reporting.plots import eval_plots
+    from transferlab.classifier import evaluate_run_dir
 
-    result = evaluate_run(run, data, split=split, tta=tta, top_losses=top_losses, batch_size=batch_size,
-                          progress=progress)
-    if plots:
-        result.plots = eval_plots(result.to_dict(), result.run_dir / f"eval-{result.name}")
-    return result
+    return evaluate_run_dir(run, data, plots=plots, split=split, tta=tta, top_losses=top_losses,
+                            batch_size=batch_size, progress=progress)
 
 
 def report(runs: str | Path | Iterable[str | Path], out: str | Path | None = None, *, progress: bool = True) -> Path:
@@ -245,7 +233,7 @@ def compare(data: str | Path, backbones: str | Iterable[str], strategies: str | 
     """Train every backbone x strategy on `data` (run dirs DIR/<backbone>__<strategy>), then one table,
     plots and compare.html. Re-running with the same `out` skips finished cells and resumes unfinished
     ones. `options` are TrainConfig fields shared by every cell (epochs_frozen, img_size, pretrained...)."""
-    from transferlab.evaluation.compare import compare as _compare
+    from transferlab.workflows.compare import compare as _compare
 
     return _compare(data, backbones, strategies, out=out, **options)
 
@@ -269,6 +257,6 @@ def recipe_run(name: str, *, data_root: str | Path | None = None, overrides: Ite
     """Run recipe `name`: its dataset under `data_root` (default $TRANSFERLAB_HOME/datasets; downloaded
     through torchvision when missing and online), then train/compare with its settings. The run directory
     holds recipe.json, so `report` shows the run's numbers beside the published ones."""
-    from transferlab.recipes.runner import run_recipe
+    from transferlab.workflows.recipe import run_recipe
 
     return run_recipe(recipe_show(name, overrides), data_root=data_root, out=out, device=device, progress=progress)

@@ -152,16 +152,17 @@ class Classifier:
 
     def evaluate(self, data: str | Path | None = None, **options: Any) -> EvalResult:
         """Metrics on the run's own val split, or on labelled `data` (transferlab.evaluate's options)."""
-        from transferlab.api import evaluate
+        return evaluate_run_dir(self._run_path("evaluate"), data, **options)
 
-        return evaluate(self._run_path("evaluate"), data, **options)
-
-    def export(self, format: str = "onnx", **options: Any) -> ExportResult:
+    def export(self, format: str = "onnx", *, out: str | Path | None = None, dynamic_batch: bool = True,
+               fp16: bool = False, opset: int | None = None, parity_images: int = 8) -> ExportResult:
         """Export to ONNX or TorchScript with its sidecar and parity check (transferlab.export_model's
         options); load the file again with `transferlab.load`."""
-        from transferlab.api import export_model
+        from transferlab.export.exporter import export_run
+        from transferlab.export.onnx import DEFAULT_OPSET
 
-        return export_model(self._run_path("export"), format, **options)
+        return export_run(self._run_path("export"), format, out=out, dynamic_batch=dynamic_batch, fp16=fp16,
+                          opset=opset or DEFAULT_OPSET, parity_count=parity_images)
 
     def _run_path(self, verb: str) -> Path:
         if self.runtime != "pytorch":
@@ -201,6 +202,19 @@ def _as_image(item: Any) -> Image.Image:
         raise TransferlabError(f"cannot predict a {type(item).__name__}: give image files, folders, globs, PIL "
                                "images or uint8 arrays")
     return as_rgb(item)
+
+
+def evaluate_run_dir(run: str | Path, data: str | Path | None = None, *, plots: bool = True,
+                     **options: Any) -> EvalResult:
+    """evaluation.evaluate_run (options: split, tta, top_losses, batch_size, progress), then its plots in
+    <run>/eval-<name>/ unless `plots` is False: what `transferlab evaluate` and Classifier.evaluate do."""
+    from transferlab.evaluation.evaluate import evaluate_run
+    from transferlab.reporting.plots import eval_plots  # matplotlib: imported only when evaluating
+
+    result = evaluate_run(run, data, **options)
+    if plots:
+        result.plots = eval_plots(result.to_dict(), result.run_dir / f"eval-{result.name}")
+    return result
 
 
 def load(path: str | Path) -> Classifier:

@@ -45,7 +45,7 @@ out_console = Console(width=None if sys.stdout.isatty() else 160)
 
 def _print_version(value: bool) -> None:
     if value:
-        from transferlab import __version__
+        from transferlab._version import __version__
 
         out_console.print(f"transferlab {__version__}", highlight=False)
         raise typer.Exit()
@@ -792,7 +792,7 @@ def recipe_show(
     transferlab recipe show flowers102-resnet50 --override epochs_finetune=4
     """
     from transferlab import api
-    from transferlab.recipes.runner import describe
+    from transferlab.workflows.recipe import describe
 
     out_console.print(describe(api.recipe_show(name, override or [])), markup=False, highlight=False, soft_wrap=True)
 

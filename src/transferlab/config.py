@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from transferlab.errors import RunDirError, TransferlabError
 
 STRATEGIES = ("two-stage", "head-only", "full", "scratch")
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -155,8 +158,6 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Reject contradictory or impossible settings before any work starts."""
-        from transferlab.errors import TransferlabError
-
         def bad(msg: str) -> None:
             raise TransferlabError(f"Invalid configuration: {msg}")
 
@@ -298,21 +299,27 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
+        unknown = unknown_options(d)
         if unknown:
-            from transferlab.errors import TransferlabError
-
-            raise TransferlabError(f"Unknown configuration keys: {', '.join(sorted(unknown))}")
+            raise TransferlabError(f"Unknown configuration keys: {unknown}")
         return cls(**d)
+
+    @classmethod
+    def from_options(cls, verb: str, data: str | Path | None, options: dict[str, Any]) -> TrainConfig:
+        """The configuration for `data` and a caller's keyword options (the Python API's), each name
+        checked first: a typo gets the closest names."""
+        if data is None:
+            raise TransferlabError(f"{verb} needs a data path (a folder of images or a CSV file)")
+        unknown = unknown_options(options)
+        if unknown:
+            raise TransferlabError(f"Unknown training option(s): {unknown}")
+        return cls(data=str(data), **options)
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
         """config.yaml as `save` wrote it. A file that is not that (a YAML syntax error, a tag such as
         `!!python/object` that safe_load refuses, a value of the wrong type) is a RunDirError naming
         the file and the fault, never a traceback."""
-        from transferlab.errors import RunDirError, TransferlabError
-
         try:
             data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
@@ -328,6 +335,17 @@ class TrainConfig:
             return cls.from_dict(data)
         except TransferlabError as exc:
             raise RunDirError(f"Cannot read {path}: {exc}") from None
+
+
+def unknown_options(names: Any) -> str:
+    """'' when every name is a TrainConfig field; else the unknown ones, each with its closest fields."""
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    unknown = sorted(set(names) - set(known))
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        parts.append(f"{name!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
+    return ", ".join(parts)
 
 
 def _wrong_types(cls: type, data: dict[str, Any]) -> list[str]:

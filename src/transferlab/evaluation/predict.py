@@ -1,9 +1,9 @@
-"""Predict with a trained run: images, folders or globs → top-k labels with probabilities.
+"""A trained run's model for inference (checked, folded, nothing unpickled), and the inputs to predict.
 
 The model is rebuilt from model.json (architecture, head, classes, preprocessing) and its weights
 come only from model.safetensors — nothing is unpickled. Unreadable files get an "error" entry and
-never stop the batch. Batches stream through ``export.batch`` (shared with ONNX models), and torch
-loads only inside ``load_run_model``: this module is imported on the torch-free ONNX path too.
+never stop the batch. Predicting itself is ``export.batch`` (shared with ONNX models); torch loads only
+inside ``load_run_model``: this module is imported on the torch-free ONNX path too.
 """
 
 from __future__ import annotations
@@ -138,12 +138,3 @@ def expand_inputs(inputs: Iterable[str | Path]) -> Iterator[tuple[Path, str | No
             yield from ((m, None) for m in matches)
         else:
             yield p, "no such file or directory"
-
-
-def predict(run: str | Path, inputs: Iterable[str | Path], *, top_k: int = 3, batch_size: int = 32) -> list[dict]:
-    """[{"path", "predictions": [{"label", "probability"}...]} or {"path", "error"}] in input order.
-    `run`: a run directory, its model.safetensors, or an exported .onnx."""
-    from transferlab.export.batch import iter_predictions
-    from transferlab.export.predictors import load_predictor
-
-    return list(iter_predictions(load_predictor(run), inputs, top_k=top_k, batch_size=batch_size))

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from transferlab import __version__, _runtime
+from transferlab import _runtime
+from transferlab._version import __version__
 from transferlab.data.transforms import Preprocessing
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.predict import load_run_model

@@ -3,7 +3,7 @@
 A recipe names a public dataset and its split mapping, the settings of a ``train`` run (TrainConfig
 fields) or of a ``compare`` grid (backbones × strategies plus shared TrainConfig fields), and the figures
 its source published. Running one goes through the ordinary ``train``/``compare`` machinery
-(:mod:`transferlab.recipes.runner`); nothing here trains.
+(:mod:`transferlab.workflows.recipe`); nothing here trains.
 
     transferlab recipe list
     transferlab recipe show flowers102-resnet50 --override epochs_finetune=4

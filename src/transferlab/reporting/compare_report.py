@@ -95,7 +95,7 @@ _HEADERS = [("backbone", "backbone"), ("strategy", "strategy"), ("val_accuracy_f
 
 def write_compare_html(rows: Sequence[Mapping[str, Any]], files: Mapping[str, Path], path: Path, *, data: str) -> Path:
     """compare.html: the table (best cell highlighted), both plots inline, and where each run lives."""
-    from transferlab import __version__
+    from transferlab._version import __version__
 
     best = max(range(len(rows)), key=lambda i: rows[i]["val_accuracy_best"])
     table_rows = [[_fmt(r.get(k), 1) if k in ("train_seconds", "peak_train_mem_mb", "peak_infer_mem_mb")

@@ -452,7 +452,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None, 
 def _page(dirs: Sequence[Path], runs: Sequence[Mapping[str, Any]]) -> str:
     labels = _labels(dirs)
     title = f"transferlab report: {labels[0]}" if len(dirs) == 1 else f"transferlab report: {len(dirs)} runs"
-    from transferlab import __version__
+    from transferlab._version import __version__
 
     body = [f"<h1>{_esc(title)}</h1>",
             f"<p class=muted>generated {datetime.now():%Y-%m-%d %H:%M} by transferlab {_esc(__version__)}</p>"]

@@ -79,8 +79,10 @@ def run_recipe(recipe: Recipe, *, data_root: str | Path | None = None, out: str 
                device: str = "auto", progress: bool = True) -> RecipeResult:
     """Prepare the dataset (download through torchvision when online and missing), then train or compare
     with the recipe's settings. ``recipe`` is already resolved (overrides applied)."""
-    from transferlab import api
+    from transferlab.config import TrainConfig
     from transferlab.data.public import prepare_dataset
+    from transferlab.training.run import train
+    from transferlab.workflows.compare import compare
 
     check_available(recipe, data_root)
     data = prepare_dataset(recipe.dataset["name"], _data_root(data_root), recipe.dataset["splits"])
@@ -91,11 +93,11 @@ def run_recipe(recipe: Recipe, *, data_root: str | Path | None = None, out: str 
     if recipe.kind == "train":
         # written first: the report at the end of training reads it
         _write_recipe(out_dir, recipe, figures_for(recipe), data=str(data))
-        result = api.train(data, out=str(out_dir), **options)
+        result = train(TrainConfig.from_options("recipe", data, {**options, "out": str(out_dir)}))
         versus = [{**row, "run_dir": str(result.run_dir)} for row in versus_published(result.run_dir, figures_for(recipe))]
         return RecipeResult(recipe, result.run_dir, data, versus, result)
 
-    from transferlab.evaluation.compare import cell_dir
+    from transferlab.workflows.compare import cell_dir
 
     backbones, strategies = recipe.backbones(), recipe.strategies()
     _write_recipe(out_dir, recipe, recipe.published, data=str(data))
@@ -103,7 +105,7 @@ def run_recipe(recipe: Recipe, *, data_root: str | Path | None = None, out: str 
         for strategy in strategies:
             _write_recipe(cell_dir(out_dir, backbone, strategy), recipe, figures_for(recipe, backbone, strategy),
                           data=str(data), cell={"backbone": backbone, "strategy": strategy})
-    result = api.compare(data, backbones, strategies, out=out_dir, **options)
+    result = compare(data, backbones, strategies, out=out_dir, **options)
     versus = []
     for row in result.rows:
         for line in versus_published(row["run_dir"], figures_for(recipe, row["backbone"], row["strategy"])):

@@ -88,17 +88,18 @@ def _check_same_settings(run_dir: Path, wanted: Mapping[str, Any], data: str | P
 
 def _train_cell(run_dir: Path, status: str, data: str | Path, options: Mapping[str, Any], device: str) -> str:
     """Train or resume one cell, recording its peak memory beside it. Returns what was done."""
-    from transferlab import api
+    from transferlab.config import TrainConfig
     from transferlab.evaluation.benchmark import PeakMemory
+    from transferlab.training.run import train
     from transferlab.training.io import atomic_write_json
 
     with PeakMemory(device) as peak:
         if status == "unfinished":
             log.info("resuming %s", run_dir)
-            api.train(resume=run_dir)
+            train(TrainConfig(), resume=run_dir)
         else:
             log.info("training %s", run_dir)
-            api.train(data, out=str(run_dir), **options)
+            train(TrainConfig.from_options("compare", data, {**options, "out": str(run_dir)}))
     atomic_write_json(run_dir / CELL_FILE, {"peak_train_mem_mb": round(peak.mb, 1), "peak_memory_exact": peak.exact,
                                             "device": device, "resumed": status == "unfinished"})
     return "resumed" if status == "unfinished" else "trained"
