@@ -194,7 +194,7 @@ def _serve_in_thread(model, limits):
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(server_config(create_app(model, limits), limit_concurrency=256))
+    server = uvicorn.Server(server_config(create_app(model, limits)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 60
@@ -204,29 +204,54 @@ def _serve_in_thread(model, limits):
     return server, thread, sock.getsockname()[1]
 
 
-def _post_png(port: int, png: bytes, timeout: float = 60) -> tuple[int, dict]:
-    """POST /predict over a raw socket, the whole request in one write; (status, JSON body)."""
+def _connect(port: int, source: str = "127.0.0.1", timeout: float = 60):
+    """A socket to the server from loopback address `source`: every 127.x.y.z is this machine on Linux,
+    so one test can be several clients."""
     import socket
 
+    s = socket.socket()
+    s.settimeout(timeout)
+    s.bind((source, 0))
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def _post(port: int, files: list[tuple[str, bytes, str]], source: str = "127.0.0.1",
+          timeout: float = 60) -> tuple[int, dict, dict]:
+    """POST /predict over a raw socket, the whole request in one write; (status, headers, JSON body)."""
     boundary = "hostileboundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()
+    body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+                    f"Content-Type: {kind}\r\n\r\n".encode() + data + b"\r\n" for name, data, kind in files)
+    body += f"--{boundary}--\r\n".encode()
     head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
             f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n")
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+    with _connect(port, source, timeout) as s:
         s.sendall(head.encode() + body)
         answer = b""
         while chunk := s.recv(65536):
             answer += chunk
-    status_line, _, rest = answer.partition(b"\r\n")
-    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+    return _parse_answer(answer)
+
+
+def _parse_answer(answer: bytes) -> tuple[int, dict, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    json_body = headers.get("content-type") == "application/json"  # uvicorn's own 503 is plain text
+    return int(status_line.split()[1]), headers, json.loads(body) if json_body else {"text": body.decode()}
+
+
+def _post_png(port: int, png: bytes, timeout: float = 60) -> tuple[int, dict]:
+    status, _, body = _post(port, [("a.png", png, "image/png")], timeout=timeout)
+    return status, body
 
 
 def test_slow_clients_are_timed_out_and_valid_requests_still_answered(served_run):
     """300 loopback sockets (over uvicorn's 256 concurrent connections): half send half a header and
     stop, half send a whole header announcing a body they never send. With 2 s deadlines the server
     closes the first and answers the second 408; a valid request is then answered (without the
-    deadlines every valid request got 503 while the sockets stayed open)."""
+    deadlines every valid request got 503 while the sockets stayed open). The per-client cap is off here:
+    these sockets stand for many slow clients, whom only the deadlines can stop."""
     import socket
     import time
 
@@ -236,7 +261,8 @@ def test_slow_clients_are_timed_out_and_valid_requests_still_answered(served_run
 
     from guarantees import png_bytes
 
-    server, thread, port = _serve_in_thread(served_run, ServeLimits(header_timeout=2.0, body_timeout=2.0))
+    server, thread, port = _serve_in_thread(served_run, ServeLimits(header_timeout=2.0, body_timeout=2.0,
+                                                                     max_client_connections=0))
     slow: list[socket.socket] = []
     try:
         for i in range(300):
@@ -260,6 +286,65 @@ def test_slow_clients_are_timed_out_and_valid_requests_still_answered(served_run
         # how many depends on how fast this machine opened the sockets)
         assert all(a.startswith((b"HTTP/1.1 408", b"HTTP/1.1 503")) for a in answers[0::2])
         assert b'"error":"request body not received within 2 s' in answers[0]
+    finally:
+        for s in slow:
+            s.close()
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+HEADERS_ONLY = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                b"Content-Length: 100000\r\n\r\n")  # a body announced and never sent
+
+
+def test_one_client_cannot_hold_every_connection(served_run):
+    """260 sockets from one client (127.0.0.2) send a request's headers and never its body — more than
+    uvicorn's 256 connections. With the default limits (10 s header and 60 s body deadlines, 32
+    connections per client) the first 32 are held and the other 228 answered 429 at once; requests from
+    another client (127.0.0.1) are answered 200 while all 260 sockets are open (before the per-client cap
+    every such request got 503 until the slow sockets gave up)."""
+    import select
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from transferlab.export.serve import ServeLimits
+
+    from guarantees import png_bytes
+
+    limits = ServeLimits()
+    assert (limits.max_connections, limits.max_client_connections, limits.body_timeout) == (256, 32, 60.0)
+    server, thread, port = _serve_in_thread(served_run, limits)
+    png = png_bytes(Image.new("RGB", (40, 40), (200, 40, 40)))
+    slow = []
+    try:
+        start = time.monotonic()
+        for _ in range(260):
+            slow.append(_connect(port, "127.0.0.2"))
+            slow[-1].sendall(HEADERS_ONLY)
+        with ThreadPoolExecutor(4) as pool:  # another client, while every slow socket is open
+            answers = list(pool.map(lambda _: _post(port, [("a.png", png, "image/png")]), range(8)))
+        assert [status for status, _, _ in answers] == [200] * 8, answers
+        # the refused sockets have their 429 (and the server's end of file); the held ones have nothing yet
+        refused = []
+        while len(refused) < 228 and time.monotonic() - start < 30:
+            ready, _, _ = select.select([s for s in slow if s not in refused], [], [], 1.0)
+            refused += ready
+        assert len(refused) == 228
+        assert not select.select([s for s in slow if s not in refused], [], [], 0.5)[0]  # 32 held, still open
+        assert time.monotonic() - start < limits.header_timeout  # no deadline has released any of them
+        status, headers, body = _parse_answer(b"".join(iter(lambda: refused[0].recv(65536), b"")))
+        assert status == 429 and headers["retry-after"] == "1" and headers["content-type"] == "application/json"
+        assert body == {"error": "too many connections from 127.0.0.2: at most 32 open at once per client "
+                                 "(serve --max-client-connections); retry after 1 s"}
+        for s in slow:
+            s.close()
+        slow.clear()
+        deadline = time.monotonic() + 10  # the client's count goes back down as its connections close
+        while (status := _post(port, [("a.png", png, "image/png")], source="127.0.0.2")[0]) != 200:
+            assert time.monotonic() < deadline, status
+            time.sleep(0.1)
     finally:
         for s in slow:
             s.close()
