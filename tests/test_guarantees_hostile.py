@@ -3,6 +3,7 @@ held to its fix. Loopback only; tiny generated models and images."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import struct
@@ -350,6 +351,103 @@ def test_one_client_cannot_hold_every_connection(served_run):
             s.close()
         server.should_exit = True
         thread.join(timeout=30)
+
+
+SERVE_MEMORY_LIMIT_MB = 300  # peak RSS over the warmed-up server's, hostile images or not (README Guarantees)
+
+
+def flat_png_bomb(side: int) -> bytes:
+    """A real decompression bomb: side x side black RGB pixels, deflated (~1000:1) without ever being
+    held whole here (8000 px: 192 MB of pixels in a ~190 kB file)."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    deflate, row = zlib.compressobj(9), b"\0" * (1 + 3 * side)  # each row: filter type 0, then its pixels
+    idat = b"".join(deflate.compress(row) for _ in range(side)) + deflate.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def _memory_mb(pid: int, field: str) -> float:
+    """VmRSS (resident now) or VmHWM (its peak) of a process, from /proc, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's memory from Linux's /proc")
+def test_hostile_images_keep_the_server_under_its_memory_limit(tmp_path, served_run):
+    """`transferlab serve` of a centre-crop model (the tiny backbone), in its own process, takes 30
+    concurrent requests of thin (1x200000, 200000x1), huge-claim (PNG 60000x60000 and 9000x9000, JPEG
+    9000x9000 and 6000x6000 over 48x48 of data) and decompression-bomb (8000x8000 deflated to ~190 kB)
+    images, alone and mixed with a valid one. Each is refused before its pixels exist, and the server's
+    peak memory stays within SERVE_MEMORY_LIMIT_MB of its warmed-up size (before the resize-aware limit,
+    one 1x200000 PNG grew a resnet18 server from 1.1 to 5.3 GB)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from guarantees import png_bytes, png_claiming
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "transferlab", "serve", str(served_run), "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "TRANSFERLAB_OFFLINE": "1"})
+    good = ("good.png", png_bytes(Image.new("RGB", (40, 40), (200, 40, 40))), "image/png")
+    hostile = {  # name: (bytes, the status it gets alone)
+        "thin.png": (thin_png(tmp_path / "thin.png", 1, 200_000).read_bytes(), 413),
+        "wide.png": (thin_png(tmp_path / "wide.png", 200_000, 1).read_bytes(), 413),
+        "claims-60000.png": (png_claiming(tmp_path / "c60000.png", 60_000, 60_000).read_bytes(), 413),
+        "claims-9000.png": (png_claiming(tmp_path / "c9000.png", 9000, 9000).read_bytes(), 413),
+        "claims-9000.jpg": (liar_jpeg(tmp_path / "c9000.jpg", 9000).read_bytes(), 413),
+        "claims-6000.jpg": (liar_jpeg(tmp_path / "c6000.jpg", 6000).read_bytes(), 422),  # under the pixel limit
+        "bomb.png": (flat_png_bomb(8000), 413),
+    }
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                if _post(port, [good], timeout=30)[0] == 200:  # up, and warmed up: decode, model, batcher
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        baseline = _memory_mb(server.pid, "VmRSS")
+        with contextlib.suppress(OSError):  # Linux >= 4.0: the peak restarts from here (else: since start-up)
+            Path(f"/proc/{server.pid}/clear_refs").write_text("5")
+        alone = [[(name, data, "image/png" if name.endswith("png") else "image/jpeg")]
+                 for name, (data, _) in hostile.items()] * 3
+        mixed = [[good] + [(name, data, "image/png" if name.endswith("png") else "image/jpeg")
+                           for name, (data, _) in hostile.items()]] * 9
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda files: _post(port, files), alone + mixed))
+        peak = _memory_mb(server.pid, "VmHWM")
+        for files, (status, _, body) in zip(alone, answers):
+            assert status == hostile[files[0][0]][1] and files[0][0] in body["error"], (files[0][0], status, body)
+        for status, _, body in answers[len(alone):]:  # a valid image among them is still predicted
+            assert status == 200 and "predictions" in body["predictions"][0], body
+            reasons = ["resize bomb: 1x200000", "resize bomb: 200000x1", "decompression bomb: 60000x60000",
+                       "decompression bomb: 9000x9000", "decompression bomb: 9000x9000", "truncated or corrupt",
+                       "decompression bomb: 8000x8000"]
+            assert all(p["error"].startswith(r) for p, r in zip(body["predictions"][1:], reasons, strict=True)), body
+        print(f"\nserve memory: {baseline:.0f} MB warmed up, peak {peak:.0f} MB under hostile images "
+              f"(+{peak - baseline:.0f} MB; limit +{SERVE_MEMORY_LIMIT_MB} MB)")
+        assert peak - baseline < SERVE_MEMORY_LIMIT_MB
+    finally:
+        server.terminate()
+        log = server.communicate(timeout=30)[0]
+    assert "Traceback" not in log, log
 
 
 def test_anything_unexpected_in_serve_is_a_json_500(served_run):
