@@ -326,7 +326,7 @@ class _WrongType(ImageError):
 
 
 def _status_for(error: ImageError) -> int:
-    """A request whose every file failed is answered with its worst file's status."""
+    """A request whose every file failed is answered with the highest of its files' statuses."""
     if isinstance(error, _WrongType):
         return 415
     return 413 if error.reason.startswith(PIXEL_LIMIT_REASONS) else 422
