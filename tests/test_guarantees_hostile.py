@@ -450,6 +450,25 @@ def test_hostile_images_keep_the_server_under_its_memory_limit(tmp_path, served_
     assert "Traceback" not in log, log
 
 
+@pytest.mark.parametrize(("option", "message"), [
+    (["--max-client-connections", "300"], "serve --max-client-connections must be between 1 and --max-connections "
+                                          "(256), or 0 for no per-client limit; got 300."),
+    (["--max-connections", "0"], "serve --max-connections must be at least 1; got 0."),
+    (["--body-timeout", "0"], "serve --body-timeout must be a positive number of seconds; got 0.0."),
+    (["--header-timeout", "nan"], "serve --header-timeout must be a positive number of seconds; got nan."),
+    (["--port", "70000"], "serve --port must be between 0 and 65535; got 70000."),
+])
+def test_serve_limits_are_checked_before_the_model_loads(tmp_path, monkeypatch, option, message):
+    from transferlab.export import serve as serve_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(serve_module, "load_predictor", never)
+    r = cli("serve", tmp_path / "run", *option)  # not even there: it is never looked at
+    assert r.code == 2 and message in r.text and "Traceback" not in r.text, r.text
+
+
 def test_anything_unexpected_in_serve_is_a_json_500(served_run):
     from fastapi.testclient import TestClient
     from PIL import Image
