@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_image_folder
-from guarantees import cli, disk_feature_cache
+from guarantees import cli, disk_feature_cache, png_bytes, png_claiming
 
 from transferlab.data import feature_cache
 from transferlab.data.sources import load_splits
@@ -312,8 +312,6 @@ def test_one_client_cannot_hold_every_connection(served_run):
 
     from transferlab.export.serve import ServeLimits
 
-    from guarantees import png_bytes
-
     limits = ServeLimits()
     assert (limits.max_connections, limits.max_client_connections, limits.body_timeout) == (256, 32, 60.0)
     server, thread, port = _serve_in_thread(served_run, limits)
@@ -395,8 +393,6 @@ def test_hostile_images_keep_the_server_under_its_memory_limit(tmp_path, served_
 
     from PIL import Image
 
-    from guarantees import png_bytes, png_claiming
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -451,8 +447,8 @@ def test_hostile_images_keep_the_server_under_its_memory_limit(tmp_path, served_
 
 
 @pytest.mark.parametrize(("option", "message"), [
-    (["--max-client-connections", "300"], "serve --max-client-connections must be between 1 and --max-connections "
-                                          "(256), or 0 for no per-client limit; got 300."),
+    (["--max-client-connections", "300"], ("serve --max-client-connections must be between 1 and --max-connections "
+                                           "(256), or 0 for no per-client limit; got 300.")),
     (["--max-connections", "0"], "serve --max-connections must be at least 1; got 0."),
     (["--body-timeout", "0"], "serve --body-timeout must be a positive number of seconds; got 0.0."),
     (["--header-timeout", "nan"], "serve --header-timeout must be a positive number of seconds; got nan."),
