@@ -431,11 +431,13 @@ def create_app(model: str | Path | Predictor, limits: ServeLimits | None = None)
             uploads = [(name, value) for name, value in form.multi_items() if isinstance(value, UploadFile)]
             if not uploads:
                 raise RequestError(400, "no image in the request: send one or more files as multipart/form-data")
-            # a part that is not an image is that file's error (415 for the request only if no part is an image)
-            return [((f.filename or f"image-{i}")[:255], await f.read())
-                    if (f.content_type or "").lower().startswith("image/")
-                    else ((f.filename or f"image-{i}")[:255], _WrongType(f.content_type))
-                    for i, (_, f) in enumerate(uploads)]
+            files: list[tuple[str, bytes | _WrongType]] = []
+            for i, (_, f) in enumerate(uploads):
+                # a part that is not an image is that file's error (415 for the request only if no part is one)
+                name = (f.filename or f"image-{i}")[:255]
+                is_image = (f.content_type or "").lower().startswith("image/")
+                files.append((name, await f.read() if is_image else _WrongType(f.content_type)))
+            return files
         finally:
             await form.close()
 
