@@ -890,8 +890,8 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="Most images per forward pass (concurrent requests share batches)")] = 32,
     max_connections: Annotated[int, typer.Option(help="Most open connections in all (503 above)")] = 256,
     max_client_connections: Annotated[int | None, typer.Option(
-        help="Most open connections per client IP (429 above; 0: no limit, e.g. behind a proxy) "
-             "[default: an eighth of --max-connections]", show_default=False)] = None,
+        help="Most open connections per client IP (429 above; 0: no limit, e.g. behind a proxy); "
+             "default: an eighth of --max-connections", show_default=False)] = None,
     header_timeout: Annotated[float, typer.Option(help="Seconds for a request's headers (connection closed after)")] = 10.0,
     body_timeout: Annotated[float, typer.Option(help="Seconds for a request's body after its headers (408 after)")] = 60.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
