@@ -248,11 +248,12 @@ def _post_png(port: int, png: bytes, timeout: float = 60) -> tuple[int, dict]:
 
 
 def test_slow_clients_are_timed_out_and_valid_requests_still_answered(served_run):
-    """300 loopback sockets (over uvicorn's 256 concurrent connections): half send half a header and
-    stop, half send a whole header announcing a body they never send. With 2 s deadlines the server
-    closes the first and answers the second 408; a valid request is then answered (without the
-    deadlines every valid request got 503 while the sockets stayed open). The per-client cap is off here:
-    these sockets stand for many slow clients, whom only the deadlines can stop."""
+    """300 loopback sockets (over the server's 256 connections): half send half a header and stop, half
+    send a whole header announcing a body they never send. The 44 past the limit are answered 503 at once;
+    with 2 s deadlines the server closes the half headers and answers the missing bodies 408; a valid
+    request is then answered (without the deadlines every valid request got 503 while the sockets stayed
+    open). The per-client cap is off here: these sockets stand for many slow clients, whom only the
+    deadlines can stop."""
     import socket
     import time
 
@@ -282,10 +283,13 @@ def test_slow_clients_are_timed_out_and_valid_requests_still_answered(served_run
         for s in slow:
             s.settimeout(max(1.0, 20 - (time.monotonic() - start)))
             answers.append(s.recv(65536))  # b"" = closed by the server
-        assert all(a == b"" for a in answers[1::2])  # half a header: closed
-        # no body: 408 in JSON (those that came while uvicorn held 256 connections were answered 503 at once;
-        # how many depends on how fast this machine opened the sockets)
-        assert all(a.startswith((b"HTTP/1.1 408", b"HTTP/1.1 503")) for a in answers[0::2])
+        # the 44 past the 256 connections were answered 503 in JSON as they opened; of the others, those with
+        # half a header were closed, those with no body answered 408 in JSON
+        refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+        assert 0 < len(refused) <= 300 - 256  # fewer if a deadline freed connections before the last one came
+        assert all(b'{"error": "the server is at its limit of 256 open connections' in a for a in refused)
+        assert all(a == b"" for a in answers[1::2] if a not in refused)
+        assert all(a.startswith(b"HTTP/1.1 408") for a in answers[0::2] if a not in refused)
         assert b'"error":"request body not received within 2 s' in answers[0]
     finally:
         for s in slow:

@@ -53,7 +53,7 @@ log = logging.getLogger("transferlab")
 
 DECODE_THREADS = 2
 DRAIN_FACTOR = 4  # a refused body is read (and dropped) up to 4 x the upload limit, then the socket is closed
-RETRY_AFTER_S = 1  # a client over its connection limit may retry once one of its requests is answered
+RETRY_AFTER_S = 1  # a refused connection's slot frees as soon as another request is answered: a second, not minutes
 REFUSED_LINGER_S = 2.0  # how long a connection answered 429 is read from (and dropped) before it is closed
 
 
@@ -69,7 +69,7 @@ class ServeLimits:
     top_k: int = 3
     header_timeout: float = 10.0  # seconds for a request's headers to arrive (from connect, or the last response)
     body_timeout: float = 60.0  # seconds for its body, from its headers: 20 MB at 2.8 Mbit/s
-    max_connections: int = 256  # open connections in all (uvicorn's limit_concurrency): 503 past it
+    max_connections: int = 256  # open connections in all: 503 past it
     # open connections per client IP (0: no limit): 429 past it, so one client cannot hold every connection
     # while the others wait. None: an eighth of max_connections (32 of 256: room for a browser's 6 per host
     # times several tabs, while it takes 8 clients at their cap to fill the server)
@@ -137,24 +137,26 @@ class _BodyDeadline:
         await self.app(scope, timed_receive, send)
 
 
-def _too_many_connections(client: str, limit: int) -> bytes:
-    """The whole HTTP answer to a connection over its client's limit: 429, JSON, Retry-After."""
-    body = json.dumps({"error": f"too many connections from {client}: at most {limit} open at once per client "
-                                f"(serve --max-client-connections); retry after {RETRY_AFTER_S} s"}).encode()
-    return (b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-            b"retry-after: %d\r\nconnection: close\r\nx-content-type-options: nosniff\r\n\r\n"
-            % (len(body), RETRY_AFTER_S)) + body
+def _refusal(status: int, message: str) -> bytes:
+    """The whole HTTP answer to a connection refused as it opens (429, 503): JSON, Retry-After."""
+    body = json.dumps({"error": f"{message}; retry after {RETRY_AFTER_S} s"}).encode()
+    reason = {429: b"Too Many Requests", 503: b"Service Unavailable"}[status]
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nretry-after: %d\r\n"
+            b"connection: close\r\nx-content-type-options: nosniff\r\n\r\n"
+            % (status, reason, len(body), RETRY_AFTER_S)) + body
 
 
 def _guarded_protocol(limits: ServeLimits) -> type:
-    """uvicorn's h11 protocol with two guards uvicorn lacks, both against clients that hold connections:
+    """uvicorn's h11 protocol with the guards uvicorn lacks against clients that hold connections:
     - a deadline on request headers: a connection whose request headers are not complete
       `limits.header_timeout` after it opened (or after its last response) is closed (uvicorn times out
       only idle keep-alive connections, so sockets sending half a header would be held for ever);
     - a per-client cap: a connection from an IP that already has `limits.max_client_connections` open is
-      answered 429 at once and never enters uvicorn's connection count, so one client cannot fill the
-      `max_connections` that every client shares (HTTP/1.1 runs one request per connection at a time, so
-      this also caps a client's requests in flight)."""
+      answered 429 at once, so one client cannot fill the `max_connections` that every client shares;
+    - the cap in all: past `limits.max_connections` a connection is answered 503 at once (uvicorn's own
+      limit holds such a connection until its headers come, then answers in plain text).
+    A refused connection never enters the count. HTTP/1.1 runs one request per connection at a time, so
+    the caps bound requests in flight too."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     open_per_client: Counter[str] = Counter()
@@ -170,7 +172,16 @@ def _guarded_protocol(limits: ServeLimits) -> type:
             peer = transport.get_extra_info("peername")
             ip = peer[0] if isinstance(peer, tuple) else None  # a Unix socket has no client address
             if ip is not None and cap and open_per_client[ip] >= cap:
-                self._refuse(transport, ip)
+                if ip not in refusing:
+                    refusing.add(ip)
+                    log.warning("%s has %d connections open (--max-client-connections): answering its next ones "
+                                "429", ip, cap)
+                self._refuse(transport, _refusal(429, f"too many connections from {ip}: at most {cap} open at "
+                                                      "once per client (serve --max-client-connections)"))
+                return
+            if len(self.connections) >= limits.max_connections:
+                self._refuse(transport, _refusal(503, f"the server is at its limit of {limits.max_connections} open "
+                                                      "connections (serve --max-connections)"))
                 return
             if ip is not None:
                 open_per_client[ip] += 1
@@ -178,13 +189,9 @@ def _guarded_protocol(limits: ServeLimits) -> type:
             super().connection_made(transport)
             self._arm_header_deadline()
 
-        def _refuse(self, transport: asyncio.Transport, ip: str) -> None:
-            if ip not in refusing:
-                refusing.add(ip)
-                log.warning("%s has %d connections open (--max-client-connections): answering its next ones 429",
-                            ip, cap)
+        def _refuse(self, transport: asyncio.Transport, answer: bytes) -> None:
             self.transport = transport
-            transport.write(_too_many_connections(ip, cap))
+            transport.write(answer)
             if transport.can_write_eof():
                 transport.write_eof()
             # the client's request is read and dropped until it closes (or for a moment): closing with its
@@ -500,7 +507,6 @@ def server_config(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000) ->
     after 5 s."""
     import uvicorn
 
-    limits: ServeLimits = app.state.limits
-    return uvicorn.Config(app, host=host, port=port, workers=1, log_level="warning",
-                          limit_concurrency=limits.max_connections, timeout_graceful_shutdown=5,
-                          timeout_keep_alive=5, http=_guarded_protocol(limits))
+    # no limit_concurrency: the protocol counts connections itself, answering in JSON as they open
+    return uvicorn.Config(app, host=host, port=port, workers=1, log_level="warning", timeout_graceful_shutdown=5,
+                          timeout_keep_alive=5, http=_guarded_protocol(app.state.limits))
