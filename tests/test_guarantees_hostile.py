@@ -304,7 +304,7 @@ HEADERS_ONLY = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/f
 
 def test_one_client_cannot_hold_every_connection(served_run):
     """260 sockets from one client (127.0.0.2) send a request's headers and never its body — more than
-    uvicorn's 256 connections. With the default limits (10 s header and 60 s body deadlines, 32
+    the server's 256 connections. With the default limits (10 s header and 60 s body deadlines, 32
     connections per client) the first 32 are held and the other 228 answered 429 at once; requests from
     another client (127.0.0.1) are answered 200 while all 260 sockets are open (before the per-client cap
     every such request got 503 until the slow sockets gave up)."""
