@@ -383,7 +383,7 @@ def _memory_mb(pid: int, field: str) -> float:
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's memory from Linux's /proc")
 def test_hostile_images_keep_the_server_under_its_memory_limit(tmp_path, served_run):
     """`transferlab serve` of a centre-crop model (the tiny backbone), in its own process, takes 30
-    concurrent requests of thin (1x200000, 200000x1), huge-claim (PNG 60000x60000 and 9000x9000, JPEG
+    requests (8 at a time) of thin (1x200000, 200000x1), huge-claim (PNG 60000x60000 and 9000x9000, JPEG
     9000x9000 and 6000x6000 over 48x48 of data) and decompression-bomb (8000x8000 deflated to ~190 kB)
     images, alone and mixed with a valid one. Each is refused before its pixels exist, and the server's
     peak memory stays within SERVE_MEMORY_LIMIT_MB of its warmed-up size (before the resize-aware limit,
