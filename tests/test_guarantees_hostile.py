@@ -3,6 +3,7 @@ held to its fix. Loopback only; tiny generated models and images."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import struct
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_image_folder
-from guarantees import cli, disk_feature_cache
+from guarantees import cli, disk_feature_cache, png_bytes, png_claiming
 
 from transferlab.data import feature_cache
 from transferlab.data.sources import load_splits
@@ -194,7 +195,7 @@ def _serve_in_thread(model, limits):
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(server_config(create_app(model, limits), limit_concurrency=256))
+    server = uvicorn.Server(server_config(create_app(model, limits)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 60
@@ -204,29 +205,55 @@ def _serve_in_thread(model, limits):
     return server, thread, sock.getsockname()[1]
 
 
-def _post_png(port: int, png: bytes, timeout: float = 60) -> tuple[int, dict]:
-    """POST /predict over a raw socket, the whole request in one write; (status, JSON body)."""
+def _connect(port: int, source: str = "127.0.0.1", timeout: float = 60):
+    """A socket to the server from loopback address `source`: every 127.x.y.z is this machine on Linux,
+    so one test can be several clients."""
     import socket
 
+    s = socket.socket()
+    s.settimeout(timeout)
+    s.bind((source, 0))
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def _post(port: int, files: list[tuple[str, bytes, str]], source: str = "127.0.0.1",
+          timeout: float = 60) -> tuple[int, dict, dict]:
+    """POST /predict over a raw socket, the whole request in one write; (status, headers, JSON body)."""
     boundary = "hostileboundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()
+    body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+                    f"Content-Type: {kind}\r\n\r\n".encode() + data + b"\r\n" for name, data, kind in files)
+    body += f"--{boundary}--\r\n".encode()
     head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
             f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n")
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+    with _connect(port, source, timeout) as s:
         s.sendall(head.encode() + body)
         answer = b""
         while chunk := s.recv(65536):
             answer += chunk
-    status_line, _, rest = answer.partition(b"\r\n")
-    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+    return _parse_answer(answer)
+
+
+def _parse_answer(answer: bytes) -> tuple[int, dict, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    json_body = headers.get("content-type") == "application/json"  # uvicorn's own 503 is plain text
+    return int(status_line.split()[1]), headers, json.loads(body) if json_body else {"text": body.decode()}
+
+
+def _post_png(port: int, png: bytes, timeout: float = 60) -> tuple[int, dict]:
+    status, _, body = _post(port, [("a.png", png, "image/png")], timeout=timeout)
+    return status, body
 
 
 def test_slow_clients_are_timed_out_and_valid_requests_still_answered(served_run):
-    """300 loopback sockets (over uvicorn's 256 concurrent connections): half send half a header and
-    stop, half send a whole header announcing a body they never send. With 2 s deadlines the server
-    closes the first and answers the second 408; a valid request is then answered (without the
-    deadlines every valid request got 503 while the sockets stayed open)."""
+    """300 loopback sockets (over the server's 256 connections): half send half a header and stop, half
+    send a whole header announcing a body they never send. The 44 past the limit are answered 503 at once;
+    with 2 s deadlines the server closes the half headers and answers the missing bodies 408; a valid
+    request is then answered (without the deadlines every valid request got 503 while the sockets stayed
+    open). The per-client cap is off here: these sockets stand for many slow clients, whom only the
+    deadlines can stop."""
     import socket
     import time
 
@@ -236,7 +263,8 @@ def test_slow_clients_are_timed_out_and_valid_requests_still_answered(served_run
 
     from guarantees import png_bytes
 
-    server, thread, port = _serve_in_thread(served_run, ServeLimits(header_timeout=2.0, body_timeout=2.0))
+    server, thread, port = _serve_in_thread(served_run, ServeLimits(header_timeout=2.0, body_timeout=2.0,
+                                                                     max_client_connections=0))
     slow: list[socket.socket] = []
     try:
         for i in range(300):
@@ -255,16 +283,190 @@ def test_slow_clients_are_timed_out_and_valid_requests_still_answered(served_run
         for s in slow:
             s.settimeout(max(1.0, 20 - (time.monotonic() - start)))
             answers.append(s.recv(65536))  # b"" = closed by the server
-        assert all(a == b"" for a in answers[1::2])  # half a header: closed
-        # no body: 408 in JSON (those that came while uvicorn held 256 connections were answered 503 at once;
-        # how many depends on how fast this machine opened the sockets)
-        assert all(a.startswith((b"HTTP/1.1 408", b"HTTP/1.1 503")) for a in answers[0::2])
+        # the 44 past the 256 connections were answered 503 in JSON as they opened; of the others, those with
+        # half a header were closed, those with no body answered 408 in JSON
+        refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+        assert 0 < len(refused) <= 300 - 256  # fewer if a deadline freed connections before the last one came
+        assert all(b'{"error": "the server is at its limit of 256 open connections' in a for a in refused)
+        assert all(a == b"" for a in answers[1::2] if a not in refused)
+        assert all(a.startswith(b"HTTP/1.1 408") for a in answers[0::2] if a not in refused)
         assert b'"error":"request body not received within 2 s' in answers[0]
     finally:
         for s in slow:
             s.close()
         server.should_exit = True
         thread.join(timeout=30)
+
+
+HEADERS_ONLY = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                b"Content-Length: 100000\r\n\r\n")  # a body announced and never sent
+
+
+def test_one_client_cannot_hold_every_connection(served_run):
+    """260 sockets from one client (127.0.0.2) send a request's headers and never its body — more than
+    the server's 256 connections. With the default limits (10 s header and 60 s body deadlines, 32
+    connections per client) the first 32 are held and the other 228 answered 429 at once; requests from
+    another client (127.0.0.1) are answered 200 while all 260 sockets are open (before the per-client cap
+    every such request got 503 until the slow sockets gave up)."""
+    import select
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from transferlab.export.serve import ServeLimits
+
+    limits = ServeLimits()
+    assert (limits.max_connections, limits.max_client_connections, limits.body_timeout) == (256, 32, 60.0)
+    server, thread, port = _serve_in_thread(served_run, limits)
+    png = png_bytes(Image.new("RGB", (40, 40), (200, 40, 40)))
+    slow = []
+    try:
+        start = time.monotonic()
+        for _ in range(260):
+            slow.append(_connect(port, "127.0.0.2"))
+            slow[-1].sendall(HEADERS_ONLY)
+        with ThreadPoolExecutor(4) as pool:  # another client, while every slow socket is open
+            answers = list(pool.map(lambda _: _post(port, [("a.png", png, "image/png")]), range(8)))
+        assert [status for status, _, _ in answers] == [200] * 8, answers
+        # the refused sockets have their 429 (and the server's end of file); the held ones have nothing yet
+        refused = []
+        while len(refused) < 228 and time.monotonic() - start < 30:
+            ready, _, _ = select.select([s for s in slow if s not in refused], [], [], 1.0)
+            refused += ready
+        assert len(refused) == 228
+        assert not select.select([s for s in slow if s not in refused], [], [], 0.5)[0]  # 32 held, still open
+        assert time.monotonic() - start < limits.header_timeout  # no deadline has released any of them
+        status, headers, body = _parse_answer(b"".join(iter(lambda: refused[0].recv(65536), b"")))
+        assert status == 429 and headers["retry-after"] == "1" and headers["content-type"] == "application/json"
+        assert body == {"error": "too many connections from 127.0.0.2: at most 32 open at once per client "
+                                 "(serve --max-client-connections); retry after 1 s"}
+        for s in slow:
+            s.close()
+        slow.clear()
+        deadline = time.monotonic() + 10  # the client's count goes back down as its connections close
+        while (status := _post(port, [("a.png", png, "image/png")], source="127.0.0.2")[0]) != 200:
+            assert time.monotonic() < deadline, status
+            time.sleep(0.1)
+    finally:
+        for s in slow:
+            s.close()
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+SERVE_MEMORY_LIMIT_MB = 300  # peak RSS over the warmed-up server's, hostile images or not (README Guarantees)
+
+
+def flat_png_bomb(side: int) -> bytes:
+    """A real decompression bomb: side x side black RGB pixels, deflated (~1000:1) without ever being
+    held whole here (8000 px: 192 MB of pixels in a ~190 kB file)."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    deflate, row = zlib.compressobj(9), b"\0" * (1 + 3 * side)  # each row: filter type 0, then its pixels
+    idat = b"".join(deflate.compress(row) for _ in range(side)) + deflate.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def _memory_mb(pid: int, field: str) -> float:
+    """VmRSS (resident now) or VmHWM (its peak) of a process, from /proc, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's memory from Linux's /proc")
+def test_hostile_images_keep_the_server_under_its_memory_limit(tmp_path, served_run):
+    """`transferlab serve` of a centre-crop model (the tiny backbone), in its own process, takes 30
+    requests (8 at a time) of thin (1x200000, 200000x1), huge-claim (PNG 60000x60000 and 9000x9000, JPEG
+    9000x9000 and 6000x6000 over 48x48 of data) and decompression-bomb (8000x8000 deflated to ~190 kB)
+    images, alone and mixed with a valid one. Each is refused before its pixels exist, and the server's
+    peak memory stays within SERVE_MEMORY_LIMIT_MB of its warmed-up size (before the resize-aware limit,
+    one 1x200000 PNG grew a resnet18 server from 1.1 to 5.3 GB)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "transferlab", "serve", str(served_run), "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "TRANSFERLAB_OFFLINE": "1"})
+    good = ("good.png", png_bytes(Image.new("RGB", (40, 40), (200, 40, 40))), "image/png")
+    hostile = {  # name: (bytes, the status it gets alone)
+        "thin.png": (thin_png(tmp_path / "thin.png", 1, 200_000).read_bytes(), 413),
+        "wide.png": (thin_png(tmp_path / "wide.png", 200_000, 1).read_bytes(), 413),
+        "claims-60000.png": (png_claiming(tmp_path / "c60000.png", 60_000, 60_000).read_bytes(), 413),
+        "claims-9000.png": (png_claiming(tmp_path / "c9000.png", 9000, 9000).read_bytes(), 413),
+        "claims-9000.jpg": (liar_jpeg(tmp_path / "c9000.jpg", 9000).read_bytes(), 413),
+        "claims-6000.jpg": (liar_jpeg(tmp_path / "c6000.jpg", 6000).read_bytes(), 422),  # under the pixel limit
+        "bomb.png": (flat_png_bomb(8000), 413),
+    }
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                if _post(port, [good], timeout=30)[0] == 200:  # up, and warmed up: decode, model, batcher
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        baseline = _memory_mb(server.pid, "VmRSS")
+        with contextlib.suppress(OSError):  # Linux >= 4.0: the peak restarts from here (else: since start-up)
+            Path(f"/proc/{server.pid}/clear_refs").write_text("5")
+        alone = [[(name, data, "image/png" if name.endswith("png") else "image/jpeg")]
+                 for name, (data, _) in hostile.items()] * 3
+        mixed = [[good] + [(name, data, "image/png" if name.endswith("png") else "image/jpeg")
+                           for name, (data, _) in hostile.items()]] * 9
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda files: _post(port, files), alone + mixed))
+        peak = _memory_mb(server.pid, "VmHWM")
+        for files, (status, _, body) in zip(alone, answers):
+            assert status == hostile[files[0][0]][1] and files[0][0] in body["error"], (files[0][0], status, body)
+        for status, _, body in answers[len(alone):]:  # a valid image among them is still predicted
+            assert status == 200 and "predictions" in body["predictions"][0], body
+            reasons = ["resize bomb: 1x200000", "resize bomb: 200000x1", "decompression bomb: 60000x60000",
+                       "decompression bomb: 9000x9000", "decompression bomb: 9000x9000", "truncated or corrupt",
+                       "decompression bomb: 8000x8000"]
+            assert all(p["error"].startswith(r) for p, r in zip(body["predictions"][1:], reasons, strict=True)), body
+        print(f"\nserve memory: {baseline:.0f} MB warmed up, peak {peak:.0f} MB under hostile images "
+              f"(+{peak - baseline:.0f} MB; limit +{SERVE_MEMORY_LIMIT_MB} MB)")
+        assert peak - baseline < SERVE_MEMORY_LIMIT_MB
+    finally:
+        server.terminate()
+        log = server.communicate(timeout=30)[0]
+    assert "Traceback" not in log, log
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (["--max-client-connections", "300"], ("serve --max-client-connections must be between 1 and --max-connections "
+                                           "(256), or 0 for no per-client limit; got 300.")),
+    (["--max-connections", "0"], "serve --max-connections must be at least 1; got 0."),
+    (["--body-timeout", "0"], "serve --body-timeout must be a positive number of seconds; got 0.0."),
+    (["--header-timeout", "nan"], "serve --header-timeout must be a positive number of seconds; got nan."),
+    (["--port", "70000"], "serve --port must be between 0 and 65535; got 70000."),
+])
+def test_serve_limits_are_checked_before_the_model_loads(tmp_path, monkeypatch, option, message):
+    from transferlab.export import serve as serve_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(serve_module, "load_predictor", never)
+    r = cli("serve", tmp_path / "run", *option)  # not even there: it is never looked at
+    assert r.code == 2 and message in r.text and "Traceback" not in r.text, r.text
 
 
 def test_anything_unexpected_in_serve_is_a_json_500(served_run):

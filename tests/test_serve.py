@@ -144,6 +144,29 @@ def test_bad_uploads_are_refused_with_a_clear_json_error(server, case, status, m
         assert body["files"][0]["index"] == 0 and body["files"][0]["filename"]
 
 
+def test_a_request_with_some_bad_files_answers_each_file(server):
+    """One bad file no longer sinks the others (issue 21): each file gets its labels or its error, as
+    `predict --json` gives them, in order, with 200 as long as one file was usable."""
+    red, blue = png(COLOURS["red"], seed=5), png(COLOURS["blue"], seed=6)
+    bomb = io.BytesIO()
+    Image.new("RGB", (600, 600)).save(bomb, "PNG")
+    status, body = request(server, "/predict?top_k=1", files=[  # LIMITS: 4 files at most
+        ("b.png", blue, "image/png"), ("cut.png", red[: len(red) // 2], "image/png"),
+        ("notes.txt", b"hello", "text/plain"), ("bomb.png", bomb.getvalue(), "image/png")])
+    assert status == 200, body
+    entries = body["predictions"]
+    assert [e["filename"] for e in entries] == ["b.png", "cut.png", "notes.txt", "bomb.png"]
+    assert entries[0]["predictions"][0]["label"] == "blue"
+    assert entries[1]["error"].startswith("truncated or corrupt image") and "predictions" not in entries[1]
+    assert entries[2] == {"filename": "notes.txt",
+                          "error": "content type 'text/plain' is not image/* (only images are accepted)"}
+    assert entries[3]["error"].startswith("decompression bomb: 600x600 pixels exceeds limit 200000")
+    # nothing usable: the request is refused, with the highest of its files' statuses and every file's reason
+    status, body = request(server, files=[("cut.png", red[: len(red) // 2], "image/png"),
+                                          ("bomb.png", bomb.getvalue(), "image/png")])
+    assert status == 422 and [f["filename"] for f in body["files"]] == ["cut.png", "bomb.png"], body
+
+
 def test_fifty_concurrent_requests_are_all_answered_each_with_its_own_image(server):
     def one(i: int):
         colour = "red" if i % 2 else "blue"
@@ -268,6 +291,8 @@ def test_serve_command_answers_on_loopback_and_the_upload_page_works_in_chromium
         uploads = [tmp_path / "red photo.png", tmp_path / "blue <b>.png"]
         uploads[0].write_bytes(png(COLOURS["red"], (160, 120), seed=3))
         uploads[1].write_bytes(png(COLOURS["blue"], (120, 160), seed=4))
+        broken = tmp_path / "broken.png"  # its own error on its card; the others are still predicted
+        broken.write_bytes(b"<html>not a picture</html>")
 
         browser = DevTools(binary, tmp_path / "profile")
         target = browser.call("Target.createTarget", url="about:blank")["targetId"]
@@ -277,16 +302,19 @@ def test_serve_command_answers_on_loopback_and_the_upload_page_works_in_chromium
                                        or ""), what="the page to load the model's description")
         root = browser.call("DOM.getDocument", session)["root"]["nodeId"]
         node = browser.call("DOM.querySelector", session, nodeId=root, selector="#files")["nodeId"]
-        browser.call("DOM.setFileInputFiles", session, nodeId=node, files=[str(p) for p in uploads])
+        browser.call("DOM.setFileInputFiles", session, nodeId=node, files=[str(p) for p in [*uploads, broken]])
         state = wait_for(lambda: (s := browser.evaluate(session, "document.getElementById('results').dataset.state"))
                          in ("done", "error") and s, what="the predictions")
         assert state == "done", browser.evaluate(session, "document.getElementById('status').textContent")
         cards = browser.evaluate(session, "[...document.querySelectorAll('.card')].map(c => c.innerText)")
-        assert len(cards) == 2
+        assert len(cards) == 3
+        assert cards[2].startswith("broken.png") and "not an image" in cards[2]
+        assert "(1 could not be read)" in browser.evaluate(session, "document.getElementById('status').textContent")
+        cards = cards[:2]
         assert cards[0].startswith("red photo.png") and cards[1].startswith("blue <b>.png")  # shown as text
         assert [c.split("\n")[1] for c in cards] == ["red", "blue"]  # each photo's own colour comes first
         assert all("%" in c and "red" in c.split("\n", 1)[1] and "blue" in c.split("\n", 1)[1] for c in cards)
-        assert browser.evaluate(session, "[...document.images].every(i => i.complete && i.naturalWidth > 0)")
+        assert browser.evaluate(session, "[...document.images].slice(0, 2).every(i => i.complete && i.naturalWidth > 0)")
 
         shot = tmp_path / "upload-page.png"
         shot.write_bytes(base64.b64decode(browser.call("Page.captureScreenshot", session, format="png")["data"]))

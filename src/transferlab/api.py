@@ -132,7 +132,9 @@ def export_model(run: str | Path, format: str = "onnx", *, out: str | Path | Non
 
 def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, **limits: Any) -> None:
     """Serve `model` (run directory or .onnx) over HTTP until interrupted: POST /predict, GET /health, GET /
-    (upload page). `limits`: max_upload_mb, max_files, max_pixels, max_batch, top_k (export.serve.ServeLimits)."""
+    (upload page). `limits`: the fields of export.serve.ServeLimits (max_upload_mb, max_files, max_pixels,
+    max_batch, top_k, header_timeout, body_timeout, max_connections, max_client_connections), all checked
+    before the model loads."""
     from transferlab.export.serve import ServeLimits
     from transferlab.export.serve import serve as _serve
 

@@ -888,6 +888,12 @@ def serve(
     max_files: Annotated[int, typer.Option(help="Most images per request")] = 16,
     max_pixels: Annotated[int, typer.Option(help="Most pixels per image, checked before decoding (413 above)")] = 50_000_000,
     max_batch: Annotated[int, typer.Option(help="Most images per forward pass (concurrent requests share batches)")] = 32,
+    max_connections: Annotated[int, typer.Option(help="Most open connections in all (503 above)")] = 256,
+    max_client_connections: Annotated[int | None, typer.Option(
+        help="Most open connections per client IP (429 above; 0: no limit, e.g. behind a proxy); "
+             "default: an eighth of --max-connections", show_default=False)] = None,
+    header_timeout: Annotated[float, typer.Option(help="Seconds for a request's headers (connection closed after)")] = 10.0,
+    body_timeout: Annotated[float, typer.Option(help="Seconds for a request's body after its headers (408 after)")] = 60.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Serve a model over HTTP: POST /predict (multipart images → top-k JSON), GET /health, GET / (upload page).
@@ -900,7 +906,9 @@ def serve(
 
     _setup_logging(verbose)
     api.serve(model, host=host, port=port, top_k=top_k, max_upload_mb=max_upload_mb, max_files=max_files,
-              max_pixels=max_pixels, max_batch=max_batch)
+              max_pixels=max_pixels, max_batch=max_batch, max_connections=max_connections,
+              max_client_connections=max_client_connections, header_timeout=header_timeout,
+              body_timeout=body_timeout)
 
 
 @app.command("bench-infer")

@@ -7,8 +7,11 @@
 Untrusted input is bounded before it costs anything: the request body is counted as it arrives (413
 past ``max_upload_mb``), files per request are capped, each part must declare an ``image/*`` type
 (415), pixels are checked from the header before decoding (413 for decompression bombs), and a
-truncated or non-image file is a 422 naming the file. Uploads are decoded from temporary files this
-server names; a client-supplied file name is only ever echoed back, never used as a path.
+truncated or non-image file is a 422 naming the file. A request with several files answers each file:
+its labels, or its error (200 as long as one file was usable; the statuses above when none was).
+Uploads are decoded from temporary files this server names; a client-supplied file name is only ever
+echoed back, never used as a path. Slow or greedy clients are bounded too: request headers and bodies
+have deadlines, and each client IP may hold only so many connections (429 past it).
 
 Inference runs on one thread, one batch at a time (models are not assumed thread-safe); images that
 arrive while a batch runs are scored together in the next one, so concurrent requests batch for free.
@@ -19,10 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import tempfile
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -48,11 +53,14 @@ log = logging.getLogger("transferlab")
 
 DECODE_THREADS = 2
 DRAIN_FACTOR = 4  # a refused body is read (and dropped) up to 4 x the upload limit, then the socket is closed
+RETRY_AFTER_S = 1  # a refused connection's slot frees as soon as another request is answered: a second, not minutes
+REFUSED_LINGER_S = 2.0  # how long a connection answered 429 is read from (and dropped) before it is closed
 
 
 @dataclass(frozen=True)
 class ServeLimits:
-    """What one request may cost. Pixels: 50 MP covers every phone camera; 150 MB of RGB once decoded."""
+    """What one request, and one client, may cost. Pixels: 50 MP covers every phone camera; 150 MB of RGB
+    once decoded."""
 
     max_upload_mb: float = 20.0
     max_files: int = 16
@@ -61,11 +69,29 @@ class ServeLimits:
     top_k: int = 3
     header_timeout: float = 10.0  # seconds for a request's headers to arrive (from connect, or the last response)
     body_timeout: float = 60.0  # seconds for its body, from its headers: 20 MB at 2.8 Mbit/s
+    max_connections: int = 256  # open connections in all: 503 past it
+    # open connections per client IP (0: no limit): 429 past it, so one client cannot hold every connection
+    # while the others wait. None: an eighth of max_connections (32 of 256: room for a browser's 6 per host
+    # times several tabs, while it takes 8 clients at their cap to fill the server)
+    max_client_connections: int | None = None
 
     def __post_init__(self) -> None:
-        if (self.max_upload_mb <= 0 or self.max_files < 1 or self.max_pixels < 1 or self.max_batch < 1
-                or self.top_k < 1 or not self.header_timeout > 0 or not self.body_timeout > 0):
-            raise TransferlabError("serve limits must be positive (max upload, files, pixels, batch, top-k, timeouts).")
+        if self.max_client_connections is None and self.max_connections >= 1:
+            object.__setattr__(self, "max_client_connections", max(1, self.max_connections // 8))
+        rules = [("--max-upload-mb", self.max_upload_mb, self.max_upload_mb > 0, "a positive number"),
+                 ("--max-files", self.max_files, self.max_files >= 1, "at least 1"),
+                 ("--max-pixels", self.max_pixels, self.max_pixels >= 1, "at least 1"),
+                 ("--max-batch", self.max_batch, self.max_batch >= 1, "at least 1"),
+                 ("--top-k", self.top_k, self.top_k >= 1, "at least 1"),
+                 ("--header-timeout", self.header_timeout, self.header_timeout > 0, "a positive number of seconds"),
+                 ("--body-timeout", self.body_timeout, self.body_timeout > 0, "a positive number of seconds"),
+                 ("--max-connections", self.max_connections, self.max_connections >= 1, "at least 1"),
+                 ("--max-client-connections", self.max_client_connections,
+                  self.max_client_connections is not None and 0 <= self.max_client_connections <= self.max_connections,
+                  f"between 1 and --max-connections ({self.max_connections}), or 0 for no per-client limit")]
+        for option, value, ok, rule in rules:
+            if not ok:  # also catches NaN, which fails every comparison
+                raise TransferlabError(f"serve {option} must be {rule}; got {value}.")
 
     @property
     def max_upload_bytes(self) -> int:
@@ -111,24 +137,91 @@ class _BodyDeadline:
         await self.app(scope, timed_receive, send)
 
 
-def _header_deadline_protocol(seconds: float) -> type:
-    """uvicorn's h11 protocol with a deadline on request headers: a connection whose request headers are not
-    complete `seconds` after it opened (or after its last response) is closed. uvicorn times out only idle
-    keep-alive connections, so sockets sending half a header would hold their connections for ever."""
+def _refusal(status: int, message: str) -> bytes:
+    """The whole HTTP answer to a connection refused as it opens (429, 503): JSON, Retry-After."""
+    body = json.dumps({"error": f"{message}; retry after {RETRY_AFTER_S} s"}).encode()
+    reason = {429: b"Too Many Requests", 503: b"Service Unavailable"}[status]
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nretry-after: %d\r\n"
+            b"connection: close\r\nx-content-type-options: nosniff\r\n\r\n"
+            % (status, reason, len(body), RETRY_AFTER_S)) + body
+
+
+def _guarded_protocol(limits: ServeLimits) -> type:
+    """uvicorn's h11 protocol with the guards uvicorn lacks against clients that hold connections:
+    - a deadline on request headers: a connection whose request headers are not complete
+      `limits.header_timeout` after it opened (or after its last response) is closed (uvicorn times out
+      only idle keep-alive connections, so sockets sending half a header would be held for ever);
+    - a per-client cap: a connection from an IP that already has `limits.max_client_connections` open is
+      answered 429 at once, so one client cannot fill the `max_connections` that every client shares;
+    - the cap in all: past `limits.max_connections` a connection is answered 503 at once (uvicorn's own
+      limit holds such a connection until its headers come, then answers in plain text).
+    A refused connection never enters the count. HTTP/1.1 runs one request per connection at a time, so
+    the caps bound requests in flight too."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class HeaderDeadlineH11(H11Protocol):
+    open_per_client: Counter[str] = Counter()
+    refusing: set[str] = set()  # clients being refused now: logged once per episode, not per connection
+    cap = limits.max_client_connections
+
+    class GuardedH11(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
+        _client_ip: str | None = None  # counted in open_per_client while connected
+        _linger: asyncio.TimerHandle | None = None  # set on refused connections only
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            peer = transport.get_extra_info("peername")
+            ip = peer[0] if isinstance(peer, tuple) else None  # a Unix socket has no client address
+            if ip is not None and cap and open_per_client[ip] >= cap:
+                if ip not in refusing:
+                    refusing.add(ip)
+                    log.warning("%s has %d connections open (--max-client-connections): answering its next ones "
+                                "429", ip, cap)
+                self._refuse(transport, _refusal(429, f"too many connections from {ip}: at most {cap} open at "
+                                                      "once per client (serve --max-client-connections)"))
+                return
+            if len(self.connections) >= limits.max_connections:
+                self._refuse(transport, _refusal(503, f"the server is at its limit of {limits.max_connections} open "
+                                                      "connections (serve --max-connections)"))
+                return
+            if ip is not None:
+                open_per_client[ip] += 1
+                self._client_ip = ip
             super().connection_made(transport)
             self._arm_header_deadline()
+
+        def _refuse(self, transport: asyncio.Transport, answer: bytes) -> None:
+            self.transport = transport
+            transport.write(answer)
+            if transport.can_write_eof():
+                transport.write_eof()
+            # the client's request is read and dropped until it closes (or for a moment): closing with its
+            # bytes unread would reset the connection, and the client would see a reset instead of the 429
+            self._linger = self.loop.call_later(REFUSED_LINGER_S, transport.close)
+
+        def data_received(self, data: bytes) -> None:
+            if self._linger is None:
+                super().data_received(data)
+
+        def eof_received(self) -> None:
+            if self._linger is None:
+                super().eof_received()
+            # returning None lets asyncio close the transport: a refused client has read its answer
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
             self._arm_header_deadline()
 
         def connection_lost(self, exc: Exception | None) -> None:
+            if self._linger is not None:
+                self._linger.cancel()
+                return
+            if self._client_ip is not None:
+                open_per_client[self._client_ip] -= 1
+                if open_per_client[self._client_ip] < cap:
+                    refusing.discard(self._client_ip)
+                if open_per_client[self._client_ip] <= 0:
+                    del open_per_client[self._client_ip]
+                self._client_ip = None
             if self._header_timer is not None:
                 self._header_timer.cancel()
             super().connection_lost(exc)
@@ -136,14 +229,14 @@ def _header_deadline_protocol(seconds: float) -> type:
         def _arm_header_deadline(self) -> None:
             if self._header_timer is not None:
                 self._header_timer.cancel()
-            self._header_timer = self.loop.call_later(seconds, self._header_deadline_passed)
+            self._header_timer = self.loop.call_later(limits.header_timeout, self._header_deadline_passed)
 
         def _header_deadline_passed(self) -> None:
             self._header_timer = None
             if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
                 self.transport.close()  # no request's headers came in time (a new request sets a new cycle)
 
-    return HeaderDeadlineH11
+    return GuardedH11
 
 
 class _Batcher:
@@ -232,8 +325,18 @@ def _decode(data: bytes, predictor: Predictor, max_pixels: int, workdir: Path) -
         os.unlink(name)
 
 
-def _status_for(reason: str) -> int:
-    return 413 if reason.startswith(PIXEL_LIMIT_REASONS) else 422
+class _WrongType(ImageError):
+    """A part whose declared content type is not image/*: never decoded."""
+
+    def __init__(self, content_type: str | None) -> None:
+        super().__init__(f"content type '{content_type}' is not image/* (only images are accepted)")
+
+
+def _status_for(error: ImageError) -> int:
+    """A request whose every file failed is answered with the highest of its files' statuses."""
+    if isinstance(error, _WrongType):
+        return 415
+    return 413 if error.reason.startswith(PIXEL_LIMIT_REASONS) else 422
 
 
 def is_loopback(host: str) -> bool:
@@ -311,7 +414,7 @@ def create_app(model: str | Path | Predictor, limits: ServeLimits | None = None)
                 "limits": asdict(limits), "requests": state["requests"], "rejected": state["rejected"],
                 **request.app.state.batcher.stats}
 
-    async def _read_uploads(request: Request) -> list[tuple[str, bytes]]:
+    async def _read_uploads(request: Request) -> list[tuple[str, bytes | _WrongType]]:
         content_type = request.headers.get("content-type", "")
         if not content_type.lower().startswith("multipart/form-data"):
             raise RequestError(415, "send the images as multipart/form-data (e.g. curl -F file=@photo.jpg); "
@@ -335,11 +438,13 @@ def create_app(model: str | Path | Predictor, limits: ServeLimits | None = None)
             uploads = [(name, value) for name, value in form.multi_items() if isinstance(value, UploadFile)]
             if not uploads:
                 raise RequestError(400, "no image in the request: send one or more files as multipart/form-data")
-            wrong = [{"index": i, "filename": f.filename, "error": f"content type '{f.content_type}' is not image/*"}
-                     for i, (_, f) in enumerate(uploads) if not (f.content_type or "").lower().startswith("image/")]
-            if wrong:
-                raise RequestError(415, "only images are accepted (each part needs an image/* content type)", wrong)
-            return [((f.filename or f"image-{i}")[:255], await f.read()) for i, (_, f) in enumerate(uploads)]
+            files: list[tuple[str, bytes | _WrongType]] = []
+            for i, (_, f) in enumerate(uploads):
+                # a part that is not an image is that file's error (415 for the request only if no part is one)
+                name = (f.filename or f"image-{i}")[:255]
+                is_image = (f.content_type or "").lower().startswith("image/")
+                files.append((name, await f.read() if is_image else _WrongType(f.content_type)))
+            return files
         finally:
             await form.close()
 
@@ -352,46 +457,56 @@ def create_app(model: str | Path | Predictor, limits: ServeLimits | None = None)
         k = min(k, len(predictor.classes))
         uploads = await _read_uploads(request)
         loop = asyncio.get_running_loop()
-        decoded = await asyncio.gather(
-            *(loop.run_in_executor(request.app.state.decoder, _decode, data, predictor, limits.max_pixels,
-                                   request.app.state.workdir) for _, data in uploads),
-            return_exceptions=True)
-        failed = [{"index": i, "filename": name, "error": result.reason}
-                  for i, ((name, _), result) in enumerate(zip(uploads, decoded)) if isinstance(result, ImageError)]
-        for result in decoded:
+
+        async def decoded(data: bytes | _WrongType) -> Any:
+            if isinstance(data, _WrongType):
+                return data
+            return await loop.run_in_executor(request.app.state.decoder, _decode, data, predictor,
+                                              limits.max_pixels, request.app.state.workdir)
+
+        inputs = await asyncio.gather(*(decoded(data) for _, data in uploads), return_exceptions=True)
+        for result in inputs:
             if isinstance(result, BaseException) and not isinstance(result, ImageError):
                 raise result
-        if failed:
-            status = max(_status_for(f["error"]) for f in failed)
-            raise RequestError(status, "; ".join(f"{f['filename']}: {f['error']}" for f in failed), failed)
-        probs = await request.app.state.batcher.score(list(decoded))
+        failed = {i: result for i, result in enumerate(inputs) if isinstance(result, ImageError)}
+        if len(failed) == len(uploads):  # nothing to predict: the request itself is refused
+            files = [{"index": i, "filename": uploads[i][0], "error": e.reason} for i, e in failed.items()]
+            raise RequestError(max(_status_for(e) for e in failed.values()),
+                               "; ".join(f"{f['filename']}: {f['error']}" for f in files), files)
+        usable = [i for i in range(len(uploads)) if i not in failed]
+        probs = dict(zip(usable, await request.app.state.batcher.score([inputs[i] for i in usable])))
         state["requests"] += 1
+        # one entry per file, in order: its labels, or its error as `predict --json` gives it (200 as long as
+        # one file was usable, so a batch is never lost to one bad file)
         return {"model": Path(predictor.name).name, "runtime": predictor.runtime,
-                "predictions": [{"filename": name, "predictions": top_k_labels(row, predictor.classes, k)}
-                                for (name, _), row in zip(uploads, probs)],
+                "predictions": [{"filename": name, "error": failed[i].reason} if i in failed else
+                                {"filename": name, "predictions": top_k_labels(probs[i], predictor.classes, k)}
+                                for i, (name, _) in enumerate(uploads)],
                 "seconds": round(time.perf_counter() - start, 4)}
 
     return app
 
 
-def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, limits: ServeLimits | None = None,
-          limit_concurrency: int = 256) -> None:
+def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, limits: ServeLimits | None = None) -> None:
     """Run the server until interrupted. Binds to loopback unless told otherwise."""
     import uvicorn
 
+    if not 0 <= port <= 65535:
+        raise TransferlabError(f"serve --port must be between 0 and 65535; got {port}.")
     app = create_app(model, limits)
     if not is_loopback(host):
         log.warning("serving on %s: anyone who can reach this machine on port %d can use the model "
                     "(no authentication); bind to 127.0.0.1 unless that is what you want", host, port)
     log.info("serving %s on http://%s:%d (upload page at /, API at POST /predict)", model, host, port)
-    uvicorn.Server(server_config(app, host=host, port=port, limit_concurrency=limit_concurrency)).run()
+    uvicorn.Server(server_config(app, host=host, port=port)).run()
 
 
-def server_config(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, limit_concurrency: int = 256) -> Any:
-    """uvicorn's configuration for `app` (from :func:`create_app`): one worker, the header deadline of
-    its limits on every connection, idle keep-alive connections closed after 5 s."""
+def server_config(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000) -> Any:
+    """uvicorn's configuration for `app` (from :func:`create_app`): one worker, its limits' connection caps
+    (in all and per client) and header deadline on every connection, idle keep-alive connections closed
+    after 5 s."""
     import uvicorn
 
-    return uvicorn.Config(app, host=host, port=port, workers=1, log_level="warning",
-                          limit_concurrency=limit_concurrency, timeout_graceful_shutdown=5, timeout_keep_alive=5,
-                          http=_header_deadline_protocol(app.state.limits.header_timeout))
+    # no limit_concurrency: the protocol counts connections itself, answering in JSON as they open
+    return uvicorn.Config(app, host=host, port=port, workers=1, log_level="warning", timeout_graceful_shutdown=5,
+                          timeout_keep_alive=5, http=_guarded_protocol(app.state.limits))
