@@ -53,6 +53,15 @@ def test_every_verb_has_examples_that_fit_80_columns_unbroken(path):
     assert [line for line in lines if len(line) > 80 or "…" in line] == []
 
 
+@pytest.mark.parametrize("path", list(COMMANDS), ids=" ".join)
+def test_no_help_text_loses_a_bracket_to_rich_markup(path):
+    """'[test/]' or "'transferlab[mlflow]'" unescaped would be read as a markup tag and vanish from --help."""
+    from rich.text import Text
+
+    for text in [COMMANDS[path].help or "", *(p.help or "" for p in COMMANDS[path].params)]:
+        assert Text.from_markup(text).plain == text.replace("\\[", "["), text
+
+
 def test_short_o_means_out_in_every_verb():
     for path, command in COMMANDS.items():
         for param in command.params:

@@ -47,7 +47,7 @@ out_console = Console(width=None if sys.stdout.isatty() else 160)
 # an option without one lands in the default "Options" panel.
 _MODEL, _DATA, _TRAINING, _FINETUNE = "Model", "Data", "Training", "Fine-tuning (after the head)"
 _HARDWARE, _OUTPUT = "Hardware and caches", "Output and run"
-_CANDIDATES, _CHECKS, _RANGE_TEST = "Candidates", "Checks", "Range test"
+_CANDIDATES, _CHECKS, _RANGE_TEST, _TRACKING = "Candidates", "Checks", "Range test", "Experiment tracking"
 _TRAIN_VERBS, _MODEL_VERBS, _DATA_VERBS = "Train", "Use a trained model", "Data and backbones"
 
 
@@ -152,10 +152,11 @@ def train(
     feature_cache: Annotated[str, typer.Option(help="disk | memory", rich_help_panel=_HARDWARE)] = "disk",
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache directory", rich_help_panel=_HARDWARE)] = None,
     max_memory: Annotated[str | None, typer.Option(help="Activation memory per pass, e.g. 8G; over it (or on out-of-memory) batches are halved", rich_help_panel=_HARDWARE)] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default runs/<time>-<backbone>)", rich_help_panel=_OUTPUT)] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: a new folder in runs/ named by time and backbone)", rich_help_panel=_OUTPUT)] = None,
     csv_anywhere: Annotated[bool, typer.Option("--csv-anywhere", help="Let a CSV's rows name files outside the CSV's folder", rich_help_panel=_DATA)] = False,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run directory", rich_help_panel=_OUTPUT)] = None,
     allow_changed_data: Annotated[bool, typer.Option("--allow-changed-data", help="With --resume: continue even though the data changed since the run started", rich_help_panel=_OUTPUT)] = False,
+    logger: Annotated[list[str] | None, typer.Option("--logger", metavar="NAME", help="Also send the config, every epoch and the results to: csv | tensorboard | mlflow (repeatable or comma-separated). The last two need pip install 'transferlab\\[tensorboard]' or 'transferlab\\[mlflow]'", rich_help_panel=_TRACKING)] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", rich_help_panel=_OUTPUT)] = True,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html at the end", rich_help_panel=_OUTPUT)] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -184,6 +185,7 @@ def train(
             "feature_views": feature_views, "img_size": img_size, "eval_size": eval_size, "val_split": val_split, "csv_anywhere": csv_anywhere, "batch_size": batch_size,
             "num_workers": num_workers, "decode_cache": decode_cache, "compile": compile, "seed": seed, "precision": precision, "device": device, "devices": devices,
             "num_nodes": num_nodes, "dist_strategy": dist_strategy,
+            "loggers": logger or [],
             "feature_cache": feature_cache, "cache_dir": str(cache_dir) if cache_dir else None, "max_memory": max_memory,
             "out": str(out) if out else None, "progress": progress, "report": report,
         })
