@@ -76,3 +76,21 @@ def test_recipe_run_refuses_a_setting_passed_to_o(tmp_path, monkeypatch):
     result = cli("recipe", "run", "flowers102-resnet50", "-o", "epochs_finetune=1")
     assert result.code == 2 and "--override epochs_finetune=1" in result.text
     assert not (tmp_path / "epochs_finetune=1").exists()
+
+
+def test_an_epoch_log_line_fits_80_columns_with_its_level(caplog):
+    """The line printed once per epoch stays on one line of an 80-column terminal (level column: 9)."""
+    import logging
+
+    from transferlab.training.run import _print_epoch
+
+    logger = logging.getLogger("transferlab")
+    logger.addHandler(caplog.handler)  # the CLI may have turned propagation off
+    try:
+        with caplog.at_level(logging.INFO, logger="transferlab"):
+            _print_epoch({"phase": "finetune", "epoch": 99, "train_loss": 2.3456, "train_accuracy": 0.5,
+                          "val_loss": 2.5, "val_accuracy": 1.0, "epoch_seconds": 999.4})
+    finally:
+        logger.removeHandler(caplog.handler)
+    line = caplog.messages[-1]
+    assert line.startswith("finetune epoch 99") and "999s" in line and len(line) + 9 <= 80
