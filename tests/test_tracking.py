@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -68,3 +69,51 @@ def test_an_unknown_or_uninstalled_logger_is_refused_before_any_work(tiny_data, 
     r = cli("train", tiny_data, *TINY_FLAGS, "--logger", "csv,mlflow", "-o", tmp_path / "b")
     assert r.code == 2 and "pip install 'transferlab[mlflow]'" in r.text
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+class _FakeMLflow:
+    """What Tracker uses of Lightning's MLFlowLogger (mlflow itself is an optional extra)."""
+
+    run_id = "run-1"
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail, self.metrics, self.artefacts, self.params, self.status = fail, [], [], None, None
+        self.experiment = self
+
+    def log_hyperparams(self, params):
+        self.params = params
+
+    def log_metrics(self, metrics, step):
+        if self.fail:
+            raise OSError("tracking server unreachable")
+        self.metrics.append((step, metrics))
+
+    def save(self):
+        pass
+
+    def log_artifact(self, run_id, path):
+        self.artefacts.append(path)
+
+    def finalize(self, status):
+        self.status = status
+
+
+def test_mlflow_gets_the_run_files_and_a_failing_logger_never_stops_the_run(tmp_path, monkeypatch, caplog):
+    from transferlab.training import tracking
+
+    fakes = {"mlflow": _FakeMLflow(), "csv": _FakeMLflow(fail=True)}
+    monkeypatch.setattr(tracking, "_build", lambda name, run_dir: fakes[name])
+    for name in ("model.safetensors", "model.json", "report.html"):
+        (tmp_path / name).write_text("x")
+    rows = [{"phase": "frozen", "epoch": 1, "val_loss": 0.5}, {"phase": "finetune", "epoch": 1, "val_loss": 0.4}]
+    with tracking.Tracker(["mlflow", "csv"], tmp_path, TrainConfig(backbone="resnet18")) as tracker:
+        tracker.log_rows(rows[:1])
+        tracker.log_rows(rows)
+        tracker.finish(rows, {"val_accuracy_best": 0.75, "seed": 0})
+    mlflow = fakes["mlflow"]
+    assert mlflow.params["backbone"] == "resnet18" and mlflow.status == "success"
+    assert mlflow.metrics == [(0, {"frozen/epoch": 1.0, "frozen/val_loss": 0.5}),
+                              (1, {"finetune/epoch": 1.0, "finetune/val_loss": 0.4}),
+                              (1, {"final/val_accuracy_best": 0.75})]
+    assert sorted(Path(p).name for p in mlflow.artefacts) == ["model.json", "model.safetensors", "report.html"]
+    assert fakes["csv"].status is None and "--logger csv failed" in caplog.text  # dropped, not fatal
