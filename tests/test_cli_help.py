@@ -6,9 +6,9 @@ import inspect
 
 import pytest
 import typer
+from guarantees import cli
 from typer.testing import CliRunner
 
-from guarantees import cli
 from transferlab.cli import app
 
 COMMAND = typer.main.get_command(app)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-import transferlab
 from conftest import TINY
 from guarantees import TINY_FLAGS, cli, read_metrics
+
+import transferlab
 from transferlab.config import LOGGERS, TrainConfig
 
 NUMERIC = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")

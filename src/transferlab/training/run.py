@@ -61,8 +61,8 @@ from transferlab.training.io import (
 )
 from transferlab.training.memory import parse_size
 from transferlab.training.progressive import ProgressiveResize, progressive_sizes
-from transferlab.training.tracking import Tracker
 from transferlab.training.run_lock import RunLock
+from transferlab.training.tracking import Tracker
 
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from lightning.pytorch.loggers import Logger
 
@@ -68,7 +68,7 @@ class Tracker:
         self.names, self.run_dir, self.config = list(names), Path(run_dir), config
         self.loggers: dict[str, Logger] | None = None
 
-    def __enter__(self) -> Tracker:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
