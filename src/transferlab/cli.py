@@ -1001,8 +1001,9 @@ def main() -> None:
     except TransferlabError as exc:
         from rich.markup import escape
 
-        # the message may quote '[' (a YAML error, a path); soft wrap: the terminal wraps it, never mid-word
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        # the message may quote '[' (a YAML error, a path); piped, it stays one line instead of being broken
+        # at the console's 160 columns (a terminal gets rich's word wrap)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=not console.is_terminal)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/] — continue with `transferlab train --resume RUN_DIR`")
