@@ -466,8 +466,8 @@ def _write_report(run_dir: Path, progress: bool, decoded: DecodedImages | None =
 
 
 def _print_epoch(row: dict) -> None:
-    # 71 characters at most (3 decimals; whole seconds from 10 s), so that with its level (9) it fits an
-    # 80-column terminal on one line; metrics.csv keeps the full figures
+    # at most 71 characters below epoch 100 and loss 10 (3 decimals; whole seconds from 10 s), so that with
+    # its level (9) it fits an 80-column terminal on one line; metrics.csv keeps the full figures
     seconds = row["epoch_seconds"]
     log.info("%-8s epoch %2d  loss %.3f acc %.3f  val loss %.3f acc %.3f  %.*fs",
              row["phase"], row["epoch"], row["train_loss"], row["train_accuracy"],
