@@ -112,3 +112,15 @@ def test_models_command_prints_the_new_columns_as_json():
     rows = json.loads(result.stdout)
     assert [r["name"] for r in rows] == ["test_resnet.r160_in1k"]
     assert {"params", "gflops", "input_size", "head", "feature_dim", "top1", "offline"} <= set(rows[0])
+
+
+def test_models_offline_shows_the_published_top1_of_the_shipped_lites(monkeypatch):
+    """The three backbones usable offline carry timm's published ImageNet top-1, without building a model."""
+    _refuse_to_build(monkeypatch)
+    published = {"efficientnet_lite0": 74.83, "efficientnet_lite1": 76.644, "efficientnet_lite2": 77.464}
+    rows = {r["name"]: r for r in list_catalog("efficientnet_lite", offline_only=True, measure_limit=0)}
+    assert {name: rows[name]["top1"] for name in published} == pytest.approx(published)
+    table = CliRunner().invoke(app, ["models", "--offline", "--search", "efficientnet_lite"], env={"COLUMNS": "120"})
+    assert table.exit_code == 0, table.output
+    lines = {line.split()[1]: line for line in table.stdout.splitlines() if "efficientnet_lite" in line}
+    assert all(f"{top1:.2f}" in lines[name] for name, top1 in published.items())

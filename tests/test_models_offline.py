@@ -165,6 +165,36 @@ def test_offline_fails_fast_with_actionable_message(name, no_network):
     assert "--no-pretrained" in message
 
 
+@pytest.mark.parametrize("name, host", [("tv:resnet50", "download.pytorch.org"), ("resnet50", "huggingface.co")])
+def test_offline_error_names_the_host_the_weights_come_from(name, host, empty_caches, monkeypatch):
+    """No offline variable set and no network: the probe asks the weights' own host, and the message
+    blames that host (torchvision's weights are not on the Hugging Face hub) and says what works offline."""
+    import huggingface_hub.constants
+
+    asked: list[str] = []
+
+    def unreachable(address, *args, **kwargs):
+        asked.append(address[0])
+        raise OSError("simulated: no network")
+
+    monkeypatch.delenv("TRANSFERLAB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://huggingface.co")
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    is_online.cache_clear()
+    try:
+        with pytest.raises(BackboneUnavailable) as info:
+            resolve_backbone(name)
+    finally:
+        is_online.cache_clear()
+    message = str(info.value)
+    assert asked == [host]
+    assert f"downloaded from {host}" in message and f"{host}:443 is unreachable" in message
+    other = {"download.pytorch.org", "huggingface.co"} - {host}
+    assert not any(o in message for o in other)
+    assert "efficientnet_lite0" in message and "transferlab models --offline" in message
+
+
 @pytest.mark.parametrize("name", ["resnet18", "tv:resnet18"])
 def test_no_pretrained_works_offline(name, no_network):
     spec = resolve_backbone(name, pretrained=False, img_size=64)

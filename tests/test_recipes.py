@@ -334,7 +334,7 @@ def test_offline_message_lists_only_the_files_still_missing(tmp_path):
 
 
 def test_recipe_show_prints_the_resolved_config_and_the_source_figures():
-    p = cli("recipe", "show", "flowers102-vgg16", "--override", "epochs_finetune=3", "-o", "lr_finetune=2e-4")
+    p = cli("recipe", "show", "flowers102-vgg16", "--override", "epochs_finetune=3", "--override", "lr_finetune=2e-4")
     assert p.returncode == 0, p.stderr
     out = p.stdout
     assert "epochs_finetune: 3" in out and "lr_finetune: 0.0002" in out and "backbone: tv:vgg16" in out

@@ -43,6 +43,14 @@ console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 out_console = Console(width=None if sys.stdout.isatty() else 160)
 
 
+# --help panels: the options of the long verbs grouped by what they decide (typer's rich_help_panel);
+# an option without one lands in the default "Options" panel.
+_MODEL, _DATA, _TRAINING, _FINETUNE = "Model", "Data", "Training", "Fine-tuning (after the head)"
+_HARDWARE, _OUTPUT = "Hardware and caches", "Output and run"
+_CANDIDATES, _CHECKS, _RANGE_TEST, _TRACKING = "Candidates", "Checks", "Range test", "Experiment tracking"
+_TRAIN_VERBS, _MODEL_VERBS, _DATA_VERBS = "Train", "Use a trained model", "Data and backbones"
+
+
 def _print_version(value: bool) -> None:
     if value:
         from transferlab._version import __version__
@@ -97,62 +105,69 @@ def _report_train(result) -> None:
     out_console.print(f"val_accuracy={s['val_accuracy_best']:.4f} run_dir={result.run_dir}")
 
 
-@app.command()
+@app.command(rich_help_panel=_TRAIN_VERBS)
 def train(
-    data: Annotated[Path | None, typer.Argument(help="ImageFolder tree (train/ val/ [test/]), class folders, or a CSV of path,label")] = None,
-    backbone: Annotated[str, typer.Option(help="Backbone: efficientnet_lite0|1|2 (offline), any timm name, hf-hub:ID, or tv:NAME")] = "efficientnet_lite0",
-    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights")] = True,
-    head: Annotated[str, typer.Option(help="linear | mlp")] = "linear",
-    head_hidden: Annotated[int, typer.Option(help="MLP head hidden size")] = 512,
-    head_dropout: Annotated[float, typer.Option(help="Dropout before the head's last layer")] = 0.2,
-    strategy: Annotated[str, typer.Option(help="two-stage | head-only | full | scratch")] = "two-stage",
-    epochs_frozen: Annotated[int, typer.Option(help="Head epochs on cached frozen features")] = 16,
-    epochs_finetune: Annotated[int, typer.Option(help="Fine-tuning epochs")] = 4,
-    finetune: Annotated[str, typer.Option(help="Two-stage fine-tuning: boundary (the top stages on cached activations) | full (the whole network, every epoch)")] = "boundary",
-    boundary_stages: Annotated[int, typer.Option(help="--finetune boundary: train the last N stages")] = 2,
-    boundary_views: Annotated[int, typer.Option(help="--finetune boundary: augmented views of each train image cached beside the plain one (0: the plain view alone)")] = 0,
-    finetune_when: Annotated[str, typer.Option(help="--finetune boundary: underfit (only when the head's train error is at least half its val error) | always")] = "underfit",
-    lr_head: Annotated[float, typer.Option(help="Head learning rate")] = 1e-3,
-    lr_finetune: Annotated[str | None, typer.Option(help="Peak fine-tuning learning rate (top block; default 1e-3 for --finetune boundary, 1e-4 for full), or auto: an LR range test on the boundary cache picks it")] = None,
-    lr_decay: Annotated[str, typer.Option(help="Per-block LR toward the input: none | exp:F | linear:LOW | layer:D")] = "exp:3",
-    unfreeze: Annotated[int | None, typer.Option(help="Unfreeze only the last K blocks (default: all)")] = None,
-    lr_floor: Annotated[float | None, typer.Option(help="LR for the blocks --unfreeze leaves out, instead of freezing them (e.g. 1e-8)")] = None,
-    optimizer: Annotated[str, typer.Option(help="adamw | adam | sgd")] = "adamw",
-    weight_decay: Annotated[float, typer.Option(help="Weight decay (not on biases/norms)")] = 1e-2,
-    schedule: Annotated[str, typer.Option(help="onecycle | cosine | constant")] = "onecycle",
-    label_smoothing: Annotated[float, typer.Option(help="Label smoothing")] = 0.1,
-    early_stop: Annotated[int | None, typer.Option(help="Stop fine-tuning after N epochs without val-loss gain (0: off; default 1 for --finetune boundary, counted once an epoch beat the head, 3 for full)")] = None,
-    finetune_gate: Annotated[int, typer.Option(help="Two-stage: stop fine-tuning after N epochs unless one beat the frozen stage's val loss (0: off)")] = 2,
-    progressive_resize: Annotated[float | None, typer.Option(help="Fine-tune from this fraction of the image size up to full (e.g. 0.5)")] = None,
-    time_budget: Annotated[str | None, typer.Option(help="Whole-run time budget, e.g. 2m, 90s, 1h30m: fine-tuning epochs are planned to fit")] = None,
-    bn: Annotated[str, typer.Option(help="BatchNorm while fine-tuning: auto | eval | train")] = "auto",
-    augment: Annotated[str, typer.Option(help="none | light | standard | strong | classic | padcrop (train only)")] = "standard",
-    feature_views: Annotated[int, typer.Option(help="Extra augmented views cached for the head stage")] = 0,
-    img_size: Annotated[int | None, typer.Option(help="Training input size (default: the backbone's)")] = None,
-    eval_size: Annotated[int | None, typer.Option(help="Size for frozen features, validation and prediction (default: the backbone's measured test size, 288 for efficientnet_lite0, else --img-size)")] = None,
-    val_split: Annotated[float, typer.Option(help="Validation fraction when the data has no val/ folder")] = 0.2,
-    batch_size: Annotated[int, typer.Option(help="Batch size")] = 32,
-    num_workers: Annotated[int | None, typer.Option(help="Data-loader workers (default: by core count)")] = None,
-    compile: Annotated[str, typer.Option(help="torch.compile the frozen forward: auto (CPU, >= 20k images) | on | off")] = "auto",
-    decode_cache: Annotated[bool, typer.Option("--decode-cache/--no-decode-cache", help="Keep decoded images in memory across epochs (in-process loading only)")] = True,
-    seed: Annotated[int, typer.Option(help="Random seed")] = 0,
-    precision: Annotated[str, typer.Option(help="auto | 32-true | bf16-mixed | 16-mixed")] = "auto",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
-    devices: Annotated[int, typer.Option(help="Devices (processes) per node; >1 runs DDP/FSDP through Lightning")] = 1,
-    num_nodes: Annotated[int, typer.Option(help="Nodes (machines); launch with torchrun or SLURM srun, see README")] = 1,
-    dist_strategy: Annotated[str, typer.Option(help="How fine-tuning spreads over devices: auto | ddp | fsdp (--strategy is the training recipe)")] = "auto",
-    feature_cache: Annotated[str, typer.Option(help="disk | memory")] = "disk",
-    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache directory")] = None,
-    max_memory: Annotated[str | None, typer.Option(help="Activation memory per pass, e.g. 8G; over it (or on out-of-memory) batches are halved")] = None,
-    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<time>-<backbone>)")] = None,
-    csv_anywhere: Annotated[bool, typer.Option("--csv-anywhere", help="Let a CSV's rows name files outside the CSV's folder")] = False,
-    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run directory")] = None,
-    allow_changed_data: Annotated[bool, typer.Option("--allow-changed-data", help="With --resume: continue even though the data changed since the run started")] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
-    report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html at the end")] = True,
+    data: Annotated[Path | None, typer.Argument(help="ImageFolder tree (train/ val/ \\[test/]), class folders, or a CSV of path,label")] = None,
+    backbone: Annotated[str, typer.Option(help="Backbone: efficientnet_lite0|1|2 (offline), any timm name, hf-hub:ID, or tv:NAME", rich_help_panel=_MODEL)] = "efficientnet_lite0",
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights", rich_help_panel=_MODEL)] = True,
+    head: Annotated[str, typer.Option(help="linear | mlp", rich_help_panel=_MODEL)] = "linear",
+    head_hidden: Annotated[int, typer.Option(help="MLP head hidden size", rich_help_panel=_MODEL)] = 512,
+    head_dropout: Annotated[float, typer.Option(help="Dropout before the head's last layer", rich_help_panel=_MODEL)] = 0.2,
+    strategy: Annotated[str, typer.Option(help="two-stage | head-only | full | scratch", rich_help_panel=_TRAINING)] = "two-stage",
+    epochs_frozen: Annotated[int, typer.Option(help="Head epochs on cached frozen features", rich_help_panel=_TRAINING)] = 16,
+    epochs_finetune: Annotated[int, typer.Option(help="Fine-tuning epochs", rich_help_panel=_TRAINING)] = 4,
+    finetune: Annotated[str, typer.Option(help="Two-stage fine-tuning: boundary (the top stages on cached activations) | full (the whole network, every epoch)", rich_help_panel=_FINETUNE)] = "boundary",
+    boundary_stages: Annotated[int, typer.Option(help="--finetune boundary: train the last N stages", rich_help_panel=_FINETUNE)] = 2,
+    boundary_views: Annotated[int, typer.Option(help="--finetune boundary: augmented views of each train image cached beside the plain one (0: the plain view alone)", rich_help_panel=_FINETUNE)] = 0,
+    finetune_when: Annotated[str, typer.Option(help="--finetune boundary: underfit (only when the head's train error is at least half its val error) | always", rich_help_panel=_FINETUNE)] = "underfit",
+    lr_head: Annotated[float, typer.Option(help="Head learning rate", rich_help_panel=_TRAINING)] = 1e-3,
+    lr_finetune: Annotated[str | None, typer.Option(help="Peak fine-tuning learning rate (top block; default 1e-3 for --finetune boundary, 1e-4 for full), or auto: an LR range test on the boundary cache picks it", rich_help_panel=_FINETUNE)] = None,
+    lr_decay: Annotated[str, typer.Option(help="Per-block LR toward the input: none | exp:F | linear:LOW | layer:D", rich_help_panel=_FINETUNE)] = "exp:3",
+    unfreeze: Annotated[int | None, typer.Option(help="Unfreeze only the last K blocks (default: all)", rich_help_panel=_FINETUNE)] = None,
+    lr_floor: Annotated[float | None, typer.Option(help="LR for the blocks --unfreeze leaves out, instead of freezing them (e.g. 1e-8)", rich_help_panel=_FINETUNE)] = None,
+    optimizer: Annotated[str, typer.Option(help="adamw | adam | sgd", rich_help_panel=_TRAINING)] = "adamw",
+    weight_decay: Annotated[float, typer.Option(help="Weight decay (not on biases/norms)", rich_help_panel=_TRAINING)] = 1e-2,
+    schedule: Annotated[str, typer.Option(help="onecycle | cosine | constant", rich_help_panel=_TRAINING)] = "onecycle",
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing", rich_help_panel=_TRAINING)] = 0.1,
+    early_stop: Annotated[int | None, typer.Option(help="Stop fine-tuning after N epochs without val-loss gain (0: off; default 1 for --finetune boundary, counted once an epoch beat the head, 3 for full)", rich_help_panel=_FINETUNE)] = None,
+    finetune_gate: Annotated[int, typer.Option(help="Two-stage: stop fine-tuning after N epochs unless one beat the frozen stage's val loss (0: off)", rich_help_panel=_FINETUNE)] = 2,
+    progressive_resize: Annotated[float | None, typer.Option(help="Fine-tune from this fraction of the image size up to full (e.g. 0.5)", rich_help_panel=_FINETUNE)] = None,
+    time_budget: Annotated[str | None, typer.Option(help="Whole-run time budget, e.g. 2m, 90s, 1h30m: fine-tuning epochs are planned to fit", rich_help_panel=_TRAINING)] = None,
+    bn: Annotated[str, typer.Option(help="BatchNorm while fine-tuning: auto | eval | train", rich_help_panel=_FINETUNE)] = "auto",
+    augment: Annotated[str, typer.Option(help="none | light | standard | strong | classic | padcrop (train only)", rich_help_panel=_DATA)] = "standard",
+    feature_views: Annotated[int, typer.Option(help="Extra augmented views cached for the head stage", rich_help_panel=_DATA)] = 0,
+    img_size: Annotated[int | None, typer.Option(help="Training input size (default: the backbone's)", rich_help_panel=_MODEL)] = None,
+    eval_size: Annotated[int | None, typer.Option(help="Size for frozen features, validation and prediction (default: the backbone's measured test size, 288 for efficientnet_lite0, else --img-size)", rich_help_panel=_MODEL)] = None,
+    val_split: Annotated[float, typer.Option(help="Validation fraction when the data has no val/ folder", rich_help_panel=_DATA)] = 0.2,
+    batch_size: Annotated[int, typer.Option(help="Batch size", rich_help_panel=_DATA)] = 32,
+    num_workers: Annotated[int | None, typer.Option(help="Data-loader workers (default: by core count)", rich_help_panel=_DATA)] = None,
+    compile: Annotated[str, typer.Option(help="torch.compile the frozen forward: auto (CPU, >= 20k images) | on | off", rich_help_panel=_HARDWARE)] = "auto",
+    decode_cache: Annotated[bool, typer.Option("--decode-cache/--no-decode-cache", help="Keep decoded images in memory across epochs (in-process loading only)", rich_help_panel=_DATA)] = True,
+    seed: Annotated[int, typer.Option(help="Random seed", rich_help_panel=_TRAINING)] = 0,
+    precision: Annotated[str, typer.Option(help="auto | 32-true | bf16-mixed | 16-mixed", rich_help_panel=_HARDWARE)] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps", rich_help_panel=_HARDWARE)] = "auto",
+    devices: Annotated[int, typer.Option(help="Devices (processes) per node; >1 runs DDP/FSDP through Lightning", rich_help_panel=_HARDWARE)] = 1,
+    num_nodes: Annotated[int, typer.Option(help="Nodes (machines); launch with torchrun or SLURM srun, see README", rich_help_panel=_HARDWARE)] = 1,
+    dist_strategy: Annotated[str, typer.Option(help="How fine-tuning spreads over devices: auto | ddp | fsdp (--strategy is the training recipe)", rich_help_panel=_HARDWARE)] = "auto",
+    feature_cache: Annotated[str, typer.Option(help="disk | memory", rich_help_panel=_HARDWARE)] = "disk",
+    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache directory", rich_help_panel=_HARDWARE)] = None,
+    max_memory: Annotated[str | None, typer.Option(help="Activation memory per pass, e.g. 8G; over it (or on out-of-memory) batches are halved", rich_help_panel=_HARDWARE)] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: a new folder in runs/ named by time and backbone)", rich_help_panel=_OUTPUT)] = None,
+    csv_anywhere: Annotated[bool, typer.Option("--csv-anywhere", help="Let a CSV's rows name files outside the CSV's folder", rich_help_panel=_DATA)] = False,
+    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run directory", rich_help_panel=_OUTPUT)] = None,
+    allow_changed_data: Annotated[bool, typer.Option("--allow-changed-data", help="With --resume: continue even though the data changed since the run started", rich_help_panel=_OUTPUT)] = False,
+    logger: Annotated[list[str] | None, typer.Option("--logger", metavar="NAME", help="Also send the config, every epoch and the results to: csv | tensorboard | mlflow (repeatable or comma-separated). The last two need pip install 'transferlab\\[tensorboard]' or 'transferlab\\[mlflow]'", rich_help_panel=_TRACKING)] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", rich_help_panel=_OUTPUT)] = True,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html at the end", rich_help_panel=_OUTPUT)] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Train a classifier from a folder of labelled images (two-stage transfer learning)."""
+    """Train a classifier from a folder of labelled images (two-stage transfer learning).
+
+    transferlab train data/
+    transferlab train data/ --backbone efficientnet_lite2 -o runs/ants
+    transferlab train data/ --time-budget 5m --logger csv,tensorboard
+    transferlab train --resume runs/ants
+    """
     from transferlab import api
     from transferlab.config import parse_lr_finetune
 
@@ -170,6 +185,7 @@ def train(
             "feature_views": feature_views, "img_size": img_size, "eval_size": eval_size, "val_split": val_split, "csv_anywhere": csv_anywhere, "batch_size": batch_size,
             "num_workers": num_workers, "decode_cache": decode_cache, "compile": compile, "seed": seed, "precision": precision, "device": device, "devices": devices,
             "num_nodes": num_nodes, "dist_strategy": dist_strategy,
+            "loggers": logger or [],
             "feature_cache": feature_cache, "cache_dir": str(cache_dir) if cache_dir else None, "max_memory": max_memory,
             "out": str(out) if out else None, "progress": progress, "report": report,
         })
@@ -197,37 +213,39 @@ def _train_or_resume(api, data, resume, allow_changed_data: bool, options: dict)
     return api.train(data, **options)
 
 
-@app.command("lr-find")
+@app.command("lr-find", rich_help_panel=_TRAIN_VERBS)
 def lr_find(
-    data: Annotated[Path, typer.Argument(help="ImageFolder tree (train/ val/ [test/]), class folders, or a CSV of path,label")],
-    backbone: Annotated[str, typer.Option(help="Backbone: efficientnet_lite0|1|2 (offline), any timm name, hf-hub:ID, or tv:NAME")] = "efficientnet_lite0",
-    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights")] = True,
-    head: Annotated[str, typer.Option(help="linear | mlp")] = "linear",
-    epochs_frozen: Annotated[int, typer.Option(help="Head epochs on cached frozen features (the head the test starts from)")] = 16,
-    lr_head: Annotated[float, typer.Option(help="Head learning rate (for fitting the head)")] = 1e-3,
-    boundary_stages: Annotated[int, typer.Option(help="The last N stages fine-tune (as train --boundary-stages)")] = 2,
-    boundary_views: Annotated[int, typer.Option(help="Augmented views of each train image cached beside the plain one")] = 0,
-    augment: Annotated[str, typer.Option(help="none | light | standard | strong | classic | padcrop (the augmented views)")] = "standard",
-    img_size: Annotated[int | None, typer.Option(help="Training input size (default: the backbone's)")] = None,
-    eval_size: Annotated[int | None, typer.Option(help="Size of the frozen features and the boundary cache (default as train)")] = None,
-    val_split: Annotated[float, typer.Option(help="Validation fraction when the data has no val/ folder")] = 0.2,
-    batch_size: Annotated[int, typer.Option(help="Batch size (of the head's epochs and of each test step)")] = 32,
-    seed: Annotated[int, typer.Option(help="Random seed (same seed, same curve)")] = 0,
-    num_steps: Annotated[int, typer.Option(help="Steps of the range test (at least 10)")] = 100,
-    method: Annotated[str, typer.Option(help="Suggestion rule: valley | steep | minimum")] = "valley",
-    start_lr: Annotated[float, typer.Option(help="The body's LR at the first step")] = 1e-7,
-    end_lr: Annotated[float, typer.Option(help="The body's LR at the last step")] = 1.0,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for lr_find.png and lr_find.json (default runs/lr-find-<time>)")] = None,
-    num_workers: Annotated[int | None, typer.Option(help="Data-loader workers (default: by core count)")] = None,
-    precision: Annotated[str, typer.Option(help="auto | 32-true | bf16-mixed | 16-mixed")] = "auto",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
-    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache directory (shared with train)")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print lr_find.json instead of the summary")] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    data: Annotated[Path, typer.Argument(help="ImageFolder tree (train/ val/ \\[test/]), class folders, or a CSV of path,label")],
+    backbone: Annotated[str, typer.Option(help="Backbone: efficientnet_lite0|1|2 (offline), any timm name, hf-hub:ID, or tv:NAME", rich_help_panel=_MODEL)] = "efficientnet_lite0",
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights", rich_help_panel=_MODEL)] = True,
+    head: Annotated[str, typer.Option(help="linear | mlp", rich_help_panel=_MODEL)] = "linear",
+    epochs_frozen: Annotated[int, typer.Option(help="Head epochs on cached frozen features (the head the test starts from)", rich_help_panel=_TRAINING)] = 16,
+    lr_head: Annotated[float, typer.Option(help="Head learning rate (for fitting the head)", rich_help_panel=_TRAINING)] = 1e-3,
+    boundary_stages: Annotated[int, typer.Option(help="The last N stages fine-tune (as train --boundary-stages)", rich_help_panel=_TRAINING)] = 2,
+    boundary_views: Annotated[int, typer.Option(help="Augmented views of each train image cached beside the plain one", rich_help_panel=_TRAINING)] = 0,
+    augment: Annotated[str, typer.Option(help="none | light | standard | strong | classic | padcrop (the augmented views)", rich_help_panel=_TRAINING)] = "standard",
+    img_size: Annotated[int | None, typer.Option(help="Training input size (default: the backbone's)", rich_help_panel=_MODEL)] = None,
+    eval_size: Annotated[int | None, typer.Option(help="Size of the frozen features and the boundary cache (default as train)", rich_help_panel=_MODEL)] = None,
+    val_split: Annotated[float, typer.Option(help="Validation fraction when the data has no val/ folder", rich_help_panel=_TRAINING)] = 0.2,
+    batch_size: Annotated[int, typer.Option(help="Batch size (of the head's epochs and of each test step)", rich_help_panel=_TRAINING)] = 32,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same curve)", rich_help_panel=_TRAINING)] = 0,
+    num_steps: Annotated[int, typer.Option(help="Steps of the range test (at least 10)", rich_help_panel=_RANGE_TEST)] = 100,
+    method: Annotated[str, typer.Option(help="Suggestion rule: valley | steep | minimum", rich_help_panel=_RANGE_TEST)] = "valley",
+    start_lr: Annotated[float, typer.Option(help="The body's LR at the first step", rich_help_panel=_RANGE_TEST)] = 1e-7,
+    end_lr: Annotated[float, typer.Option(help="The body's LR at the last step", rich_help_panel=_RANGE_TEST)] = 1.0,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for lr_find.png and lr_find.json (default runs/lr-find-<time>)", rich_help_panel=_OUTPUT)] = None,
+    num_workers: Annotated[int | None, typer.Option(help="Data-loader workers (default: by core count)", rich_help_panel=_HARDWARE)] = None,
+    precision: Annotated[str, typer.Option(help="auto | 32-true | bf16-mixed | 16-mixed", rich_help_panel=_HARDWARE)] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps", rich_help_panel=_HARDWARE)] = "auto",
+    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache directory (shared with train)", rich_help_panel=_HARDWARE)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print lr_find.json instead of the summary", rich_help_panel=_OUTPUT)] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", rich_help_panel=_OUTPUT)] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """LR range test of the fine-tuning stage train runs by default (the top stages on the boundary cache,
-    from the head fitted on frozen features): suggests --lr-finetune, plots the loss against the LR.
+    """Suggest --lr-finetune by an LR range test, and plot the loss against the LR.
+
+    The test runs the fine-tuning stage train runs by default: the top stages on
+    the boundary cache, from the head fitted on frozen features.
 
     transferlab lr-find data/ -o runs/lr
     transferlab lr-find data/ --method steep --num-steps 200 --json
@@ -271,10 +289,10 @@ def _report_lr_find(result) -> None:
                       markup=False, highlight=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(rich_help_panel=_DATA_VERBS)
 def shards(
     data: Annotated[Path, typer.Argument(help="ImageFolder tree, class folders, or a CSV of path,label")],
-    out: Annotated[Path, typer.Argument(help="Output folder: OUT/train/train-000000.tar, OUT/val/…, OUT/shards.json")],
+    out: Annotated[Path, typer.Argument(help="Output folder: OUT/train/train-000000.tar, OUT/val/*.tar, OUT/shards.json")],
     shard_size: Annotated[int, typer.Option(help="Images per shard")] = 1000,
     val_split: Annotated[float, typer.Option(help="Validation fraction when the data has no val/ folder")] = 0.2,
     seed: Annotated[int, typer.Option(help="Random seed (split and shuffle)")] = 0,
@@ -294,7 +312,7 @@ def shards(
     out_console.print(f"classes={len(manifest['classes'])} out={out}", highlight=False)
 
 
-@app.command()
+@app.command(rich_help_panel=_MODEL_VERBS)
 def predict(
     model: Annotated[Path, typer.Argument(help="Run directory, its model.safetensors, or an exported .onnx")],
     inputs: Annotated[list[str], typer.Argument(help="Images, folders or glob patterns")],
@@ -304,8 +322,11 @@ def predict(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass")] = 32,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
-    """Predict labels for images with a trained run or an exported ONNX model (onnxruntime only, no torch).
-    Exit code 0 when every input was predicted, 1 when some could not be (each listed), 2 for a usage error.
+    """Predict labels for images with a trained run or an exported ONNX model.
+
+    An .onnx model runs on onnxruntime alone (no torch). Exit code 0 when every
+    input was predicted, 1 when some could not be (each listed), 2 for a usage
+    error.
 
     transferlab predict runs/ants img1.jpg more_images/ "shots/*.png" --top-k 3
     transferlab predict runs/ants/export/model.onnx photos/ --out preds.csv
@@ -372,7 +393,7 @@ class _progress_bar:
             self.bar.__exit__(*exc)
 
 
-@app.command()
+@app.command(rich_help_panel=_DATA_VERBS)
 def models(
     search: Annotated[str | None, typer.Option(help="Substring or wildcard filter")] = None,
     offline: Annotated[bool, typer.Option("--offline", help="Only backbones whose weights are usable now")] = False,
@@ -411,12 +432,16 @@ def models(
                       "narrow with --search to measure them (cached afterwards)[/]")
 
 
-@app.command()
+@app.command(rich_help_panel=_TRAIN_VERBS)
 def demo(
-    out: Annotated[Path | None, typer.Option(help="Run directory")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """The main job on the embedded default: EfficientNet-Lite0 (offline weights) on scikit-learn's digits."""
+    """The main job on the embedded default: EfficientNet-Lite0 (offline weights) on scikit-learn's digits.
+
+    transferlab demo
+    transferlab demo -o runs/demo
+    """
     from transferlab import api
 
     _setup_logging(verbose)
@@ -468,7 +493,7 @@ def _eval_tables(result) -> list[Table]:
     return tables
 
 
-@app.command()
+@app.command(rich_help_panel=_MODEL_VERBS)
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run directory")],
     data: Annotated[Path | None, typer.Argument(help="Labelled images: ImageFolder tree, class folders or CSV (default: the run's own data, split as in training)")] = None,
@@ -482,8 +507,8 @@ def evaluate(
 ) -> None:
     """Metrics, calibration and worst errors of a trained run on labelled data (saved as eval-<name>.json).
 
-    transferlab evaluate runs/ants                          # the val split the run was trained with
-    transferlab evaluate runs/ants new_photos/ --tta        # any labelled folder or CSV
+    transferlab evaluate runs/ants                    # the run's own val split
+    transferlab evaluate runs/ants new_photos/ --tta  # any labelled folder/CSV
     transferlab evaluate runs/ants data/ --split test --top-losses 32
     """
     from rich.markup import escape
@@ -509,7 +534,7 @@ def evaluate(
                       highlight=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(rich_help_panel=_MODEL_VERBS)
 def report(
     runs: Annotated[list[Path], typer.Argument(help="One or more run directories (several: a comparison)")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="HTML file (default: RUN/report.html for one run, ./report.html for several)")] = None,
@@ -554,27 +579,30 @@ def _selection_table(result) -> Table:
     return table
 
 
-@app.command()
+@app.command(rich_help_panel=_DATA_VERBS)
 def select(
-    data: Annotated[Path, typer.Argument(help="ImageFolder tree (train/ val/ [test/]), class folders, or a CSV of path,label")],
-    backbones: Annotated[str | None, typer.Option(help="Comma-separated candidates, e.g. efficientnet_lite0,efficientnet_lite1")] = None,
-    max_params: Annotated[str | None, typer.Option(help="Candidates from the catalog with at most this many parameters (30M, 5e6)")] = None,
-    search: Annotated[str | None, typer.Option(help="Candidates from the catalog matching this substring or wildcard")] = None,
-    budget_ms: Annotated[float | None, typer.Option(help="Latency budget at batch 1 (ms) for the recommendation")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default runs/select-<time>)")] = None,
-    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights")] = True,
-    img_size: Annotated[int | None, typer.Option(help="Input size (default: each backbone's)")] = None,
-    val_split: Annotated[float, typer.Option(help="Validation fraction when the data has no val/ folder")] = 0.2,
-    seed: Annotated[int, typer.Option(help="Random seed")] = 0,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print selection.json instead of the table")] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    data: Annotated[Path, typer.Argument(help="ImageFolder tree (train/ val/ \\[test/]), class folders, or a CSV of path,label")],
+    backbones: Annotated[str | None, typer.Option(help="Comma-separated candidates (e.g. efficientnet_lite0,resnet50)", rich_help_panel=_CANDIDATES)] = None,
+    max_params: Annotated[str | None, typer.Option(help="Candidates from the catalog with at most this many parameters (30M, 5e6)", rich_help_panel=_CANDIDATES)] = None,
+    search: Annotated[str | None, typer.Option(help="Candidates from the catalog matching this substring or wildcard", rich_help_panel=_CANDIDATES)] = None,
+    budget_ms: Annotated[float | None, typer.Option(help="Latency budget at batch 1 (ms) for the recommendation", rich_help_panel=_CANDIDATES)] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default runs/select-<time>)", rich_help_panel=_OUTPUT)] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights", rich_help_panel=_CANDIDATES)] = True,
+    img_size: Annotated[int | None, typer.Option(help="Input size (default: each backbone's)", rich_help_panel=_CANDIDATES)] = None,
+    val_split: Annotated[float, typer.Option(help="Validation fraction when the data has no val/ folder", rich_help_panel=_DATA)] = 0.2,
+    seed: Annotated[int, typer.Option(help="Random seed", rich_help_panel=_DATA)] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps", rich_help_panel=_HARDWARE)] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print selection.json instead of the table", rich_help_panel=_OUTPUT)] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", rich_help_panel=_OUTPUT)] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Rank backbones on your data by a linear probe on frozen features (one forward pass per image, cached
-    for training), with latency and memory on this machine; recommend the best within a latency budget.
+    """Rank backbones on your data by a linear probe on frozen features.
 
-    transferlab select data/ --backbones efficientnet_lite0,efficientnet_lite1,efficientnet_lite2 --budget-ms 20
+    One forward pass per image (cached for training), with latency and memory on
+    this machine; recommends the best within a latency budget.
+
+    transferlab select data/ --budget-ms 20 \\
+        --backbones efficientnet_lite0,efficientnet_lite1,efficientnet_lite2
     transferlab select data/ --max-params 30M --search convnext --out runs/choose
     """
     from rich.markup import escape
@@ -645,35 +673,37 @@ def _doctor_tables(result) -> list[Table]:
     return tables
 
 
-@app.command()
+@app.command(rich_help_panel=_DATA_VERBS)
 def doctor(
-    data: Annotated[Path, typer.Argument(help="ImageFolder tree (train/ val/ [test/]), class folders, a CSV of path,label, or a run directory (its data and settings)")],
-    backbone: Annotated[str | None, typer.Option(help="Backbone whose frozen features describe the images (default: train's, efficientnet_lite0)")] = None,
-    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained", help="Pretrained weights (default: yes)")] = None,
-    img_size: Annotated[int | None, typer.Option(help="As train's --img-size (default: the backbone's)")] = None,
-    eval_size: Annotated[int | None, typer.Option(help="As train's --eval-size: the size features are extracted at")] = None,
-    val_split: Annotated[float | None, typer.Option(help="Validation fraction when the data has no val/ folder (default 0.2)")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed of the split and the probe (default 0)")] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | mps")] = None,
-    precision: Annotated[str | None, typer.Option(help="auto | 32-true | bf16-mixed | 16-mixed")] = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache directory (default: train's)")] = None,
-    similarity: Annotated[float, typer.Option(help="Near-duplicates: cosine similarity of the embeddings at or above this")] = 0.97,
-    folds: Annotated[int, typer.Option(help="Label issues: folds of the out-of-fold probe")] = 5,
-    imbalance: Annotated[float, typer.Option(help="Class imbalance: a class with under this fraction of the largest class's images")] = 0.2,
-    outlier_z: Annotated[float, typer.Option(help="Size outliers: robust z-score of log area or log aspect above this")] = 3.5,
-    top: Annotated[int, typer.Option(help="Findings shown per kind (the CSV has all)")] = 20,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default runs/doctor-<time>; a run: RUN/doctor)")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print doctor.json instead of the tables")] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    data: Annotated[Path, typer.Argument(help="ImageFolder tree (train/ val/ \\[test/]), class folders, a CSV of path,label, or a run directory (its data and settings)")],
+    backbone: Annotated[str | None, typer.Option(help="Backbone whose frozen features describe the images (default: train's, efficientnet_lite0)", rich_help_panel=_MODEL)] = None,
+    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained", help="Pretrained weights (default: yes)", rich_help_panel=_MODEL)] = None,
+    img_size: Annotated[int | None, typer.Option(help="As train's --img-size (default: the backbone's)", rich_help_panel=_MODEL)] = None,
+    eval_size: Annotated[int | None, typer.Option(help="As train's --eval-size: the size features are extracted at", rich_help_panel=_MODEL)] = None,
+    val_split: Annotated[float | None, typer.Option(help="Validation fraction when the data has no val/ folder (default 0.2)", rich_help_panel=_DATA)] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed of the split and the probe (default 0)", rich_help_panel=_DATA)] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | mps", rich_help_panel=_HARDWARE)] = None,
+    precision: Annotated[str | None, typer.Option(help="auto | 32-true | bf16-mixed | 16-mixed", rich_help_panel=_HARDWARE)] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache directory (default: train's)", rich_help_panel=_HARDWARE)] = None,
+    similarity: Annotated[float, typer.Option(help="Near-duplicates: cosine similarity of the embeddings at or above this", rich_help_panel=_CHECKS)] = 0.97,
+    folds: Annotated[int, typer.Option(help="Label issues: folds of the out-of-fold probe", rich_help_panel=_CHECKS)] = 5,
+    imbalance: Annotated[float, typer.Option(help="Class imbalance: a class with under this fraction of the largest class's images", rich_help_panel=_CHECKS)] = 0.2,
+    outlier_z: Annotated[float, typer.Option(help="Size outliers: robust z-score of log area or log aspect above this", rich_help_panel=_CHECKS)] = 3.5,
+    top: Annotated[int, typer.Option(help="Findings shown per kind (the CSV has all)", rich_help_panel=_CHECKS)] = 20,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default runs/doctor-<time>; a run: RUN/doctor)", rich_help_panel=_OUTPUT)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print doctor.json instead of the tables", rich_help_panel=_OUTPUT)] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", rich_help_panel=_OUTPUT)] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Find what is wrong with a dataset before a model learns it: unreadable files, exact and near-duplicate
-    images (within and across splits), likely mislabelled images, class imbalance, odd sizes. Seconds on
-    data `train` has seen (its cached features); else one forward pass, cached for `train`.
+    """Find what is wrong with a dataset before a model learns it.
+
+    Unreadable files, exact and near-duplicate images (within and across splits),
+    likely mislabelled images, class imbalance, odd sizes. Seconds on data `train`
+    has seen (its cached features); else one forward pass, cached for `train`.
 
     transferlab doctor data/
-    transferlab doctor data/ --backbone resnet50 --similarity 0.95 --out runs/doctor
-    transferlab doctor runs/ants            # a run's data, with the run's backbone and settings
+    transferlab doctor data/ --backbone resnet50 --similarity 0.95 -o runs/doc
+    transferlab doctor runs/ants    # a run's data, backbone and settings
     """
     from rich.markup import escape
 
@@ -722,26 +752,28 @@ def _compare_table(result) -> Table:
     return table
 
 
-@app.command()
+@app.command(rich_help_panel=_TRAIN_VERBS)
 def compare(
-    data: Annotated[Path, typer.Argument(help="ImageFolder tree (train/ val/ [test/]), class folders, or a CSV of path,label")],
-    backbones: Annotated[str, typer.Option(help="Comma-separated backbones, e.g. efficientnet_lite0,efficientnet_lite2")],
-    strategies: Annotated[str, typer.Option(help="Comma-separated: head-only,two-stage,full,scratch")] = "head-only,two-stage",
-    out: Annotated[Path | None, typer.Option(help="Output folder; re-run with the same one to skip finished runs and resume interrupted ones (default runs/compare-<time>)")] = None,
-    epochs_frozen: Annotated[int | None, typer.Option(help="Head epochs on cached frozen features")] = None,
-    epochs_finetune: Annotated[int | None, typer.Option(help="Fine-tuning epochs")] = None,
-    img_size: Annotated[int | None, typer.Option(help="Input size (default: each backbone's)")] = None,
-    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights")] = True,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    data: Annotated[Path, typer.Argument(help="ImageFolder tree (train/ val/ \\[test/]), class folders, or a CSV of path,label")],
+    backbones: Annotated[str, typer.Option(help="Comma-separated backbones (e.g. efficientnet_lite0,resnet50)", rich_help_panel=_CANDIDATES)],
+    strategies: Annotated[str, typer.Option(help="Comma-separated, from: head-only, two-stage, full, scratch", rich_help_panel=_CANDIDATES)] = "head-only,two-stage",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder; re-run with the same one to skip finished runs and resume interrupted ones (default runs/compare-<time>)", rich_help_panel=_OUTPUT)] = None,
+    epochs_frozen: Annotated[int | None, typer.Option(help="Head epochs on cached frozen features", rich_help_panel=_TRAINING)] = None,
+    epochs_finetune: Annotated[int | None, typer.Option(help="Fine-tuning epochs", rich_help_panel=_TRAINING)] = None,
+    img_size: Annotated[int | None, typer.Option(help="Input size (default: each backbone's)", rich_help_panel=_CANDIDATES)] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights", rich_help_panel=_CANDIDATES)] = True,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size", rich_help_panel=_TRAINING)] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed", rich_help_panel=_TRAINING)] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps", rich_help_panel=_HARDWARE)] = "auto",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", rich_help_panel=_OUTPUT)] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train every backbone × strategy and compare them: one table, plots and a self-contained compare.html.
 
-    transferlab compare data/ --backbones efficientnet_lite0,efficientnet_lite2 --strategies head-only,two-stage,full --out runs/cmp
-    transferlab compare data/ --backbones efficientnet_lite0 --strategies two-stage,scratch --epochs-finetune 8 --out runs/cmp
+    transferlab compare data/ --backbones efficientnet_lite0,efficientnet_lite2 \\
+        --strategies head-only,two-stage,full -o runs/cmp
+    transferlab compare data/ --backbones efficientnet_lite0 \\
+        --strategies two-stage,scratch --epochs-finetune 8 -o runs/cmp
     """
     from rich.markup import escape
 
@@ -761,14 +793,18 @@ def compare(
 
 
 recipe_app = typer.Typer(no_args_is_help=True, help="The classic experiments as one-command recipes (list, show, run).")
-app.add_typer(recipe_app, name="recipe")
+app.add_typer(recipe_app, name="recipe", rich_help_panel=_TRAIN_VERBS)
 
-_OVERRIDE_HELP = "key=value, repeatable: any train option (epochs_finetune=1, preprocess.mean=[0.5,0.5,0.5]), backbones=a,b"
+_OVERRIDE_HELP = "key=value, repeatable: any train option (epochs_finetune=1, preprocess.crop_pct=1), backbones=a,b"
 
 
 @recipe_app.command("list")
 def recipe_list() -> None:
-    """The shipped recipes."""
+    """The shipped recipes.
+
+    transferlab recipe list
+    transferlab recipe show flowers102-resnet50
+    """
     from rich.markup import escape
 
     from transferlab import api
@@ -785,7 +821,7 @@ def recipe_list() -> None:
 @recipe_app.command("show")
 def recipe_show(
     name: Annotated[str, typer.Argument(help="Recipe name (see `transferlab recipe list`) or a recipe .yaml")],
-    override: Annotated[list[str] | None, typer.Option("--override", "-o", help=_OVERRIDE_HELP)] = None,
+    override: Annotated[list[str] | None, typer.Option("--override", help=_OVERRIDE_HELP)] = None,
 ) -> None:
     """The resolved settings, dataset and source figures of a recipe.
 
@@ -800,10 +836,10 @@ def recipe_show(
 @recipe_app.command("run")
 def recipe_run(
     name: Annotated[str, typer.Argument(help="Recipe name (see `transferlab recipe list`) or a recipe .yaml")],
-    data_root: Annotated[Path | None, typer.Option(help="Folder holding (or to receive) the dataset in its official layout (default $TRANSFERLAB_HOME/datasets)")] = None,
-    override: Annotated[list[str] | None, typer.Option("--override", "-o", help=_OVERRIDE_HELP)] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Folder holding (or to receive) the dataset in its official layout (default: datasets/ in $TRANSFERLAB_HOME)")] = None,
+    override: Annotated[list[str] | None, typer.Option("--override", help=_OVERRIDE_HELP)] = None,
     pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights")] = True,
-    out: Annotated[Path | None, typer.Option(help="Run directory (compare recipes: output folder; default runs/<recipe>-<time>)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (compare recipes: output folder; default runs/<recipe>-<time>)")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -811,13 +847,17 @@ def recipe_run(
     """Run a recipe: dataset (downloaded through torchvision when missing and online), then train or compare.
 
     transferlab recipe run flowers102-resnet50 --data-root ~/datasets
-    transferlab recipe run retraining-benchmark --override backbones=tv:resnet18,tv:alexnet
+    transferlab recipe run retraining-benchmark \\
+        --override backbones=tv:resnet18,tv:alexnet
     """
     from rich.markup import escape
 
     from transferlab import api
 
     _setup_logging(verbose)
+    if out is not None and "=" in out.name and not out.exists():  # -o was --override here before it meant --out
+        raise TransferlabError(f"-o is --out (the run directory) in every command; '{out}' looks like a setting: "
+                               f"pass it as --override {out}")
     overrides = list(override or []) + ([] if pretrained else ["pretrained=false"])
     result = api.recipe_run(name, data_root=data_root, overrides=overrides, out=out, device=device, progress=progress)
     table = Table(title=f"{result.recipe.name}: this run vs published (val accuracy)")
@@ -837,11 +877,11 @@ def recipe_run(
     out_console.print(f"recipe={result.recipe.name} out={result.out_dir}", markup=False, highlight=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(rich_help_panel=_MODEL_VERBS)
 def export(
     run: Annotated[Path, typer.Argument(help="Run directory (or its model.safetensors)")],
     format: Annotated[str, typer.Option("--format", "-f", help="onnx | torchscript")] = "onnx",
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Model file (default RUN/export/model[-fp16].onnx|.pt); metadata goes to FILE.json")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Model file (default: model.onnx, model-fp16.onnx or model.pt in RUN/export); metadata goes to FILE.json")] = None,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch/--fixed-batch", help="Any batch size (default), or a fixed batch of 1: the edge/mobile shape some runtimes need")] = True,
     fp16: Annotated[bool, typer.Option("--fp16", help="Half-precision weights and arithmetic (fp32 input/output; parity tolerance 1e-2)")] = False,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default 17)")] = None,
@@ -849,8 +889,10 @@ def export(
     as_json: Annotated[bool, typer.Option("--json", help="Print the sidecar JSON")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Export a trained run to ONNX or TorchScript, with its preprocessing metadata, after proving parity with
-    PyTorch on real validation images (max |Δ probability| ≤ 1e-4 in fp32, identical top-1). Fails otherwise.
+    """Export a trained run to ONNX or TorchScript, with its preprocessing metadata.
+
+    Written only after proving parity with PyTorch on real validation images
+    (max |Δ probability| ≤ 1e-4 in fp32, identical top-1); fails otherwise.
 
     transferlab export runs/ants
     transferlab export runs/ants --format torchscript -o deploy/ants.pt
@@ -878,7 +920,7 @@ def export(
                       soft_wrap=True)
 
 
-@app.command()
+@app.command(rich_help_panel=_MODEL_VERBS)
 def serve(
     model: Annotated[Path, typer.Argument(help="Run directory, its model.safetensors, or an exported .onnx")],
     host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0: every interface, no authentication)")] = "127.0.0.1",
@@ -896,7 +938,9 @@ def serve(
     body_timeout: Annotated[float, typer.Option(help="Seconds for a request's body after its headers (408 after)")] = 60.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Serve a model over HTTP: POST /predict (multipart images → top-k JSON), GET /health, GET / (upload page).
+    """Serve a model over HTTP: POST /predict (images → top-k JSON), GET /health, GET /.
+
+    GET / is an upload page; POST /predict takes multipart images.
 
     transferlab serve runs/ants
     transferlab serve runs/ants/export/model.onnx --port 9000
@@ -911,7 +955,7 @@ def serve(
               body_timeout=body_timeout)
 
 
-@app.command("bench-infer")
+@app.command("bench-infer", rich_help_panel=_MODEL_VERBS)
 def bench_infer(
     run: Annotated[Path, typer.Argument(help="Run directory (or its model.safetensors)")],
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes")] = "1,32",
@@ -922,11 +966,14 @@ def bench_infer(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Inference speed of a run's model on this machine: images/s and p50/p95 latency per batch, for PyTorch
-    eager, TorchScript and ONNX Runtime (both exported with a parity check first).
+    """Inference speed of a run's model on this machine: images/s, p50/p95 latency.
+
+    Per batch size, for PyTorch eager, TorchScript and ONNX Runtime (both
+    exported with a parity check first).
 
     transferlab bench-infer runs/ants
-    transferlab bench-infer runs/ants --batch-sizes 1,8,64 --runtimes pytorch,onnxruntime --json
+    transferlab bench-infer runs/ants --batch-sizes 1,8,64 \\
+        --runtimes pytorch,onnxruntime --json
     """
     from transferlab import api
 
@@ -962,7 +1009,9 @@ def main() -> None:
     except TransferlabError as exc:
         from rich.markup import escape
 
-        console.print(f"[bold red]error:[/] {escape(str(exc))}")  # the message may quote '[' (a YAML error, a path)
+        # the message may quote '[' (a YAML error, a path); piped, it stays one line instead of being broken
+        # at the console's 160 columns (a terminal gets rich's word wrap)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=not console.is_terminal)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/] — continue with `transferlab train --resume RUN_DIR`")

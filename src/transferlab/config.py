@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,13 @@ PRECISION_ALIASES = {"32": "32-true", "fp32": "32-true", "float32": "32-true", "
                      "bfloat16": "bf16-mixed", "16": "16-mixed", "fp16": "16-mixed", "float16": "16-mixed",
                      "half": "16-mixed", "amp": "16-mixed", "64": "64-true", "fp64": "64-true"}
 DEVICES = ("auto", "cpu", "cuda", "gpu", "mps")
+# --logger: Lightning loggers that also get the run's config, epoch rows and final figures
+# (training/tracking.py): name -> (modules of which one must be importable, the pip extra installing it).
+LOGGERS: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "csv": ((), None),
+    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
+    "mlflow": (("mlflow",), "mlflow"),
+}
 
 
 _DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
@@ -63,6 +72,13 @@ def parse_duration(text: str | float) -> float:
     if seconds <= 0:
         raise ValueError(f"time budget '{text}' must be > 0")
     return seconds
+
+
+def split_names(values: str | Iterable[str] | None) -> list[str]:
+    """'a,b' or ['a', 'b,c'] (a repeated option, each maybe a comma list) -> ['a', 'b', 'c']: stripped,
+    empty items dropped, first occurrence kept."""
+    items = [values] if isinstance(values, str) else list(values or [])
+    return list(dict.fromkeys(name.strip() for item in items for name in str(item).split(",") if name.strip()))
 
 
 def _positive_number(value: Any) -> bool:
@@ -154,7 +170,11 @@ class TrainConfig:
     max_memory: str | None = None  # e.g. "8G": activation budget per pass; over it, batches are halved
     progress: bool = True
     report: bool = True
+    loggers: list[str] = field(default_factory=list)  # also log to: csv | tensorboard | mlflow (LOGGERS)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.loggers = split_names(self.loggers)  # the API may pass "csv,tensorboard" as --logger takes it
 
     def validate(self) -> None:
         """Reject contradictory or impossible settings before any work starts."""
@@ -254,6 +274,12 @@ class TrainConfig:
             Preprocessing.from_dict(self.preprocess)
         except (TypeError, ValueError) as exc:
             bad(f"preprocess: {exc}")
+        for name in self.loggers:
+            if name not in LOGGERS:
+                bad(f"logger '{name}' is not one of {', '.join(LOGGERS)}")
+            modules, extra = LOGGERS[name]
+            if modules and not any(importlib.util.find_spec(m) for m in modules):
+                bad(f"logger '{name}' needs the '{modules[0]}' package: pip install 'transferlab[{extra}]'")
         from transferlab.models.param_groups import parse_decay
 
         try:

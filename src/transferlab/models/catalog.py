@@ -3,7 +3,8 @@
 Rows start from :func:`~transferlab.models.registry.list_backbones` (names, sources, offline status)
 and add what the libraries publish without building anything: torchvision's weight enums carry
 ``num_params``, ``_ops`` (GFLOPs) and ``_metrics`` (ImageNet acc@1); timm's pretrained configs carry
-the classifier name (timm ships no results tables, so no timm top-1). What is still missing (timm
+the classifier name (timm's results tables are not in its package, so no timm top-1), and the shipped
+offline weights their published top-1 (:attr:`~transferlab.models.offline.ShippedWeights.top1`). What is still missing (timm
 sizes and costs, feature dims) is *measured* on the meta device — no memory, no weights, ~0.1 s a
 model — but only when a query leaves few rows (:data:`MEASURE_LIMIT`), and the values are cached in
 ``$TRANSFERLAB_HOME/model_meta.json`` so each architecture is measured once per library version.
@@ -188,7 +189,9 @@ def _timm_row(row: dict[str, Any]) -> None:
 def _offline_row(row: dict[str, Any]) -> None:
     from transferlab.models import offline
 
-    row["architecture"] = offline.SHIPPED[row["name"]].architecture
+    shipped = offline.SHIPPED[row["name"]]
+    row["architecture"] = shipped.architecture
+    row["top1"] = shipped.top1
     row["num_classes"] = 1000
 
 

@@ -128,6 +128,7 @@ class Source:
     resolve: Callable[[str, bool, int | None], BackboneSpec]  # must not download weights
     create: Callable[[BackboneSpec], nn.Module]  # full model with its original classifier
     weights_local: Callable[[BackboneSpec], bool]  # pretrained weights usable without network?
+    weights_url: Callable[[BackboneSpec], str | None]  # where create() downloads them from (None: nowhere)
 
 
 # ------------------------------------------------------------------------------------ connectivity
@@ -140,10 +141,14 @@ def _env_offline() -> str | None:
     return None
 
 
-def _hub_address() -> tuple[str, int]:
+def _hub_url() -> str:
     from huggingface_hub import constants
 
-    parts = urlparse(constants.ENDPOINT)
+    return constants.ENDPOINT
+
+
+def _address(url: str) -> tuple[str, int]:
+    parts = urlparse(url)
     port = parts.port or (80 if parts.scheme == "http" else 443)
     return parts.hostname or "", port
 
@@ -169,37 +174,33 @@ def _probe(host: str, port: int, timeout: float) -> bool:
     return bool(outcome and outcome[0])
 
 
-def is_online(timeout: float = 1.5) -> bool:
-    """Can the model hub be reached? One quick TCP connect, cached per process.
+def is_online(timeout: float = 1.5, url: str | None = None) -> bool:
+    """Can the host serving ``url`` be reached? One quick TCP connect, cached per host and process.
 
-    ``TRANSFERLAB_OFFLINE=1`` or ``HF_HUB_OFFLINE=1`` force False (checked on every call).
-    The host comes from ``huggingface_hub.constants.ENDPOINT`` (honours ``HF_ENDPOINT``).
+    ``TRANSFERLAB_OFFLINE=1`` or ``HF_HUB_OFFLINE=1`` force False (checked on every call). Without
+    ``url``, the model hub: ``huggingface_hub.constants.ENDPOINT`` (honours ``HF_ENDPOINT``).
     """
     if _env_offline():
         return False
-    host, port = _hub_address()
+    host, port = _address(url or _hub_url())
     return _probe(host, port, timeout)
 
 
 is_online.cache_clear = _probe.cache_clear  # type: ignore[attr-defined]
 
 
-def _offline_reason() -> str:
-    reason = _env_offline()
-    if reason:
-        return reason
-    host, port = _hub_address()
-    return f"{host}:{port} is unreachable"
-
-
-def _offline_error(name: str) -> BackboneUnavailable:
+def _offline_error(name: str, url: str | None = None) -> BackboneUnavailable:
+    """Names the host the weights come from (``url``; default the HF hub): torchvision's are not on the hub."""
+    host, port = _address(url or _hub_url())
+    reason = _env_offline() or f"{host}:{port} is unreachable"
     usable = offline_backbones()
     shown = ", ".join(usable[:_MAX_LISTED]) or "none"
     if len(usable) > _MAX_LISTED:
-        shown += f" (and {len(usable) - _MAX_LISTED} more: see `list_backbones(offline_only=True)`)"
+        shown += f" and {len(usable) - _MAX_LISTED} more"
     return BackboneUnavailable(
-        f"Backbone '{name}' needs weights downloaded from the hub, and there is no network "
-        f"({_offline_reason()}). Usable offline now: {shown}. Or pass --no-pretrained for random init."
+        f"Backbone '{name}' needs weights downloaded from {host}, and there is no network ({reason}). "
+        f"Usable offline now: {shown} (`transferlab models --offline` lists them). "
+        "Or pass --no-pretrained for random init."
     )
 
 
@@ -342,6 +343,10 @@ def _offline_weights_local(spec: BackboneSpec) -> bool:
     return offline.is_installed(spec.name)
 
 
+def _offline_weights_url(spec: BackboneSpec) -> str | None:
+    return None  # shipped in a pip package: a missing one is an install error, not a download
+
+
 # ------------------------------------------------------------------------------ torchvision source
 
 # Builder kwargs that must be identical whether or not weights are loaded (a random-init build is
@@ -438,6 +443,12 @@ def _tv_weights_local(spec: BackboneSpec) -> bool:
     from torchvision.models import get_weight
 
     return _checkpoint_file(get_weight(spec.weights).url) is not None
+
+
+def _tv_weights_url(spec: BackboneSpec) -> str | None:
+    from torchvision.models import get_weight
+
+    return get_weight(spec.weights).url if spec.weights else None
 
 
 # ------------------------------------------------------------------------------------- timm source
@@ -599,12 +610,23 @@ def _timm_weights_local(spec: BackboneSpec) -> bool:
     return _timm_local_file(get_pretrained_cfg(spec.weights)) is not None
 
 
+def _timm_weights_url(spec: BackboneSpec) -> str | None:
+    """The HF hub when the weights have a hub id (timm prefers it), else their release URL."""
+    if not spec.weights or spec.weights.startswith(HF_HUB_PREFIX):
+        return _hub_url() if spec.weights else None
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(spec.weights)
+    return _hub_url() if cfg is None or cfg.hf_hub_id or not cfg.url else cfg.url
+
+
 # ------------------------------------------------------------------------------------------ public
 
 SOURCES: dict[str, Source] = {
-    "offline": Source(_offline_claims, _offline_resolve, _offline_create, _offline_weights_local),
-    "torchvision": Source(_tv_claims, _tv_resolve, _tv_create, _tv_weights_local),
-    "timm": Source(_timm_claims, _timm_resolve, _timm_create, _timm_weights_local),
+    "offline": Source(_offline_claims, _offline_resolve, _offline_create, _offline_weights_local,
+                      _offline_weights_url),
+    "torchvision": Source(_tv_claims, _tv_resolve, _tv_create, _tv_weights_local, _tv_weights_url),
+    "timm": Source(_timm_claims, _timm_resolve, _timm_create, _timm_weights_local, _timm_weights_url),
 }
 """Backbone sources in precedence order; the first whose ``claims`` accepts a name resolves it."""
 
@@ -636,8 +658,10 @@ def resolve_backbone(name: str, *, pretrained: bool = True, img_size: int | None
     if spec.test_size is not None and (not spec.pretrained or img_size is not None):
         # a test size belongs to pretrained weights at their native size; an explicit size is the user's choice
         spec = dataclasses.replace(spec, test_size=None)
-    if spec.pretrained and not source.weights_local(spec) and not is_online():
-        raise _offline_error(spec.name)
+    if spec.pretrained and not source.weights_local(spec):
+        url = source.weights_url(spec)
+        if not is_online(url=url):
+            raise _offline_error(spec.name, url)
     return spec
 
 
@@ -649,8 +673,9 @@ def create_backbone(spec: BackboneSpec) -> nn.Module:
     """
     source = SOURCES[spec.source]
     needs_download = spec.pretrained and not source.weights_local(spec)
-    if needs_download and not is_online():
-        raise _offline_error(spec.name)
+    url = source.weights_url(spec) if needs_download else None
+    if needs_download and not is_online(url=url):
+        raise _offline_error(spec.name, url)
     try:
         with weights_only_loads():  # never unpickle code from a (possibly tampered) weights cache
             model = source.create(spec)
@@ -663,7 +688,7 @@ def create_backbone(spec: BackboneSpec) -> nn.Module:
         if not needs_download:
             raise
         raise BackboneUnavailable(
-            f"Could not download the weights of backbone '{spec.name}': {exc}. "
+            f"Could not download the weights of backbone '{spec.name}' from {_address(url or _hub_url())[0]}: {exc}. "
             f"Usable offline now: {', '.join(offline_backbones())}. Or pass --no-pretrained for random init."
         ) from exc
     # TF-'SAME' convolutions of timm's tf_* ports without a padded copy of each input (same outputs)

@@ -63,6 +63,7 @@ from transferlab.training.io import (
 from transferlab.training.memory import parse_size
 from transferlab.training.progressive import ProgressiveResize, progressive_sizes
 from transferlab.training.run_lock import RunLock
+from transferlab.training.tracking import Tracker
 
 
 if TYPE_CHECKING:
@@ -230,8 +231,9 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, allow_changed_d
     handler = _setup_file_log(run_dir) if ranks.is_zero else None
     failed = True
     try:
-        result = _train_in(run_dir, cfg, spec, start, resuming=resume is not None, ranks=ranks,
-                           allow_changed_data=allow_changed_data)
+        with Tracker(cfg.loggers if ranks.is_zero else [], run_dir, cfg) as tracker:
+            result = _train_in(run_dir, cfg, spec, start, resuming=resume is not None, ranks=ranks,
+                               allow_changed_data=allow_changed_data, tracker=tracker)
         failed = False
         return result
     except KeyboardInterrupt:
@@ -287,7 +289,7 @@ def _open_state(run_dir: Path, resuming: bool) -> RunState:
 
 
 def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float, *, resuming: bool,
-              ranks: distributed.Ranks, allow_changed_data: bool = False) -> TrainResult:
+              ranks: distributed.Ranks, tracker: Tracker, allow_changed_data: bool = False) -> TrainResult:
     # rank 0 reads (and checks) the run's state; every rank starts from the same one
     state = ranks.on_zero(lambda: _open_state(run_dir, resuming))
     elapsed_before = state.data.get("elapsed_seconds", 0.0)
@@ -343,6 +345,7 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
         state.rows.append(row)
         state.data["elapsed_seconds"] = row["elapsed_seconds"]
         _print_epoch(row)
+        tracker.log_rows(state.rows)  # --logger: the same rows to Lightning's loggers
 
     def maybe_save_best(phase: str, epoch: int, val_acc: float, val_loss: float, weights=None) -> None:
         best = state.data["best"]
@@ -416,6 +419,7 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
     started_at = datetime.fromtimestamp(time.time() - (time.perf_counter() - start), UTC)
     summary, rows = ranks.on_zero(lambda: _finish(run_dir, cfg, spec, splits, state, elapsed(),
                                                    extract_precision, precision, accelerator, started_at, decoded))
+    tracker.finish(rows, summary)
     return TrainResult(run_dir=run_dir, summary=summary, rows=rows, is_global_zero=ranks.is_zero)
 
 
@@ -505,9 +509,12 @@ def _write_report(run_dir: Path, progress: bool, decoded: DecodedImages | None =
 
 
 def _print_epoch(row: dict) -> None:
-    log.info("%-8s epoch %2d  train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1fs",
+    # at most 71 characters below epoch 100 and loss 10 (3 decimals; whole seconds from 10 s), so that with
+    # its level (9) it fits an 80-column terminal on one line; metrics.csv keeps the full figures
+    seconds = row["epoch_seconds"]
+    log.info("%-8s epoch %2d  loss %.3f acc %.3f  val loss %.3f acc %.3f  %.*fs",
              row["phase"], row["epoch"], row["train_loss"], row["train_accuracy"],
-             row["val_loss"], row["val_accuracy"], row["epoch_seconds"])
+             row["val_loss"], row["val_accuracy"], 1 if seconds < 10 else 0, seconds)
 
 
 def _plan_boundary_epochs(top: torch.nn.Module, val_x: torch.Tensor, n_train: int, requested: int,
