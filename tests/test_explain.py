@@ -48,7 +48,8 @@ def corner_run(tmp_path_factory):
         mp.setenv("TRANSFERLAB_HOME", str(root / "home"))
         mp.setenv("TRANSFERLAB_OFFLINE", "1")
         run = transferlab.train(root / "data", out=str(root / "run"),
-                                **{**TINY, "img_size": SIZE, "strategy": "head-only", "feature_cache": "memory"}).run_dir
+                                **{**TINY, "img_size": SIZE, "strategy": "head-only", "feature_cache": "memory",
+                                   "epochs_frozen": 10, "lr_head": 0.5}).run_dir
     return run, root / "data"
 
 
@@ -91,21 +92,31 @@ def test_tokens_are_read_as_a_grid_without_their_class_token():
 # --- the maps point at the evidence ------------------------------------------------------------------
 
 
+def corner_share(heatmap: np.ndarray) -> float:
+    """The fraction of the map's mass in the top-left quadrant (0.25 for a map that knows nothing)."""
+    half = SIZE // 2
+    return float(heatmap[:half, :half].sum() / heatmap.sum())
+
+
 def test_the_map_puts_its_mass_where_the_class_is_decided(corner_run):
-    # Measured on this model: the top-left quadrant holds 0.70 of the map's mass on average, 0.63 at least
-    # (0.25 is a map that knows nothing); greying that quadrant out is the only occlusion that moves p(patch).
+    # Measured on this model: 0.66-0.84 of the map's mass on the patch's quadrant, and 0.08-0.38 (mean 0.24)
+    # in the same class's maps of images without the patch: the control, no pull of the corner itself.
     run, data = corner_run
     clf = transferlab.load(run)
-    images = sorted((data / "val" / "patch").glob("*.png"))
-    explanations = clf.explain(images)
-    assert [e.label for e in explanations] == ["patch"] * len(images)
-    half = SIZE // 2
+    patched = sorted((data / "val" / "patch").glob("*.png"))
+    explanations = clf.explain(patched)
+    assert [e.label for e in explanations] == ["patch"] * len(patched)  # the model learnt the patch
     for e in explanations:
         h = e.heatmap
         assert h.shape == (SIZE, SIZE) and 0.0 <= h.min() and h.max() <= 1.0
-        mass = np.array([h[:half, :half].sum(), h[:half, half:].sum(), h[half:, :half].sum(), h[half:, half:].sum()])
-        share = mass / mass.sum()
-        assert share.argmax() == 0 and share[0] > 0.45, (e.source, share.round(2))
+        half = SIZE // 2
+        quadrants = [h[:half, :half], h[:half, half:], h[half:, :half], h[half:, half:]]
+        assert int(np.argmax([q.sum() for q in quadrants])) == 0 and corner_share(h) > 0.5, (e.source, corner_share(h))
+    explainer = clf._predictor.explainer()
+    plain = [explainer.view(Image.open(p).convert("RGB")) for p in sorted((data / "val" / "plain").glob("*.png"))]
+    maps, _ = explainer.heatmaps(plain, [clf.classes.index("patch")] * len(plain))
+    control = np.mean([corner_share(h) for h in maps])
+    assert np.mean([corner_share(e.heatmap) for e in explanations]) > control + 0.25, control
 
 
 # --- predict --explain and the API ------------------------------------------------------------------

@@ -177,11 +177,13 @@ class Classifier:
         """Class-activation maps of the predicted class: inputs as `predict` takes them → an Explanation, or a
         list in input order. With `out_dir`, each overlay is also written there as
         ``<stem>.<label>.<percent>pct.png``. Needs a run (gradients): an ONNX model is a clear error."""
-        from transferlab.evaluation.explain import overlay_file_name, overlay_folder, render_overlay
+        from transferlab.evaluation.explain import check_method, overlay_file_name, overlay_folder, render_overlay
         from transferlab.evaluation.predict import expand_inputs
 
         if batch_size < 1:
             raise TransferlabError("batch_size must be at least 1")
+        self._run_path("explain")  # an ONNX model has no gradients: refused before anything is made
+        check_method(method)
         folder = overlay_folder(out_dir) if out_dir is not None else None
         explainer = self._predictor.explainer(method)
         single = _is_single(inputs)

@@ -4,8 +4,9 @@ The maps are Grad-CAM (Selvaraju et al. 2017), computed by ``torchcam`` (Apache-
 beyond torch, numpy, Pillow and matplotlib). Grad-CAM rather than a sibling: it costs one backward
 pass to the last feature stage, and it is the CAM that passes the model- and data-randomisation
 sanity checks of Adebayo et al. 2018; Grad-CAM++ and LayerCAM differ from it mainly on maps of
-earlier, finer layers, which transferlab does not use (on the corner-patch model of tests/test_explain.py
-the three put 0.70, 0.74 and 0.71 of the map's mass on the patch's quadrant). ``method`` picks another.
+earlier, finer layers, which transferlab does not use (on the corner-patch model of tests/test_explain.py,
+after 3 head epochs, the three put 0.70, 0.74 and 0.71 of the map's mass on the patch's quadrant).
+``method`` picks another.
 
 The layer is chosen for any architecture by one rule (:func:`find_target_layer`): of the modules whose
 output is a spatial map of the input, the last one the predicted score depends on, preferring maps with
@@ -40,7 +41,7 @@ from transferlab.errors import TransferlabError
 from transferlab.evaluation.predict import load_inference_model
 from transferlab.models.heads import HeadNotFound, head_slot
 
-__all__ = ["EXTRACTORS", "CamExplainer", "ExplainError", "TargetLayer", "explain_entries", "explain_evaluation",
+__all__ = ["EXTRACTORS", "CamExplainer", "ExplainError", "TargetLayer", "check_method", "explain_entries", "explain_evaluation",
            "find_target_layer",
            "overlay_file_name", "overlay_folder", "render_overlay"]
 
@@ -57,6 +58,13 @@ class ExplainError(TransferlabError):
 
 
 EXTRACTORS: dict[str, type] = {"gradcam": GradCAM, "gradcam++": GradCAMpp, "layercam": LayerCAM}
+
+
+def check_method(method: str) -> type:
+    """torchcam's extractor for `method`, or a clear error naming the valid ones."""
+    if method not in EXTRACTORS:
+        raise ExplainError(f"Unknown explanation method '{method}': choose one of {', '.join(EXTRACTORS)}.")
+    return EXTRACTORS[method]
 
 
 def overlay_folder(out_dir: str | Path) -> Path:
@@ -158,9 +166,7 @@ class CamExplainer:
 
     def __init__(self, model: nn.Module, preprocessing: Preprocessing, classes: Sequence[str],
                  method: str = "gradcam") -> None:
-        if method not in EXTRACTORS:
-            raise ExplainError(f"Unknown explanation method '{method}': choose one of {', '.join(EXTRACTORS)}.")
-        self._extractor = EXTRACTORS[method]
+        self._extractor = check_method(method)
         self.model, self.preprocessing, self.classes, self.method = model, preprocessing, list(classes), method
         if model.training:
             raise ExplainError("explanations need the model in eval mode (model.eval())")
