@@ -41,9 +41,8 @@ from transferlab.errors import TransferlabError
 from transferlab.evaluation.predict import load_inference_model
 from transferlab.models.heads import HeadNotFound, head_slot
 
-__all__ = ["EXTRACTORS", "CamExplainer", "ExplainError", "TargetLayer", "check_method", "explain_entries", "explain_evaluation",
-           "find_target_layer",
-           "overlay_file_name", "overlay_folder", "render_overlay"]
+__all__ = ["EXTRACTORS", "CamExplainer", "ExplainError", "TargetLayer", "check_method", "explain_entries",
+           "explain_evaluation", "find_target_layer", "overlay_file_name", "overlay_folder", "render_overlay"]
 
 log = logging.getLogger("transferlab")
 
