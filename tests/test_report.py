@@ -4,7 +4,9 @@ compared, and a real browser (headless Chromium) loading it with every image dec
 from __future__ import annotations
 
 import base64
+import html
 import io
+import json
 import os
 import re
 import shutil
@@ -23,6 +25,7 @@ from transferlab.errors import RunDirError
 # Class folder names a user can really have, and that break a page if not escaped.
 CLASSES = {"a&b": (200, 40, 40), "<b>blue": (40, 60, 200)}
 IMG_SRC = re.compile(r'<img\b[^>]*\bsrc="([^"]*)"')
+CAM_SRC = re.compile(r'<img\b[^>]*\bsrc="([^"]*)" alt="class-activation map of ')
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 
@@ -75,13 +78,21 @@ def doctor_pictures(run: Path) -> int:
     return len(list((run / "doctor").glob("*.png")))
 
 
+def cam_overlays(run: Path) -> int:
+    """Class-activation maps a run's report shows: its val evaluation's errors (at most 8) and correct sample."""
+    interp = json.loads((run / "eval-val.json").read_text(encoding="utf-8"))["interpretation"]
+    return min(8, sum(r["true"] != r["predicted"] for r in interp["top_losses"])) + len(interp["correct_sample"])
+
+
 def test_report_is_self_contained(runs, single_report):
     page = single_report.read_text(encoding="utf-8")
     assert "http://" not in page and "https://" not in page
     assert 'src="file:' not in page and "<script" not in page.lower() and "<link" not in page.lower()
     sources = IMG_SRC.findall(page)
-    # curves, confusion matrix, reliability diagram, per-class accuracy, top losses; the doctor's pictures
-    assert len(sources) == 5 + doctor_pictures(runs[0]) == page.count("<img")
+    # curves, confusion matrix, reliability diagram, per-class accuracy, top losses; the doctor's pictures;
+    # the class-activation maps
+    assert cam_overlays(runs[0]) > 0 and len(CAM_SRC.findall(page)) == cam_overlays(runs[0])
+    assert len(sources) == 5 + doctor_pictures(runs[0]) + cam_overlays(runs[0]) == page.count("<img")
     sizes = [decode_png(src).size for src in sources]
     assert all(w > 100 and h > 100 for w, h in sizes)
 
@@ -172,4 +183,42 @@ def test_chromium_renders_the_report_with_every_image(runs, single_report, tmp_p
     title = re.search(r"<title>(.*?)</title>", p.stdout)
     assert title is not None, p.stderr[-2000:]
     assert title.group(1) == f"images-decoded:{expected}/{expected}"
-    assert expected == 5 + doctor_pictures(runs[0])
+    assert expected == 5 + doctor_pictures(runs[0]) + cam_overlays(runs[0])
+
+
+def test_chromium_paints_every_class_activation_map(runs, single_report, tmp_path):
+    """Each overlay of the report, laid out at a known place on a page of its own, is on the screen as its
+    PNG holds it: decoded and painted, not a broken-image box."""
+    binary = chromium()
+    sources = CAM_SRC.findall(single_report.read_text(encoding="utf-8"))
+    overlays = [np.asarray(decode_png(src).convert("RGB")).astype(np.int16) for src in sources]
+    assert overlays
+    step, per_row = 200, 6
+    tags = "".join(f'<img src="{src}" style="position:absolute;left:{step * (i % per_row)}px;'
+                   f'top:{step * (i // per_row)}px;margin:0;border:0">' for i, src in enumerate(sources))
+    page = tmp_path / "cams.html"
+    page.write_text(f"<!DOCTYPE html><html><body style=margin:0>{tags}</body></html>", encoding="utf-8")
+    shot = tmp_path / "cams.png"
+    p = run_chromium(binary, tmp_path / "profile", f"--screenshot={shot}", "--force-device-scale-factor=1",
+                     f"--window-size={step * per_row},{step * (len(sources) // per_row + 1)}", page.as_uri())
+    assert shot.is_file(), p.stderr[-2000:]
+    with Image.open(shot) as image:
+        screen = np.asarray(image.convert("RGB")).astype(np.int16)
+    for i, overlay in enumerate(overlays):
+        top, left = step * (i // per_row), step * (i % per_row)
+        painted = screen[top:top + overlay.shape[0], left:left + overlay.shape[1]]
+        assert np.abs(painted - overlay).mean() < 4, f"overlay {i} is not painted as decoded"
+
+
+def test_the_report_shows_the_maps_of_the_worst_errors_beside_correct_ones(runs, single_report, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    saved = json.loads((run / "eval-val.json").read_text(encoding="utf-8"))
+    error = saved["interpretation"]["top_losses"][0]
+    error["true"] = next(c for c in CLASSES if c != error["predicted"])  # as if the model got it wrong
+    (run / "eval-val.json").write_text(json.dumps(saved), encoding="utf-8")
+    page = transferlab.report(run, tmp_path / "r.html", progress=False).read_text(encoding="utf-8")
+    cams = page.split(">Class-activation maps<", 1)[1]
+    errors, correct = cams.split(">Worst errors<", 1)[1].split(">Correct predictions, least to most confident<", 1)
+    assert len(CAM_SRC.findall(errors)) == 1 and len(CAM_SRC.findall(correct)) == cam_overlays(runs[0])
+    assert f"{html.escape(error['true'])} → {html.escape(error['predicted'])}" in errors

@@ -93,15 +93,14 @@ def shards(data: str | Path, out: str | Path, *, shard_size: int = 1000, val_spl
 
 
 def predict(model: str | Path, inputs: Iterable[str | Path], *, top_k: int = 3, batch_size: int = 32,
-            on_entry: Callable[[dict], None] | None = None) -> list[dict]:
+            on_entry: Callable[[dict], None] | None = None, explain: str | Path | None = None) -> list[dict]:
     """Top-k predictions for images, folders or globs: [{"path", "predictions": [{"label", "probability"}]}
     or {"path", "error"}] in input order. `model`: a run directory, its model.safetensors, or an exported
-    .onnx (onnxruntime only: torch is never imported). `on_entry` sees each result as it is made."""
-    from transferlab.export.batch import iter_predictions
-    from transferlab.export.predictors import load_predictor
-
+    .onnx (onnxruntime only: torch is never imported). `on_entry` sees each result as it is made.
+    `explain`: a folder that gets one class-activation overlay PNG per image (a run only), named in each
+    entry's "explanation"."""
     results = []
-    for entry in iter_predictions(load_predictor(model), inputs, top_k=top_k, batch_size=batch_size):
+    for entry in _prediction_stream(model, inputs, top_k, batch_size, explain)[1]:
         if on_entry is not None:
             on_entry(entry)
         results.append(entry)
@@ -109,14 +108,36 @@ def predict(model: str | Path, inputs: Iterable[str | Path], *, top_k: int = 3, 
 
 
 def predict_to_file(model: str | Path, inputs: Iterable[str | Path], out: str | Path, *, top_k: int = 3,
-                    batch_size: int = 32, on_entry: Callable[[dict], None] | None = None) -> dict[str, int]:
+                    batch_size: int = 32, on_entry: Callable[[dict], None] | None = None,
+                    explain: str | Path | None = None) -> dict[str, int]:
     """Like `predict`, streamed into `out` (.csv or .json) in constant memory; returns {"images", "failed"}."""
-    from transferlab.export.batch import iter_predictions, write_predictions
+    from transferlab.export.batch import write_predictions
+
+    predictor, results = _prediction_stream(model, inputs, top_k, batch_size, explain)
+    return write_predictions(results, out, top_k=min(top_k, len(predictor.classes)), on_entry=on_entry)
+
+
+def _prediction_stream(model: str | Path, inputs: Iterable[str | Path], top_k: int, batch_size: int,
+                       explain: str | Path | None):
+    """(predictor, entries as they come); with `explain`, the overlay folder and the model's ability to be
+    explained are checked before any image is scored."""
+    from transferlab.export.batch import iter_predictions
     from transferlab.export.predictors import load_predictor
 
+    overlays = None
+    if explain is not None:
+        from transferlab.evaluation.explain import explain_entries, overlay_folder
+        from transferlab.export.predictors import model_kind
+
+        if model_kind(model) == "onnx":
+            raise TransferlabError(f"--explain needs the run directory: {model} is an ONNX model, and class-activation "
+                                   "maps need the gradients of the PyTorch model.")
+        overlays = overlay_folder(explain)
     predictor = load_predictor(model)
     results = iter_predictions(predictor, inputs, top_k=top_k, batch_size=batch_size)
-    return write_predictions(results, out, top_k=min(top_k, len(predictor.classes)), on_entry=on_entry)
+    if overlays is not None:
+        results = explain_entries(predictor.explainer(), results, overlays)
+    return predictor, results
 
 
 def export_model(run: str | Path, format: str = "onnx", *, out: str | Path | None = None, dynamic_batch: bool = True,

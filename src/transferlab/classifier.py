@@ -11,6 +11,7 @@ used gives a prediction with its ``error`` instead of stopping the others, as `t
     p.label, p.probability, p.top_k      # 'bees', 0.97, (Candidate('bees', 0.97), Candidate('ants', 0.03))
     clf.predict(["a.jpg", "photos/"])     # several (files, folders, globs, PIL images) → a list
     clf.model                            # the torch.nn.Module (run-backed classifiers)
+    e = clf.explain("bee.jpg", out_dir="cams/")  # Explanation: label, heatmap (HxW in [0, 1]), overlay, path
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from transferlab.data.images import ImageError, load_image
 from transferlab.errors import TransferlabError
 
 if TYPE_CHECKING:
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
     from transferlab.export.exporter import ExportResult
     from transferlab.export.predictors import Predictor
 
-__all__ = ["Candidate", "Classifier", "Prediction", "load"]
+__all__ = ["Candidate", "Classifier", "Explanation", "Prediction", "load"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,26 @@ class Prediction:
             return cls(None, None, (), source=entry["path"], error=entry["error"])
         top = tuple(Candidate(p["label"], p["probability"]) for p in entry["predictions"])
         return cls(top[0].label, top[0].probability, top, source=entry["path"])
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Where the model found the evidence for its prediction of one input (Grad-CAM, see
+    evaluation/explain.py). `heatmap` is (S, S) float32 in [0, 1] over the S-px view the model saw (resized
+    and cropped as evaluated); `overlay` is that view with the map blended on and the label drawn; `path`
+    is the PNG written when an `out_dir` was given. `error` says why an input could not be explained."""
+
+    label: str | None
+    probability: float | None
+    heatmap: np.ndarray | None
+    overlay: Image.Image | None
+    source: str | None = None
+    path: Path | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
 
 class Classifier:
@@ -149,6 +171,58 @@ class Classifier:
                 run = []
             if item is not _END:
                 run.append(item)
+
+    def explain(self, inputs: Any, out_dir: str | Path | None = None, *, method: str = "gradcam",
+                batch_size: int = 8) -> Explanation | list[Explanation]:
+        """Class-activation maps of the predicted class: inputs as `predict` takes them → an Explanation, or a
+        list in input order. With `out_dir`, each overlay is also written there as
+        ``<stem>.<label>.<percent>pct.png``. Needs a run (gradients): an ONNX model is a clear error."""
+        from transferlab.evaluation.explain import check_method, overlay_file_name, overlay_folder, render_overlay
+        from transferlab.evaluation.predict import expand_inputs
+
+        if batch_size < 1:
+            raise TransferlabError("batch_size must be at least 1")
+        self._run_path("explain")  # an ONNX model has no gradients: refused before anything is made
+        check_method(method)
+        folder = overlay_folder(out_dir) if out_dir is not None else None
+        explainer = self._predictor.explainer(method)
+        single = _is_single(inputs)
+        items = [inputs] if single or isinstance(inputs, (str, Path)) else list(inputs)
+        results: list[Explanation] = []
+        taken: set[str] = set()
+        todo: list[tuple[str | None, Any]] = []  # (source, uint8 view) waiting for a batch
+
+        def flush() -> None:
+            if not todo:
+                return
+            maps, probs = explainer.heatmaps([view for _, view in todo])
+            for (source, view), heatmap, row in zip(todo, maps, probs):
+                best = int(row.argmax())
+                label, p = self.classes[best], float(row[best])
+                overlay = render_overlay(view, heatmap, f"{label} {p:.2f}")
+                path = None
+                if folder is not None:
+                    path = folder / overlay_file_name(source, label, p, taken)
+                    overlay.save(path)
+                results.append(Explanation(label, p, heatmap, overlay, source, path))
+            todo.clear()
+
+        for item in items:
+            pairs = expand_inputs([item]) if _is_path(item) else [(None, None)]
+            for path, error in pairs:
+                source = None if path is None else str(path)
+                try:
+                    if error is not None:
+                        raise TransferlabError(error)
+                    todo.append((source, explainer.view(_as_image(item) if path is None else load_image(path))))
+                except (TransferlabError, ImageError, OSError) as exc:
+                    flush()  # keep input order: what is waiting goes first
+                    results.append(Explanation(None, None, None, None, source, error=str(getattr(exc, "reason", exc))))
+                    continue
+                if len(todo) >= batch_size:
+                    flush()
+        flush()
+        return results[0] if single else results
 
     def evaluate(self, data: str | Path | None = None, **options: Any) -> EvalResult:
         """Metrics on the run's own val split, or on labelled `data` (transferlab.evaluate's options)."""

@@ -321,6 +321,7 @@ def predict(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Stream results to a .csv or .json file instead of printing them")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass")] = 32,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    explain: Annotated[Path | None, typer.Option(help="Write a class-activation overlay PNG per image into this folder (a run only); --json names each")] = None,
 ) -> None:
     """Predict labels for images with a trained run or an exported ONNX model.
 
@@ -330,6 +331,7 @@ def predict(
 
     transferlab predict runs/ants img1.jpg more_images/ "shots/*.png" --top-k 3
     transferlab predict runs/ants/export/model.onnx photos/ --out preds.csv
+    transferlab predict runs/ants photos/ --explain cams/ --json
     """
     from rich.markup import escape
 
@@ -344,9 +346,10 @@ def predict(
                 failures.append(entry)
 
         if out is not None:
-            counts = api.predict_to_file(model, inputs, out, top_k=top_k, batch_size=batch_size, on_entry=seen)
+            counts = api.predict_to_file(model, inputs, out, top_k=top_k, batch_size=batch_size, on_entry=seen,
+                                         explain=explain)
         else:
-            results = api.predict(model, inputs, top_k=top_k, batch_size=batch_size, on_entry=seen)
+            results = api.predict(model, inputs, top_k=top_k, batch_size=batch_size, on_entry=seen, explain=explain)
     if out is not None:
         for r in failures[:10]:
             console.print(f"[yellow]failed[/] {escape(r['path'])}: {escape(r['error'])}")
@@ -366,6 +369,8 @@ def predict(
             f"{escape(p['label'])} {p['probability']:.3f}" for p in r["predictions"])
         table.add_row(escape(r["path"]), text)
     out_console.print(table)
+    if explain is not None:
+        console.print(f"class-activation overlays → [bold]{escape(str(explain))}[/]")
     raise typer.Exit(1 if failures else 0)  # 1: some inputs could not be used (each one listed above)
 
 

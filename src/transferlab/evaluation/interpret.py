@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["interpret", "most_confused", "per_class_accuracy", "top_losses"]
+__all__ = ["correct_sample", "interpret", "most_confused", "per_class_accuracy", "top_losses"]
 
 
 def most_confused(confusion: Sequence[Sequence[int]], classes: Sequence[str], min_count: int = 1) -> list[dict[str, Any]]:
@@ -23,17 +23,17 @@ def most_confused(confusion: Sequence[Sequence[int]], classes: Sequence[str], mi
     return sorted(pairs, key=lambda p: -p["count"])  # sorted() is stable: row-major order breaks ties
 
 
-def top_losses(
-    probabilities: np.ndarray, targets: np.ndarray, paths: Sequence[str], classes: Sequence[str], n: int = 16
-) -> list[dict[str, Any]]:
-    """The n images with the highest cross-entropy (-log p(true class)), highest first."""
+def _scored(probabilities: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(probabilities, targets, p(true class), cross-entropy) as float64/int64 arrays."""
     probs = np.asarray(probabilities, dtype=np.float64)
     y = np.asarray(targets, dtype=np.int64)
-    rows = np.arange(len(y))
-    p_true = probs[rows, y]
-    losses = -np.log(np.clip(p_true, np.finfo(np.float64).tiny, None))
+    p_true = probs[np.arange(len(y)), y]
+    return probs, y, p_true, -np.log(np.clip(p_true, np.finfo(np.float64).tiny, None))
+
+
+def _rows(order: Sequence[int], probs: np.ndarray, y: np.ndarray, p_true: np.ndarray, losses: np.ndarray,
+          paths: Sequence[str], classes: Sequence[str]) -> list[dict[str, Any]]:
     pred = probs.argmax(axis=1)
-    order = np.argsort(-losses, kind="stable")[: max(0, n)]
     return [
         {
             "path": str(paths[i]),
@@ -45,6 +45,29 @@ def top_losses(
         }
         for i in order
     ]
+
+
+def top_losses(
+    probabilities: np.ndarray, targets: np.ndarray, paths: Sequence[str], classes: Sequence[str], n: int = 16
+) -> list[dict[str, Any]]:
+    """The n images with the highest cross-entropy (-log p(true class)), highest first."""
+    probs, y, p_true, losses = _scored(probabilities, targets)
+    order = np.argsort(-losses, kind="stable")[: max(0, n)]
+    return _rows(order, probs, y, p_true, losses, paths, classes)
+
+
+def correct_sample(
+    probabilities: np.ndarray, targets: np.ndarray, paths: Sequence[str], classes: Sequence[str], n: int = 8
+) -> list[dict[str, Any]]:
+    """Up to n correctly predicted images spread evenly from the least to the most confident (the rows of
+    `top_losses`): what the model gets right, typical cases and borderline ones, beside its worst errors."""
+    probs, y, p_true, losses = _scored(probabilities, targets)
+    right = np.flatnonzero(probs.argmax(axis=1) == y)
+    if not len(right) or n < 1:
+        return []
+    by_confidence = right[np.argsort(p_true[right], kind="stable")]
+    picks = np.unique(np.linspace(0, len(by_confidence) - 1, min(n, len(by_confidence))).round().astype(int))
+    return _rows(by_confidence[picks], probs, y, p_true, losses, paths, classes)
 
 
 def per_class_accuracy(confusion: Sequence[Sequence[int]], classes: Sequence[str]) -> dict[str, float | None]:
@@ -62,9 +85,10 @@ def interpret(
     confusion: Sequence[Sequence[int]],
     n_top_losses: int = 16,
 ) -> dict[str, Any]:
-    """All three, JSON-ready: what the report and the CLI show."""
+    """All of them, JSON-ready: what the report and the CLI show."""
     return {
         "most_confused": most_confused(confusion, classes),
         "top_losses": top_losses(probabilities, targets, paths, classes, n_top_losses),
+        "correct_sample": correct_sample(probabilities, targets, paths, classes),
         "per_class_accuracy": per_class_accuracy(confusion, classes),
     }

@@ -35,6 +35,9 @@ class Predictor(Protocol):
     def probabilities(self, batch: Sequence[Any]) -> np.ndarray:
         """Prepared images → (N, classes) float32 probabilities."""
 
+    def explainer(self, method: str = "gradcam") -> Any:
+        """Class-activation maps of this model (an evaluation.explain.CamExplainer), or a clear error."""
+
 
 def inference_threads() -> int:
     """Threads for inference: TRANSFERLAB_THREADS (as ``_runtime.setup_torch`` reads it), else physical cores."""
@@ -70,9 +73,9 @@ class TorchPredictor:
         self.model = model.to(memory_format=torch.channels_last)
         self.name = str(path)
         self.classes = list(meta["classes"])
-        preprocessing = Preprocessing.from_dict(meta["preprocessing"])
-        self.input_size = preprocessing.input_size
-        self._transform = eval_transform(preprocessing)
+        self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+        self.input_size = self.preprocessing.input_size
+        self._transform = eval_transform(self.preprocessing)
 
     def prepare(self, image: Image.Image) -> Any:
         return self._transform(image)
@@ -83,6 +86,12 @@ class TorchPredictor:
         x = torch.stack(list(batch)).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             return self.model(x).float().softmax(dim=1).numpy()
+
+    def explainer(self, method: str = "gradcam"):
+        """A CamExplainer (evaluation.explain) of this model: class-activation maps need its gradients."""
+        from transferlab.evaluation.explain import CamExplainer
+
+        return CamExplainer(self.model, self.preprocessing, self.classes, method)
 
 
 class OnnxPredictor:
@@ -116,6 +125,10 @@ class OnnxPredictor:
 
     def prepare(self, image: Image.Image) -> np.ndarray:
         return preprocess_image(image, self._preprocessing, self._dtype)
+
+    def explainer(self, method: str = "gradcam"):
+        raise RunDirError(f"{self.name} is an ONNX model: class-activation maps need the gradients of the PyTorch "
+                          "model. Explain with the run directory it was exported from.")
 
     def probabilities(self, batch: Sequence[np.ndarray]) -> np.ndarray:
         x = np.stack(batch)

@@ -23,6 +23,7 @@ from transferlab.config import TrainConfig
 from transferlab.errors import RunDirError, TransferlabError
 from transferlab.evaluation.doctor import CHECKS, CSV_NAME, JSON_NAME, RUN_SUBDIR, doctor_run, load_doctor
 from transferlab.evaluation.evaluate import eval_json_paths, evaluate_run, load_eval
+from transferlab.evaluation.explain import explain_evaluation
 from transferlab.reporting.curves import plot_curves
 from transferlab.reporting.plots import doctor_plots, eval_plots
 from transferlab.training.io import atomic_write_text, is_writable_dir, read_json
@@ -49,6 +50,8 @@ img{max-width:100%;height:auto;border:1px solid #e3e7ec;margin:4px 0}
 .grid{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}.grid>div{flex:1 1 440px}
 code,.path{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:12px;word-break:break-all}
 nav a{margin-right:14px}
+.cams{display:flex;flex-wrap:wrap;gap:10px}.cams figure{margin:0;width:178px}
+.cams figcaption{font-size:12px;line-height:1.3;word-break:break-word}
 """
 
 
@@ -148,7 +151,8 @@ def _load_run(run_dir: Path, progress: bool, artefacts: Path) -> dict[str, Any]:
     evaluations = []
     for path in evals:
         ev = load_eval(path)
-        evaluations.append({"eval": ev, "plots": eval_plots(ev, artefacts / path.stem)})
+        evaluations.append({"eval": ev, "plots": eval_plots(ev, artefacts / path.stem),
+                            "cams": _load_cams(run_dir, ev, artefacts / path.stem / "cam")})
     return {
         "dir": run_dir,
         "doctor": _load_doctor(run_dir, progress, artefacts),
@@ -162,6 +166,16 @@ def _load_run(run_dir: Path, progress: bool, artefacts: Path) -> dict[str, Any]:
         "evaluations": evaluations,
         "recipe": _optional_json(run_dir / "recipe.json"),
     }
+
+
+def _load_cams(run_dir: Path, ev: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
+    """{"overlays": class-activation maps of the evaluation's worst errors and correct sample} or {"error"}
+    when they cannot be made (say, an architecture without a spatial map): the report is written either way."""
+    try:
+        return {"overlays": explain_evaluation(run_dir, ev, out_dir)}
+    except (TransferlabError, OSError, ValueError, RuntimeError) as exc:
+        log.warning("no class-activation maps in the report of %s: %s", run_dir, exc)
+        return {"error": str(exc)}
 
 
 def _load_doctor(run_dir: Path, progress: bool, artefacts: Path) -> dict[str, Any]:
@@ -349,6 +363,29 @@ def _evaluation_section(ev: Mapping[str, Any], plots: Mapping[str, Path]) -> _Ht
     return _Html("".join(parts))
 
 
+def _cam_section(cams: Mapping[str, Any]) -> _Html:
+    """The overlays of the worst errors, then of correct predictions, each under its labels."""
+    head = ("<h4>Class-activation maps</h4><p class=muted>Grad-CAM of the predicted class over the image as the "
+            "model saw it: red is where it found its evidence.</p>")
+    if "error" in cams:
+        return _Html(f"{head}<p class=muted>not made: {_esc(cams['error'])}</p>")
+    parts = [head]
+    for kind, title in (("error", "Worst errors"), ("correct", "Correct predictions, least to most confident")):
+        shown = [c for c in cams["overlays"] if c["kind"] == kind]
+        if not shown:
+            continue
+        figures = []
+        for c in shown:
+            label = (f"{_esc(c['true'])} → {_esc(c['predicted'])}" if kind == "error" else _esc(c["true"]))
+            figures.append(f"<figure>{_img(Path(c['overlay']), 'class-activation map of ' + c['path'])}<figcaption>"
+                           f"{label} {c['probability']:.2f}<br><span class=path>{_esc(Path(c['path']).name)}</span>"
+                           "</figcaption></figure>")
+        parts.append(f"<h4>{title}</h4><div class=cams>{''.join(figures)}</div>")
+    if len(parts) == 1:
+        parts.append("<p class=muted>no images to explain</p>")
+    return _Html("".join(parts))
+
+
 def _timing_section(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> _Html:
     phases = summary.get("phase_seconds", {})
     total = summary.get("total_seconds")
@@ -422,7 +459,7 @@ def _run_section(run: Mapping[str, Any], label: str, index: int) -> _Html:
              _doctor_section(run["doctor"]),
              "<h3>Training curves</h3>",
              _img(run["curves"], "training curves") if run["curves"] else "<p class=muted>no metrics.csv</p>"]
-    parts += [_evaluation_section(e["eval"], e["plots"]) for e in run["evaluations"]]
+    parts += [_Html(_evaluation_section(e["eval"], e["plots"]) + _cam_section(e["cams"])) for e in run["evaluations"]]
     parts += [_timing_section(s, run["rows"]), _environment_section(s)]
     return _Html("".join(parts))
 
