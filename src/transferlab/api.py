@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from transferlab.config import TrainConfig
 from transferlab.errors import TransferlabError
+from transferlab.evaluation.abstain import DEFAULT_TARGET_PRECISION, Abstainer, AbstainOptions
 
 if TYPE_CHECKING:  # the heavy stack (torch, Lightning) loads only when a command needs it
     from transferlab.evaluation.compare import CompareResult
@@ -101,30 +102,53 @@ def shards(data: str | Path, out: str | Path, *, shard_size: int = 1000, val_spl
 
 
 def predict(model: str | Path, inputs: Iterable[str | Path], *, top_k: int = 3, batch_size: int = 32,
-            on_entry: Callable[[dict], None] | None = None) -> list[dict]:
+            on_entry: Callable[[dict], None] | None = None, unknown: str | float | None = None,
+            target_precision: float = DEFAULT_TARGET_PRECISION, sets: float | None = None) -> list[dict]:
     """Top-k predictions for images, folders or globs: [{"path", "predictions": [{"label", "probability"}]}
     or {"path", "error"}] in input order. `model`: a run directory, its model.safetensors, or an exported
-    .onnx (onnxruntime only: torch is never imported). `on_entry` sees each result as it is made."""
+    .onnx (onnxruntime only: torch is never imported). `on_entry` sees each result as it is made.
+
+    `unknown` ("auto" for the val threshold reaching `target_precision`, or a probability) adds "label"
+    ("unknown" below the threshold) and "abstained"; `sets` (a coverage, e.g. 0.9) adds the conformal
+    "set" of labels (evaluation/abstain.py)."""
     from transferlab.export.batch import iter_predictions
     from transferlab.export.predictors import load_predictor
 
+    options = AbstainOptions(unknown, target_precision, sets)  # checked before the model loads
+    predictor = load_predictor(model)
+    abstainer = Abstainer.build(options, predictor.calibration, str(model))
     results = []
-    for entry in iter_predictions(load_predictor(model), inputs, top_k=top_k, batch_size=batch_size):
+    for entry in iter_predictions(predictor, inputs, top_k=top_k, batch_size=batch_size, abstainer=abstainer):
         if on_entry is not None:
             on_entry(entry)
         results.append(entry)
     return results
 
 
+def abstain_rule(model: str | Path, unknown: str | float | None = None,
+                 target_precision: float = DEFAULT_TARGET_PRECISION, sets: float | None = None) -> Abstainer | None:
+    """The threshold (with its val coverage and precision) and conformal quantile `predict` applies for
+    these options, from the model's metadata alone; None when neither is asked for."""
+    from transferlab.export.predictors import model_calibration
+
+    options = AbstainOptions(unknown, target_precision, sets)
+    return Abstainer.build(options, model_calibration(model), str(model)) if options.active else None
+
+
 def predict_to_file(model: str | Path, inputs: Iterable[str | Path], out: str | Path, *, top_k: int = 3,
-                    batch_size: int = 32, on_entry: Callable[[dict], None] | None = None) -> dict[str, int]:
+                    batch_size: int = 32, on_entry: Callable[[dict], None] | None = None,
+                    unknown: str | float | None = None, target_precision: float = DEFAULT_TARGET_PRECISION,
+                    sets: float | None = None) -> dict[str, int]:
     """Like `predict`, streamed into `out` (.csv or .json) in constant memory; returns {"images", "failed"}."""
     from transferlab.export.batch import iter_predictions, write_predictions
     from transferlab.export.predictors import load_predictor
 
+    options = AbstainOptions(unknown, target_precision, sets)
     predictor = load_predictor(model)
-    results = iter_predictions(predictor, inputs, top_k=top_k, batch_size=batch_size)
-    return write_predictions(results, out, top_k=min(top_k, len(predictor.classes)), on_entry=on_entry)
+    abstainer = Abstainer.build(options, predictor.calibration, str(model))
+    results = iter_predictions(predictor, inputs, top_k=top_k, batch_size=batch_size, abstainer=abstainer)
+    return write_predictions(results, out, top_k=min(top_k, len(predictor.classes)), on_entry=on_entry,
+                             decisions=abstainer.fields if abstainer else ())
 
 
 def export_model(run: str | Path, format: str = "onnx", *, out: str | Path | None = None, dynamic_batch: bool = True,
@@ -184,14 +208,17 @@ def evaluate(
     batch_size: int = 64,
     plots: bool = True,
     progress: bool = True,
+    calibrate: bool | None = None,
 ) -> EvalResult:
     """Metrics and interpretation of a run on its own `split` (as in training) or on labelled `data`.
-    Writes <run>/eval-<name>.json and, with `plots`, PNGs in <run>/eval-<name>/; returns an EvalResult."""
+    Writes <run>/eval-<name>.json and, with `plots`, PNGs in <run>/eval-<name>/; returns an EvalResult.
+    `calibrate` (val split only): True refits the temperature and the val scores in model.json (an
+    existing run calibrated without retraining), False resets T to 1; None keeps what is stored."""
     from transferlab.evaluation.evaluate import evaluate_run
     from transferlab.reporting.plots import eval_plots
 
     result = evaluate_run(run, data, split=split, tta=tta, top_losses=top_losses, batch_size=batch_size,
-                          progress=progress)
+                          progress=progress, calibrate=calibrate)
     if plots:
         result.plots = eval_plots(result.to_dict(), result.run_dir / f"eval-{result.name}")
     return result

@@ -151,6 +151,8 @@ class TrainConfig:
     max_memory: str | None = None  # e.g. "8G": activation budget per pass; over it, batches are halved
     progress: bool = True
     report: bool = True
+    # fit temperature scaling on the val logits after training (evaluation/calibration.py); off: T = 1
+    calibrate: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:

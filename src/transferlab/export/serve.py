@@ -1,6 +1,7 @@
 """`transferlab serve`: a small HTTP API around one model (a run directory or an exported .onnx).
 
-    POST /predict   multipart/form-data, one or more image files (any field name) → top-k JSON
+    POST /predict   multipart/form-data, one or more image files (any field name) → top-k JSON;
+                    ?unknown=auto|P&target_precision=0.99&sets=0.9 as `predict`'s options (abstain.py)
     GET  /health    model, classes, limits, counters
     GET  /          an upload page: pick or drop images, see each with its predictions
 
@@ -39,6 +40,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from transferlab.data.images import PIXEL_LIMIT_REASONS, ImageError, load_image
 from transferlab.errors import TransferlabError
+from transferlab.evaluation.abstain import DEFAULT_TARGET_PRECISION, Abstainer, AbstainOptions
 from transferlab.export.batch import top_k_labels
 from transferlab.export.predictors import Predictor, load_predictor
 
@@ -344,12 +346,18 @@ def create_app(model: str | Path | Predictor, limits: ServeLimits | None = None)
             await form.close()
 
     @app.post("/predict")
-    async def predict(request: Request, top_k: int | None = None) -> dict[str, Any]:
+    async def predict(request: Request, top_k: int | None = None, unknown: str | None = None,
+                      target_precision: float = DEFAULT_TARGET_PRECISION, sets: float | None = None) -> dict[str, Any]:
         start = time.perf_counter()
         k = limits.top_k if top_k is None else top_k
         if k < 1:
             raise RequestError(400, "top_k must be at least 1")
         k = min(k, len(predictor.classes))
+        try:
+            abstainer = Abstainer.build(AbstainOptions(unknown, target_precision, sets),
+                                        getattr(predictor, "calibration", None), Path(predictor.name).name)
+        except TransferlabError as exc:
+            raise RequestError(400, str(exc)) from None
         uploads = await _read_uploads(request)
         loop = asyncio.get_running_loop()
         decoded = await asyncio.gather(
@@ -366,9 +374,13 @@ def create_app(model: str | Path | Predictor, limits: ServeLimits | None = None)
             raise RequestError(status, "; ".join(f"{f['filename']}: {f['error']}" for f in failed), failed)
         probs = await request.app.state.batcher.score(list(decoded))
         state["requests"] += 1
-        return {"model": Path(predictor.name).name, "runtime": predictor.runtime,
-                "predictions": [{"filename": name, "predictions": top_k_labels(row, predictor.classes, k)}
-                                for (name, _), row in zip(uploads, probs)],
+        entries = [{"filename": name, "predictions": top_k_labels(row, predictor.classes, k)}
+                   for (name, _), row in zip(uploads, probs)]
+        if abstainer is not None:
+            for entry, row in zip(entries, probs):
+                abstainer.annotate(entry, row, predictor.classes)
+        return {"model": Path(predictor.name).name, "runtime": predictor.runtime, "predictions": entries,
+                **({"abstain": abstainer.to_dict()} if abstainer is not None else {}),
                 "seconds": round(time.perf_counter() - start, 4)}
 
     return app
