@@ -145,3 +145,64 @@ def test_predict_unknown_auto_abstains_on_low_confidence_inputs_with_candidates(
         assert e["abstained"] == below and e["label"] == ("unknown" if below else e["predictions"][0]["label"])
         assert len(e["predictions"]) == 2  # the candidates stay
     assert "answered" in result.text  # the val coverage of the threshold is reported
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_exports_carry_the_temperature_in_the_graph_and_pass_parity(run, images, fmt):
+    from PIL import Image
+
+    from transferlab.export.exporter import FORMATS
+    from transferlab.export.preprocess import preprocess_image
+
+    _edit_calibration(run, 4.0)  # far from 1, so a graph without it would fail parity and the checks below
+    result = transferlab.export_model(run, fmt)
+    assert result.parity["passed"] and result.metadata["output"]["temperature"] == 4.0
+    assert result.metadata["calibration"]["temperature"] == 4.0
+    pics = [Image.open(p).convert("RGB") for p in images[:4]]
+    torch_probs = transferlab.load(run).probabilities(pics)
+    x = np.stack([preprocess_image(im, result.metadata["preprocessing"]) for im in pics])
+    logits = FORMATS[fmt].load(result.path)(x)
+    np.testing.assert_allclose(scaled_softmax(logits, 1.0), torch_probs, atol=1e-4)  # calibrated in the graph
+    assert not np.allclose(scaled_softmax(logits * 4.0, 1.0), torch_probs, atol=1e-3)  # and T was not 1 there
+    if fmt == "onnx":  # the sidecar carries the val scores: abstain and sets work on onnxruntime alone
+        clf = transferlab.load(result.path)
+        np.testing.assert_allclose(clf.probabilities(pics), torch_probs, atol=1e-4)
+        onnx_preds = clf.predict(images[:4], unknown="auto", sets=0.5)
+        torch_preds = transferlab.load(run).predict(images[:4], unknown="auto", sets=0.5)
+        assert [(p.label, p.abstained, p.set) for p in onnx_preds] == [(p.label, p.abstained, p.set) for p in torch_preds]
+        assert all(p.set and p.set[0] == p.candidates[0].label for p in onnx_preds)
+
+
+def test_a_run_without_calibration_still_loads_and_predicts_with_t_1_and_can_be_calibrated(run, images):
+    from PIL import Image
+
+    _edit_calibration(run, None)  # model.json as written before calibration existed
+    clf = transferlab.load(run)
+    assert clf.temperature == 1.0 and clf.calibration is None
+    pic = [Image.open(images[0]).convert("RGB")]
+    import torch
+
+    with torch.inference_mode():
+        raw = clf.model(torch.stack([clf.transform(pic[0])])).double().softmax(1).numpy()
+    np.testing.assert_allclose(clf.probabilities(pic), raw, atol=1e-5)
+    assert clf.predict(images[0]).label in clf.classes
+    with pytest.raises(TransferlabError, match="evaluate RUN --calibrate"):
+        clf.predict(images[0], unknown="auto")
+    result = cli("evaluate", run, "--calibrate", "--no-progress")  # calibrate an existing run, no retraining
+    assert result.code == 0, result.text
+    assert "temperature T =" in result.text and "--unknown auto" in result.text
+    cal = json.loads((run / "model.json").read_text())["calibration"]
+    assert cal["temperature"] != 1.0 and transferlab.load(run).predict(images[0], unknown="auto").abstained is not None
+    refused = cli("evaluate", run, "--split", "test", "--calibrate", "--no-progress")
+    assert refused.code == 2 and "run's own val split" in refused.text
+
+
+def test_no_calibrate_keeps_t_1_but_still_stores_the_val_scores(tmp_path):
+    from conftest import TINY, train_tiny_run
+
+    run = train_tiny_run(tmp_path, **{**TINY, "strategy": "head-only", "feature_cache": "memory",
+                                      "calibrate": False, "report": True})
+    cal = json.loads((run / "model.json").read_text())["calibration"]
+    assert cal["method"] == "none" and cal["temperature"] == 1.0 and len(cal["val_scores"]["correct"]) == 12
+    html = (run / "report.html").read_text()
+    assert "Calibration: temperature T = 1.0000" in html and "Risk–coverage" in html
