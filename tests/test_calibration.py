@@ -83,28 +83,55 @@ def test_bad_abstain_options_are_refused_before_any_work(options, message, tmp_p
     assert result.code == 2 and message in result.text
 
 
+@pytest.fixture(scope="module")
+def noisy_run(tmp_path_factory) -> Path:
+    """A tiny head-only run whose val split has two mislabelled images, so the model makes val errors
+    to calibrate against (a perfect val split keeps T = 1), with its report."""
+    from conftest import TINY, make_image_folder
+
+    root = tmp_path_factory.mktemp("noisy")
+    data = make_image_folder(root / "data")
+    for name in ("red_0.png", "red_1.png"):
+        (data / "val" / "red" / name).rename(data / "val" / "blue" / f"mislabelled_{name}")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRANSFERLAB_HOME", str(root / "home"))
+        mp.setenv("TRANSFERLAB_OFFLINE", "1")
+        return transferlab.train(data, out=str(root / "run"), **{**TINY, "strategy": "head-only",
+                                                                 "feature_cache": "memory", "report": True}).run_dir
+
+
 @pytest.fixture
-def run(tiny_run, tmp_path) -> Path:
+def run(noisy_run, tmp_path) -> Path:
     copy = tmp_path / "run"
-    shutil.copytree(tiny_run, copy)
+    shutil.copytree(noisy_run, copy)
     return copy
 
 
 @pytest.fixture
-def images(tiny_run) -> list[Path]:
-    return sorted((tiny_run.parent / "data" / "val").rglob("*.png"))  # train_tiny_run's layout
+def images(noisy_run) -> list[Path]:
+    return sorted((noisy_run.parent / "data" / "val").rglob("*.png"))
 
 
-def test_training_fits_the_temperature_on_val_and_keeps_it_in_model_json(tiny_run):
-    cal = json.loads((tiny_run / "model.json").read_text())["calibration"]
+def test_training_fits_the_temperature_on_val_and_keeps_it_in_model_json(noisy_run):
+    cal = json.loads((noisy_run / "model.json").read_text())["calibration"]
     assert cal["method"] == "temperature" and cal["fitted_on"] == "val"
     assert cal["temperature"] > 0 and cal["temperature"] != 1.0
-    assert cal["val_log_loss"]["after"] <= cal["val_log_loss"]["before"]
+    assert cal["val_log_loss"]["after"] < cal["val_log_loss"]["before"]
     assert len(cal["val_scores"]["confidence"]) == cal["n"] == 12  # make_image_folder: 2 classes × 6 val images
-    ev = json.loads((tiny_run / "eval-val.json").read_text())["metrics"]
+    assert sum(cal["val_scores"]["correct"]) <= 10  # the two mislabelled images
+    ev = json.loads((noisy_run / "eval-val.json").read_text())["metrics"]
     assert ev["calibration"]["temperature"] == cal["temperature"]
     assert ev["log_loss"] == pytest.approx(cal["val_log_loss"]["after"], rel=1e-4)
     assert ev["calibration"]["log_loss_before"] == pytest.approx(cal["val_log_loss"]["before"], rel=1e-4)
+    html = (noisy_run / "report.html").read_text()
+    assert f"Calibration: temperature T = {cal['temperature']:.4f}" in html
+    assert "Reliability before temperature scaling" in html and "Risk–coverage" in html
+
+
+def test_a_val_split_without_errors_keeps_t_1_and_says_why(tiny_run):
+    cal = json.loads((tiny_run / "model.json").read_text())["calibration"]
+    assert cal["method"] == "none" and cal["temperature"] == 1.0 and "misclassified" in cal["note"]
+    assert len(cal["val_scores"]["correct"]) == 12  # abstain and sets still have their val scores
 
 
 def _edit_calibration(run: Path, temperature: float | None, threshold: float | None = None) -> None:
@@ -197,12 +224,10 @@ def test_a_run_without_calibration_still_loads_and_predicts_with_t_1_and_can_be_
     assert refused.code == 2 and "run's own val split" in refused.text
 
 
-def test_no_calibrate_keeps_t_1_but_still_stores_the_val_scores(tmp_path):
-    from conftest import TINY, train_tiny_run
-
-    run = train_tiny_run(tmp_path, **{**TINY, "strategy": "head-only", "feature_cache": "memory",
-                                      "calibrate": False, "report": True})
+def test_evaluate_no_calibrate_resets_t_to_1_and_keeps_the_val_scores(run):
+    result = cli("evaluate", run, "--no-calibrate", "--no-progress", "--json")
+    assert result.code == 0, result.text
     cal = json.loads((run / "model.json").read_text())["calibration"]
-    assert cal["method"] == "none" and cal["temperature"] == 1.0 and len(cal["val_scores"]["correct"]) == 12
-    html = (run / "report.html").read_text()
-    assert "Calibration: temperature T = 1.0000" in html and "Risk–coverage" in html
+    assert cal["method"] == "none" and cal["temperature"] == 1.0 and "note" not in cal
+    assert len(cal["val_scores"]["correct"]) == 12
+    assert json.loads(result.out)["metrics"]["calibration"]["temperature"] == 1.0

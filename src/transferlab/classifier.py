@@ -128,7 +128,8 @@ class Classifier:
     @property
     def model(self) -> torch.nn.Module:
         """The network as a plain ``torch.nn.Module`` (eval mode, BatchNorm folded into the convolutions,
-        channels-last), taking `transform`'s outputs stacked into a batch and returning logits."""
+        channels-last), taking `transform`'s outputs stacked into a batch and returning logits (before the
+        run's calibration: `probabilities` is the softmax of these divided by `temperature`)."""
         model = getattr(self._predictor, "model", None)
         if model is None:
             raise TransferlabError(f"{self.path} is an ONNX model run by onnxruntime; it has no torch module. "
@@ -167,6 +168,7 @@ class Classifier:
 
     @property
     def temperature(self) -> float:
+        """T of temperature scaling (1.0: uncalibrated); already inside an exported ONNX graph's logits."""
         return float((self.calibration or {}).get("temperature", 1.0))
 
     def probabilities(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:

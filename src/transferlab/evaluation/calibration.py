@@ -92,12 +92,18 @@ def calibration_record(logits: np.ndarray, targets: np.ndarray, classes: list[st
     and ECE before and after, and the val scores ``abstain.py`` computes thresholds and conformal
     quantiles from."""
     targets = np.asarray(targets, dtype=np.int64)
-    t = fit_temperature(logits, targets) if fit else 1.0
+    # Without a single val error the NLL falls for ever as T -> 0 (every val answer right, so sharper is
+    # always better): val cannot measure over-confidence then, and any T would be the bound, not a fit.
+    separable = bool((np.asarray(logits).argmax(axis=1) == targets).all())
+    fitted = fit and not separable
+    t = fit_temperature(logits, targets) if fitted else 1.0
     before = classification_metrics(scaled_softmax(logits, 1.0), targets, classes)
     probs = scaled_softmax(logits, t)
-    after = classification_metrics(probs, targets, classes) if fit else before
+    after = classification_metrics(probs, targets, classes) if fitted else before
     return {
-        "method": "temperature" if fit else "none",
+        "method": "temperature" if fitted else "none",
+        **({"note": "no val image is misclassified, so val cannot measure over-confidence: T = 1"}
+           if fit and separable else {}),
         "temperature": round(t, 6),
         "fitted_on": "val",
         "n": int(len(targets)),

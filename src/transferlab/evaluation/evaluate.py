@@ -252,6 +252,8 @@ def _store_calibration(meta_path: Path, meta: dict[str, Any], record: dict[str, 
     log.info("calibration: T = %.4f (val log loss %.4f -> %.4f, ECE %.4f -> %.4f)", record["temperature"],
              record["val_log_loss"]["before"], record["val_log_loss"]["after"], record["val_ece"]["before"],
              record["val_ece"]["after"])
+    if "note" in record:
+        log.info("calibration: %s", record["note"])
     return record
 
 
