@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import shutil
@@ -80,8 +81,10 @@ def test_report_is_self_contained(runs, single_report):
     assert "http://" not in page and "https://" not in page
     assert 'src="file:' not in page and "<script" not in page.lower() and "<link" not in page.lower()
     sources = IMG_SRC.findall(page)
-    # curves, confusion matrix, reliability diagram, per-class accuracy, top losses; the doctor's pictures
-    assert len(sources) == 5 + doctor_pictures(runs[0]) == page.count("<img")
+    # curves, confusion matrix, reliability diagram, per-class accuracy, top losses; the doctor's pictures;
+    # risk-coverage, and the reliability diagram before temperature scaling when T is not 1
+    calibrated = json.loads((runs[0] / "model.json").read_text())["calibration"]["temperature"] != 1.0
+    assert len(sources) == 5 + doctor_pictures(runs[0]) + 1 + calibrated == page.count("<img")
     sizes = [decode_png(src).size for src in sources]
     assert all(w > 100 and h > 100 for w, h in sizes)
 
