@@ -28,9 +28,19 @@ import numpy as np
 
 from transferlab.errors import TransferlabError
 
-__all__ = ["DEFAULT_TARGET_PRECISION", "UNKNOWN", "Abstainer", "AbstainOptions", "conformal_quantile",
-           "parse_unknown", "precision_threshold", "prediction_set", "risk_coverage", "selective_metrics",
-           "val_scores"]
+__all__ = [
+    "DEFAULT_TARGET_PRECISION",
+    "UNKNOWN",
+    "AbstainOptions",
+    "Abstainer",
+    "conformal_quantile",
+    "parse_unknown",
+    "precision_threshold",
+    "prediction_set",
+    "risk_coverage",
+    "selective_metrics",
+    "val_scores",
+]
 
 UNKNOWN = "unknown"
 DEFAULT_TARGET_PRECISION = 0.99

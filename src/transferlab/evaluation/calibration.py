@@ -106,7 +106,7 @@ def calibration_record(logits: np.ndarray, targets: np.ndarray, classes: list[st
            if fit and separable else {}),
         "temperature": round(t, 6),
         "fitted_on": "val",
-        "n": int(len(targets)),
+        "n": len(targets),
         "ece_bins": ECE_BINS,
         "val_log_loss": {"before": before["log_loss"], "after": after["log_loss"]},
         "val_ece": {"before": before["ece"], "after": after["ece"]},
