@@ -215,6 +215,7 @@ def test_a_run_without_calibration_still_loads_and_predicts_with_t_1_and_can_be_
     assert clf.predict(images[0]).label in clf.classes
     with pytest.raises(TransferlabError, match="evaluate RUN --calibrate"):
         clf.predict(images[0], unknown="auto")
+    assert clf.predict(images[0], unknown=1.0).label == "unknown"  # a given threshold needs no val scores
     result = cli("evaluate", run, "--calibrate", "--no-progress")  # calibrate an existing run, no retraining
     assert result.code == 0, result.text
     assert "temperature T =" in result.text and "--unknown auto" in result.text

@@ -324,8 +324,12 @@ def predict(
     decide = {"unknown": unknown, "target_precision": target_precision, "sets": sets}
     rule = api.abstain_rule(model, **decide)  # options checked before any image is read
     if rule is not None and rule.threshold is not None:
-        on_val = ("no val threshold reaches it: every image is 'unknown'" if not rule.val_coverage else
-                  f"on val {rule.val_coverage:.1%} answered, precision {rule.val_precision:.4f}")
+        if rule.val_coverage is None:
+            on_val = "no val scores in this model to measure it on"
+        elif rule.val_precision is None:
+            on_val = "no val image reaches it: every image is 'unknown'"
+        else:
+            on_val = f"on val {rule.val_coverage:.1%} answered, precision {rule.val_precision:.4f}"
         console.print(f"unknown below top probability {rule.threshold:.4f} ({escape(on_val)})")
 
     failures: list[dict] = []

@@ -160,8 +160,10 @@ class Abstainer:
             return None
         scores = calibration.get("val_scores") if isinstance(calibration, dict) else None
         if not _valid_scores(scores):
+            if options.unknown not in (None, "auto") and options.sets is None:
+                return cls(float(options.unknown), None)  # a given threshold needs no val data
             raise TransferlabError(
-                f"{model} carries no val scores (model.json's 'calibration' entry), which --unknown and --sets "
+                f"{model} carries no val scores (model.json's 'calibration' entry), which --unknown auto and --sets "
                 "are computed from: it was trained or exported before they existed. Run `transferlab evaluate "
                 "RUN --calibrate` (and re-export), or retrain.")
         threshold = coverage = precision = None
