@@ -3,6 +3,7 @@ scores, then one tiny trained run through train, predict, evaluate, export and t
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -172,6 +173,11 @@ def test_predict_unknown_auto_abstains_on_low_confidence_inputs_with_candidates(
         assert e["abstained"] == below and e["label"] == ("unknown" if below else e["predictions"][0]["label"])
         assert len(e["predictions"]) == 2  # the candidates stay
     assert "answered" in result.text  # the val coverage of the threshold is reported
+    out = run / "preds.csv"
+    assert cli("predict", run, *images, "--unknown", "auto", "--sets", "0.5", "--out", out, "--no-progress").code == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["label"] for r in rows] == [e["label"] for e in entries]
+    assert all(r["abstained"] in ("True", "False") and r["set"].split("|")[0] == r["label_1"] for r in rows)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
