@@ -470,7 +470,9 @@ def test_report_with_o_writes_nothing_into_the_run_and_a_read_only_run_asks_for_
     assert r.code == 0, r.text
     assert _listing(run) == before  # no evaluation, no plot, no curves written into the run
     page = (tmp_path / "elsewhere.html").read_text()
-    assert page.count("<img") == 5 and "Evaluation: val" in page  # yet all of them are in the page
+    calibrated = json.loads((run / "model.json").read_text())["calibration"]["temperature"] != 1.0
+    # yet all of them are in the page (with the risk-coverage curve, and reliability before T when T != 1)
+    assert page.count("<img") == 6 + calibrated and "Evaluation: val" in page
     # a read-only run (as root, chmod does not stop writes: the probe is what decides)
     monkeypatch.setattr(html, "is_writable_dir", lambda path: Path(path) != run)
     r = cli("report", run, "--no-progress")
