@@ -134,9 +134,9 @@ class AbstainOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "unknown", parse_unknown(self.unknown))
-        if not 0 < self.target_precision < 1 or isinstance(self.target_precision, bool):
+        if not _fraction(self.target_precision):
             raise TransferlabError(f"--target-precision must be in (0, 1), got {self.target_precision!r}")
-        if self.sets is not None and (not 0 < self.sets < 1 or isinstance(self.sets, bool)):
+        if self.sets is not None and not _fraction(self.sets):
             raise TransferlabError(f"--sets must be a coverage in (0, 1), e.g. 0.9, got {self.sets!r}")
 
     @property
@@ -196,6 +196,11 @@ class Abstainer:
     def to_dict(self) -> dict[str, Any]:
         return {"threshold": self.threshold, "val_coverage": self.val_coverage, "val_precision": self.val_precision,
                 "conformal_qhat": self.qhat}
+
+
+def _fraction(value: Any) -> bool:
+    """A real number strictly between 0 and 1."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
 
 
 def _valid_scores(scores: Any) -> bool:
