@@ -7,6 +7,7 @@ default run (temperature fitted on val at the end), then evaluate it on the TEST
 
     .venv/bin/python bench/calibration.py                                   # 3 suite datasets, seed 0
     .venv/bin/python bench/calibration.py --datasets scene15 --train-args "--epochs-finetune 0"
+    .venv/bin/python bench/calibration.py --out runs/cal --reuse --sets 0.99  # other levels, same runs
 
 The last lines are a markdown table (for bench/RESULTS.md).
 """
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--sets", type=float, default=0.9)
     parser.add_argument("--train-args", default="", help="extra `transferlab train` options")
     parser.add_argument("--out", type=Path, default=None, help="where the runs go (default: a temp dir)")
+    parser.add_argument("--reuse", action="store_true", help="skip training where --out already holds the run")
     args = parser.parse_args()
 
     import transferlab  # noqa: F401  (fails early when the package is not importable)
@@ -51,7 +53,8 @@ def main() -> None:
         cmd = [sys.executable, "-m", "transferlab", "train", str(data), "--out", str(run), "--seed", str(args.seed),
                "--no-report", "--no-progress", *shlex.split(args.train_args)]
         start = time.perf_counter()
-        subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+        if not (args.reuse and (run / "model.json").is_file()):
+            subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
         train_s = time.perf_counter() - start
         result = evaluate(run, split="test", plots=False, progress=False)
         cal = json.loads((run / "model.json").read_text())["calibration"]
