@@ -36,7 +36,7 @@ def test_load_gives_a_classifier_with_its_classes_transform_and_torch_module(clf
     x = clf.transform(image)
     assert tuple(x.shape) == (3, clf.input_size, clf.input_size)
     with torch.inference_mode():
-        probs = clf.model(x[None]).softmax(1)[0].numpy()
+        probs = (clf.model(x[None]) / clf.temperature).softmax(1)[0].numpy()  # model: raw logits
     np.testing.assert_allclose(probs, clf.probabilities([image])[0], atol=1e-5)
     assert "runtime='pytorch'" in repr(clf)
 

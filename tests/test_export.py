@@ -49,11 +49,14 @@ def images_in(run: Path) -> list[Path]:
 
 
 def torch_probabilities(run: Path, paths: list[Path]) -> np.ndarray:
-    """What the trained PyTorch model says, computed here independently of the export code."""
+    """What the trained PyTorch model says, calibrated by model.json's temperature (which exports apply
+    in the graph), computed here independently of the export code."""
     model, meta = load_run_model(run)
     transform = eval_transform(Preprocessing.from_dict(meta["preprocessing"]))
+    temperature = meta["calibration"]["temperature"]
     with torch.no_grad():
-        return model(torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])).softmax(1).numpy()
+        logits = model(torch.stack([transform(Image.open(p).convert("RGB")) for p in paths]))
+        return (logits / temperature).softmax(1).numpy()
 
 
 # --- preprocessing without torch -----------------------------------------------------------------------------

@@ -673,7 +673,9 @@ def test_report_with_o_writes_nothing_into_the_run_and_a_read_only_run_asks_for_
     assert _listing(run) == before  # no evaluation, no plot, no curves written into the run
     page = (tmp_path / "elsewhere.html").read_text()
     cams = page.count('alt="class-activation map of ')  # the overlays of the evaluation's images
-    assert cams > 0 and page.count("<img") == 5 + cams and "Evaluation: val" in page  # yet all are in the page
+    calibrated = json.loads((run / "model.json").read_text())["calibration"]["temperature"] != 1.0
+    # yet all of them are in the page (with the risk-coverage curve, and reliability before T when T != 1)
+    assert cams > 0 and page.count("<img") == 6 + calibrated + cams and "Evaluation: val" in page
     # a read-only run (as root, chmod does not stop writes: the probe is what decides)
     monkeypatch.setattr(html, "is_writable_dir", lambda path: Path(path) != run)
     r = cli("report", run, "--no-progress")

@@ -84,15 +84,21 @@ def cam_overlays(run: Path) -> int:
     return min(8, sum(r["true"] != r["predicted"] for r in interp["top_losses"])) + len(interp["correct_sample"])
 
 
+def calibration_pictures(run: Path) -> int:
+    """Risk-coverage, and the reliability diagram before temperature scaling when T is not 1."""
+    return 1 + (json.loads((run / "model.json").read_text())["calibration"]["temperature"] != 1.0)
+
+
 def test_report_is_self_contained(runs, single_report):
     page = single_report.read_text(encoding="utf-8")
     assert "http://" not in page and "https://" not in page
     assert 'src="file:' not in page and "<script" not in page.lower() and "<link" not in page.lower()
     sources = IMG_SRC.findall(page)
-    # curves, confusion matrix, reliability diagram, per-class accuracy, top losses; the doctor's pictures;
-    # the class-activation maps
+    # curves, confusion matrix, reliability diagram, per-class accuracy, top losses; the doctor's and
+    # calibration's pictures; the class-activation maps
     assert cam_overlays(runs[0]) > 0 and len(CAM_SRC.findall(page)) == cam_overlays(runs[0])
-    assert len(sources) == 5 + doctor_pictures(runs[0]) + cam_overlays(runs[0]) == page.count("<img")
+    assert len(sources) == (5 + doctor_pictures(runs[0]) + calibration_pictures(runs[0]) + cam_overlays(runs[0])
+                            == page.count("<img"))
     sizes = [decode_png(src).size for src in sources]
     assert all(w > 100 and h > 100 for w, h in sizes)
 
@@ -183,7 +189,7 @@ def test_chromium_renders_the_report_with_every_image(runs, single_report, tmp_p
     title = re.search(r"<title>(.*?)</title>", p.stdout)
     assert title is not None, p.stderr[-2000:]
     assert title.group(1) == f"images-decoded:{expected}/{expected}"
-    assert expected == 5 + doctor_pictures(runs[0]) + cam_overlays(runs[0])
+    assert expected == 5 + doctor_pictures(runs[0]) + calibration_pictures(runs[0]) + cam_overlays(runs[0])
 
 
 def test_chromium_paints_every_class_activation_map(runs, single_report, tmp_path):

@@ -330,3 +330,18 @@ def test_serve_command_answers_on_loopback_and_the_upload_page_works_in_chromium
         proc.terminate()
         log = proc.communicate(timeout=30)[0]
     assert f"http://127.0.0.1:{port}" in log and "Traceback" not in log
+
+
+def test_unknown_and_sets_as_query_parameters(server):
+    status, body = request(server + "/predict?unknown=auto&target_precision=0.9&sets=0.8", path="",
+                           files=[("a.png", png(COLOURS["red"], seed=3), "image/png"),
+                                  ("b.png", png((120, 120, 120), seed=4), "image/png")])
+    assert status == 200, body
+    threshold = body["abstain"]["threshold"]
+    for entry in body["predictions"]:
+        top = entry["predictions"][0]
+        assert entry["abstained"] == (top["probability"] < threshold)
+        assert entry["label"] == ("unknown" if entry["abstained"] else top["label"])
+        assert entry["set"] and entry["set"][0] == top["label"]
+    status, body = request(server + "/predict?sets=2", path="", files=[("a.png", png(), "image/png")])
+    assert status == 400 and "--sets must be a coverage" in json.dumps(body)

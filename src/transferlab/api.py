@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from transferlab.config import TrainConfig
 from transferlab.errors import TransferlabError
+from transferlab.evaluation.abstain import DEFAULT_TARGET_PRECISION, Abstainer, AbstainOptions
 
 if TYPE_CHECKING:  # the heavy stack (torch, Lightning) loads only when a command needs it
     from transferlab.workflows.compare import CompareResult
@@ -93,34 +94,54 @@ def shards(data: str | Path, out: str | Path, *, shard_size: int = 1000, val_spl
 
 
 def predict(model: str | Path, inputs: Iterable[str | Path], *, top_k: int = 3, batch_size: int = 32,
-            on_entry: Callable[[dict], None] | None = None, explain: str | Path | None = None) -> list[dict]:
+            on_entry: Callable[[dict], None] | None = None, unknown: str | float | None = None,
+            target_precision: float = DEFAULT_TARGET_PRECISION, sets: float | None = None,
+            explain: str | Path | None = None) -> list[dict]:
     """Top-k predictions for images, folders or globs: [{"path", "predictions": [{"label", "probability"}]}
     or {"path", "error"}] in input order. `model`: a run directory, its model.safetensors, or an exported
     .onnx (onnxruntime only: torch is never imported). `on_entry` sees each result as it is made.
-    `explain`: a folder that gets one class-activation overlay PNG per image (a run only), named in each
-    entry's "explanation"."""
+
+    `unknown` ("auto" for the val threshold reaching `target_precision`, or a probability) adds "label"
+    ("unknown" below the threshold) and "abstained"; `sets` (a coverage, e.g. 0.9) adds the conformal
+    "set" of labels (evaluation/abstain.py). `explain`: a folder that gets one class-activation overlay
+    PNG per image (a run only), named in each entry's "explanation"."""
     results = []
-    for entry in _prediction_stream(model, inputs, top_k, batch_size, explain)[1]:
+    _, entries, _ = _prediction_stream(model, inputs, top_k, batch_size, explain,
+                                       AbstainOptions(unknown, target_precision, sets))
+    for entry in entries:
         if on_entry is not None:
             on_entry(entry)
         results.append(entry)
     return results
 
 
+def abstain_rule(model: str | Path, unknown: str | float | None = None,
+                 target_precision: float = DEFAULT_TARGET_PRECISION, sets: float | None = None) -> Abstainer | None:
+    """The threshold (with its val coverage and precision) and conformal quantile `predict` applies for
+    these options, from the model's metadata alone; None when neither is asked for."""
+    from transferlab.export.predictors import model_calibration
+
+    options = AbstainOptions(unknown, target_precision, sets)
+    return Abstainer.build(options, model_calibration(model), str(model)) if options.active else None
+
+
 def predict_to_file(model: str | Path, inputs: Iterable[str | Path], out: str | Path, *, top_k: int = 3,
                     batch_size: int = 32, on_entry: Callable[[dict], None] | None = None,
-                    explain: str | Path | None = None) -> dict[str, int]:
+                    unknown: str | float | None = None, target_precision: float = DEFAULT_TARGET_PRECISION,
+                    sets: float | None = None, explain: str | Path | None = None) -> dict[str, int]:
     """Like `predict`, streamed into `out` (.csv or .json) in constant memory; returns {"images", "failed"}."""
     from transferlab.export.batch import write_predictions
 
-    predictor, results = _prediction_stream(model, inputs, top_k, batch_size, explain)
-    return write_predictions(results, out, top_k=min(top_k, len(predictor.classes)), on_entry=on_entry)
+    predictor, results, abstainer = _prediction_stream(model, inputs, top_k, batch_size, explain,
+                                                       AbstainOptions(unknown, target_precision, sets))
+    return write_predictions(results, out, top_k=min(top_k, len(predictor.classes)), on_entry=on_entry,
+                             decisions=abstainer.fields if abstainer else ())
 
 
 def _prediction_stream(model: str | Path, inputs: Iterable[str | Path], top_k: int, batch_size: int,
-                       explain: str | Path | None):
-    """(predictor, entries as they come); with `explain`, the overlay folder and the model's ability to be
-    explained are checked before any image is scored."""
+                       explain: str | Path | None, options: AbstainOptions):
+    """(predictor, entries as they come, abstainer or None); the abstain options (checked when built),
+    the overlay folder and the model's ability to be explained are checked before any image is scored."""
     from transferlab.export.batch import iter_predictions
     from transferlab.export.predictors import load_predictor
 
@@ -134,10 +155,11 @@ def _prediction_stream(model: str | Path, inputs: Iterable[str | Path], top_k: i
                                    "maps need the gradients of the PyTorch model.")
         overlays = overlay_folder(explain)
     predictor = load_predictor(model)
-    results = iter_predictions(predictor, inputs, top_k=top_k, batch_size=batch_size)
+    abstainer = Abstainer.build(options, predictor.calibration, str(model))
+    results = iter_predictions(predictor, inputs, top_k=top_k, batch_size=batch_size, abstainer=abstainer)
     if overlays is not None:
         results = explain_entries(predictor.explainer(), results, overlays)
-    return predictor, results
+    return predictor, results, abstainer
 
 
 def export_model(run: str | Path, format: str = "onnx", *, out: str | Path | None = None, dynamic_batch: bool = True,
@@ -199,13 +221,16 @@ def evaluate(
     batch_size: int = 64,
     plots: bool = True,
     progress: bool = True,
+    calibrate: bool | None = None,
 ) -> EvalResult:
     """Metrics and interpretation of a run on its own `split` (as in training) or on labelled `data`.
-    Writes <run>/eval-<name>.json and, with `plots`, PNGs in <run>/eval-<name>/; returns an EvalResult."""
+    Writes <run>/eval-<name>.json and, with `plots`, PNGs in <run>/eval-<name>/; returns an EvalResult.
+    `calibrate` (val split only): True refits the temperature and the val scores in model.json (an
+    existing run calibrated without retraining), False resets T to 1; None keeps what is stored."""
     from transferlab.classifier import evaluate_run_dir
 
     return evaluate_run_dir(run, data, plots=plots, split=split, tta=tta, top_losses=top_losses,
-                            batch_size=batch_size, progress=progress)
+                            batch_size=batch_size, progress=progress, calibrate=calibrate)
 
 
 def report(runs: str | Path | Iterable[str | Path], out: str | Path | None = None, *, progress: bool = True) -> Path:

@@ -10,6 +10,8 @@ used gives a prediction with its ``error`` instead of stopping the others, as `t
     p = clf.predict("bee.jpg")            # one input → one Prediction
     p.label, p.probability, p.top_k      # 'bees', 0.97, (Candidate('bees', 0.97), Candidate('ants', 0.03))
     clf.predict(["a.jpg", "photos/"])     # several (files, folders, globs, PIL images) → a list
+    p = clf.predict("odd.jpg", unknown="auto", sets=0.9)
+    p.label, p.abstained, p.candidates, p.set  # 'unknown', True, (Candidate('bees', 0.55), ...), ('bees', 'ants')
     clf.model                            # the torch.nn.Module (run-backed classifiers)
     e = clf.explain("bee.jpg", out_dir="cams/")  # Explanation: label, heatmap (HxW in [0, 1]), overlay, path
 """
@@ -26,6 +28,7 @@ from PIL import Image
 
 from transferlab.data.images import ImageError, load_image
 from transferlab.errors import TransferlabError
+from transferlab.evaluation.abstain import DEFAULT_TARGET_PRECISION, UNKNOWN, Abstainer, AbstainOptions
 
 if TYPE_CHECKING:
     import torch
@@ -49,25 +52,41 @@ class Candidate:
 class Prediction:
     """What the classifier says of one input: the most probable label, then the top k (most probable
     first). `source` is the file's path (None for in-memory images); `error` says why a file could not
-    be used, and then `label` is None and `top_k` empty."""
+    be used, and then `label` is None and `top_k` empty.
+
+    With ``unknown=...``, an input below the threshold has ``abstained`` True, `label` "unknown" and
+    `probability` None; its `candidates` (= `top_k`) are kept (``abstained`` is None without ``unknown``). With ``sets=...``, `set` is its conformal
+    prediction set (labels, most probable first)."""
 
     label: str | None
     probability: float | None
     top_k: tuple[Candidate, ...]
     source: str | None = None
     error: str | None = None
+    abstained: bool | None = None
+    set: tuple[str, ...] | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
+    @property
+    def candidates(self) -> tuple[Candidate, ...]:
+        """The top k labels, whether the prediction abstained or not."""
+        return self.top_k
+
     def to_dict(self) -> dict[str, Any]:
         """The `transferlab predict --json` shape: {"path", "predictions": [{"label", "probability"}]} or
-        {"path", "error"}."""
+        {"path", "error"}; plus "label" and "abstained" with --unknown, "set" with --sets."""
         if self.error is not None:
             return {"path": self.source, "error": self.error}
-        return {"path": self.source,
-                "predictions": [{"label": c.label, "probability": c.probability} for c in self.top_k]}
+        out: dict[str, Any] = {"path": self.source,
+                               "predictions": [{"label": c.label, "probability": c.probability} for c in self.top_k]}
+        if self.abstained is not None:
+            out.update(label=self.label, abstained=self.abstained)
+        if self.set is not None:
+            out["set"] = list(self.set)
+        return out
 
     @classmethod
     def from_entry(cls, entry: dict[str, Any]) -> Prediction:
@@ -75,7 +94,11 @@ class Prediction:
         if "error" in entry:
             return cls(None, None, (), source=entry["path"], error=entry["error"])
         top = tuple(Candidate(p["label"], p["probability"]) for p in entry["predictions"])
-        return cls(top[0].label, top[0].probability, top, source=entry["path"])
+        abstained = entry.get("abstained")
+        label = UNKNOWN if abstained else top[0].label
+        found = entry.get("set")
+        return cls(label, None if abstained else top[0].probability, top, source=entry["path"],
+                   abstained=abstained, set=None if found is None else tuple(found))
 
 
 @dataclass(frozen=True)
@@ -127,23 +150,48 @@ class Classifier:
     @property
     def model(self) -> torch.nn.Module:
         """The network as a plain ``torch.nn.Module`` (eval mode, BatchNorm folded into the convolutions,
-        channels-last), taking `transform`'s outputs stacked into a batch and returning logits."""
+        channels-last), taking `transform`'s outputs stacked into a batch and returning logits (before the
+        run's calibration: `probabilities` is the softmax of these divided by `temperature`)."""
         model = getattr(self._predictor, "model", None)
         if model is None:
             raise TransferlabError(f"{self.path} is an ONNX model run by onnxruntime; it has no torch module. "
                                    "Load the run directory it was exported from for one.")
         return model
 
-    def predict(self, inputs: Any, *, top_k: int = 3, batch_size: int = 32) -> Prediction | list[Prediction]:
+    def predict(self, inputs: Any, *, top_k: int = 3, batch_size: int = 32, unknown: str | float | None = None,
+                target_precision: float = DEFAULT_TARGET_PRECISION,
+                sets: float | None = None) -> Prediction | list[Prediction]:
         """Predict one input (an image file, a PIL image, an HxWx3 uint8 array) → a Prediction, or many (a
         list or tuple of those, a folder, a glob) → a list in input order. A file or glob that yields
-        nothing usable gives a Prediction with its `error`; the others go on."""
+        nothing usable gives a Prediction with its `error`; the others go on.
+
+        `unknown`: "auto" (the val threshold whose answers reach `target_precision`) or a probability:
+        below it the Prediction is "unknown" (``abstained``). `sets`: a coverage such as 0.9 for each
+        Prediction's conformal `set` (see evaluation/abstain.py)."""
         if top_k < 1:
             raise TransferlabError("top_k must be at least 1")
+        abstainer = self.abstainer(unknown, target_precision, sets)
         single = _is_single(inputs)
         items = [inputs] if single or isinstance(inputs, (str, Path)) else list(inputs)
-        results = list(self._predict_items(items, top_k=top_k, batch_size=batch_size))
+        results = list(self._predict_items(items, top_k=top_k, batch_size=batch_size, abstainer=abstainer))
         return results[0] if single else results
+
+    def abstainer(self, unknown: str | float | None = None, target_precision: float = DEFAULT_TARGET_PRECISION,
+                  sets: float | None = None) -> Abstainer | None:
+        """The threshold and conformal quantile `predict` would apply (with the val coverage and precision
+        of the threshold); None when neither is asked for."""
+        return Abstainer.build(AbstainOptions(unknown, target_precision, sets), self.calibration, str(self.path))
+
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        """model.json's (or the sidecar's) calibration entry: temperature, val log loss/ECE before and
+        after, val scores; None for a model trained before calibration existed (T = 1)."""
+        return getattr(self._predictor, "calibration", None)
+
+    @property
+    def temperature(self) -> float:
+        """T of temperature scaling (1.0: uncalibrated); already inside an exported ONNX graph's logits."""
+        return float((self.calibration or {}).get("temperature", 1.0))
 
     def probabilities(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
         """In-memory images → (N, classes) float32 probabilities, columns in `classes` order."""
@@ -151,7 +199,8 @@ class Classifier:
             return np.zeros((0, len(self.classes)), np.float32)
         return self._predictor.probabilities([self._predictor.prepare(_as_image(x)) for x in images])
 
-    def _predict_items(self, items: list[Any], *, top_k: int, batch_size: int) -> Iterator[Prediction]:
+    def _predict_items(self, items: list[Any], *, top_k: int, batch_size: int,
+                       abstainer: Abstainer | None = None) -> Iterator[Prediction]:
         """Files/folders/globs stream through export.batch (decoded ahead, constant memory); in-memory
         images are scored in batches of their own; the order of `items` is kept."""
         from transferlab.export.batch import iter_predictions, top_k_labels
@@ -161,13 +210,17 @@ class Classifier:
         for item in [*items, _END]:
             if run and (item is _END or _is_path(item) != _is_path(run[0])):
                 if _is_path(run[0]):
-                    entries = iter_predictions(self._predictor, run, top_k=top_k, batch_size=batch_size)
+                    entries = iter_predictions(self._predictor, run, top_k=top_k, batch_size=batch_size,
+                                               abstainer=abstainer)
                     yield from (Prediction.from_entry(e) for e in entries)
                 else:
                     for start in range(0, len(run), batch_size):
                         chunk = run[start:start + batch_size]
                         for row in self.probabilities(chunk):
-                            yield Prediction.from_entry({"path": None, "predictions": top_k_labels(row, self.classes, k)})
+                            entry = {"path": None, "predictions": top_k_labels(row, self.classes, k)}
+                            if abstainer is not None:
+                                abstainer.annotate(entry, row, self.classes)
+                            yield Prediction.from_entry(entry)
                 run = []
             if item is not _END:
                 run.append(item)

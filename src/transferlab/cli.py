@@ -34,6 +34,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from transferlab.errors import TransferlabError
+from transferlab.evaluation.abstain import DEFAULT_TARGET_PRECISION
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
@@ -159,6 +160,7 @@ def train(
     logger: Annotated[list[str] | None, typer.Option("--logger", metavar="NAME", help="Also send the config, every epoch and the results to: csv | tensorboard | mlflow (repeatable or comma-separated). The last two need pip install 'transferlab\\[tensorboard]' or 'transferlab\\[mlflow]'", rich_help_panel=_TRACKING)] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", rich_help_panel=_OUTPUT)] = True,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html at the end", rich_help_panel=_OUTPUT)] = True,
+    calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Fit temperature scaling on the val logits after training (predict, evaluate and exports apply it)", rich_help_panel=_TRAINING)] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train a classifier from a folder of labelled images (two-stage transfer learning).
@@ -187,7 +189,7 @@ def train(
             "num_nodes": num_nodes, "dist_strategy": dist_strategy,
             "loggers": logger or [],
             "feature_cache": feature_cache, "cache_dir": str(cache_dir) if cache_dir else None, "max_memory": max_memory,
-            "out": str(out) if out else None, "progress": progress, "report": report,
+            "out": str(out) if out else None, "progress": progress, "report": report, "calibrate": calibrate,
         })
     except KeyboardInterrupt:
         # Typer would print "Aborted!"; say instead how to continue: every finished epoch is saved.
@@ -320,6 +322,9 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Stream results to a .csv or .json file instead of printing them")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass")] = 32,
+    unknown: Annotated[str | None, typer.Option(help="Answer 'unknown' (keeping the candidates) when the top probability is below a threshold: auto (chosen on val for --target-precision) or a probability")] = None,
+    target_precision: Annotated[float, typer.Option(help="--unknown auto: the precision the answered val images reach")] = DEFAULT_TARGET_PRECISION,
+    sets: Annotated[float | None, typer.Option(help="Also give each image's conformal prediction set holding the true label with this probability (e.g. 0.9; calibrated on val)")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
     explain: Annotated[Path | None, typer.Option(help="Write a class-activation overlay PNG per image into this folder (a run only); --json names each")] = None,
 ) -> None:
@@ -332,11 +337,23 @@ def predict(
     transferlab predict runs/ants img1.jpg more_images/ "shots/*.png" --top-k 3
     transferlab predict runs/ants/export/model.onnx photos/ --out preds.csv
     transferlab predict runs/ants photos/ --explain cams/ --json
+    transferlab predict runs/ants photos/ --unknown auto --sets 0.9 --json
     """
     from rich.markup import escape
 
     from transferlab import api
     from transferlab.export.batch import count_inputs
+
+    decide = {"unknown": unknown, "target_precision": target_precision, "sets": sets}
+    rule = api.abstain_rule(model, **decide)  # options checked before any image is read
+    if rule is not None and rule.threshold is not None:
+        if rule.val_coverage is None:
+            on_val = "no val scores in this model to measure it on"
+        elif rule.val_precision is None:
+            on_val = "no val image reaches it: every image is 'unknown'"
+        else:
+            on_val = f"on val {rule.val_coverage:.1%} answered, precision {rule.val_precision:.4f}"
+        console.print(f"unknown below top probability {rule.threshold:.4f} ({escape(on_val)})")
 
     failures: list[dict] = []
     with _progress_bar(progress, "predicting", lambda: count_inputs(inputs)) as advance:
@@ -347,9 +364,10 @@ def predict(
 
         if out is not None:
             counts = api.predict_to_file(model, inputs, out, top_k=top_k, batch_size=batch_size, on_entry=seen,
-                                         explain=explain)
+                                         explain=explain, **decide)
         else:
-            results = api.predict(model, inputs, top_k=top_k, batch_size=batch_size, on_entry=seen, explain=explain)
+            results = api.predict(model, inputs, top_k=top_k, batch_size=batch_size, on_entry=seen,
+                                  explain=explain, **decide)
     if out is not None:
         for r in failures[:10]:
             console.print(f"[yellow]failed[/] {escape(r['path'])}: {escape(r['error'])}")
@@ -364,10 +382,16 @@ def predict(
     table = Table(title=f"predictions ({len(results) - len(failures)} images, {len(failures)} failed)")
     table.add_column("image", overflow="fold")
     table.add_column("top predictions")
+    if unknown is not None:
+        table.add_column("answer")
+    if sets is not None:
+        table.add_column(f"{sets:.0%} set")
     for r in results:
         text = f"[red]error: {escape(r['error'])}[/]" if "error" in r else ", ".join(
             f"{escape(p['label'])} {p['probability']:.3f}" for p in r["predictions"])
-        table.add_row(escape(r["path"]), text)
+        decided = ([f"[yellow]{escape(r['label'])}[/]" if r.get("abstained") else escape(r.get("label", ""))]
+                   if unknown is not None else []) + ([escape(", ".join(r.get("set", [])))] if sets is not None else [])
+        table.add_row(escape(r["path"]), text, *decided)
     out_console.print(table)
     if explain is not None:
         console.print(f"class-activation overlays → [bold]{escape(str(explain))}[/]")
@@ -486,7 +510,7 @@ def _eval_tables(result) -> list[Table]:
     for r in shown:
         table.add_row(escape(r["class"]), f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}",
                       str(r["support"]), *([f"{tta_rows[r['class']]['recall']:.3f}"] if t else []))
-    tables = [overall, table]
+    tables = [overall, table, *_calibration_tables(m)]
     confused = result.interpretation["most_confused"][:5]
     if confused:
         pairs = Table(title="most confused")
@@ -495,6 +519,31 @@ def _eval_tables(result) -> list[Table]:
         for c in confused:
             pairs.add_row(escape(c["true"]), escape(c["predicted"]), str(c["count"]))
         tables.append(pairs)
+    return tables
+
+
+def _calibration_tables(m: dict) -> list[Table]:
+    """Before/after temperature scaling, and what --unknown auto and --sets achieve on this data."""
+    cal, sel = m.get("calibration"), m.get("selective") or {}
+    tables = []
+    if cal:
+        table = Table(title=f"calibration: temperature T = {cal['temperature']:.4f}")
+        for col in ("metric", "before (T = 1)", "after"):
+            table.add_column(col, justify="left" if col == "metric" else "right")
+        table.add_row("log loss", f"{cal['log_loss_before']:.4f}", f"{m['log_loss']:.4f}")
+        table.add_row("ECE (15 bins)", f"{cal['ece_before']:.4f}", f"{m['ece']:.4f}")
+        tables.append(table)
+    auto, sets = sel.get("unknown_auto"), sel.get("sets")
+    if auto and sets:
+        table = Table(title="abstain and prediction sets (thresholds from val)")
+        for col in ("rule", "coverage", "precision / mean set size"):
+            table.add_column(col, justify="left" if col == "rule" else "right")
+        precision = "—" if auto["precision"] is None else f"{auto['precision']:.4f}"
+        table.add_row(f"--unknown auto (target precision {auto['target_precision']})", f"{auto['coverage']:.4f}",
+                      precision)
+        table.add_row(f"--sets {sets['target_coverage']} ({sets['score']})", f"{sets['coverage']:.4f}",
+                      f"{sets['mean_size']:.2f}")
+        tables.append(table)
     return tables
 
 
@@ -507,6 +556,7 @@ def evaluate(
     top_losses: Annotated[int, typer.Option(help="How many worst-predicted images to keep")] = 16,
     batch_size: Annotated[int, typer.Option(help="Batch size")] = 64,
     as_json: Annotated[bool, typer.Option("--json", help="Print the evaluation JSON instead of tables")] = False,
+    calibrate: Annotated[bool | None, typer.Option("--calibrate/--no-calibrate", help="Refit the temperature (and the val scores --unknown/--sets use) on the run's val split and store it in model.json; --no-calibrate resets T to 1")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -515,6 +565,7 @@ def evaluate(
     transferlab evaluate runs/ants                    # the run's own val split
     transferlab evaluate runs/ants new_photos/ --tta  # any labelled folder/CSV
     transferlab evaluate runs/ants data/ --split test --top-losses 32
+    transferlab evaluate runs/old --calibrate               # calibrate a run trained without it
     """
     from rich.markup import escape
 
@@ -522,7 +573,7 @@ def evaluate(
 
     _setup_logging(verbose)
     result = api.evaluate(run, data, split=split, tta=tta, top_losses=top_losses, batch_size=batch_size,
-                          progress=progress)
+                          progress=progress, calibrate=calibrate)
     if as_json:
         out_console.print_json(json.dumps(result.to_dict()))
         return

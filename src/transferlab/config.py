@@ -171,6 +171,8 @@ class TrainConfig:
     progress: bool = True
     report: bool = True
     loggers: list[str] = field(default_factory=list)  # also log to: csv | tensorboard | mlflow (LOGGERS)
+    # fit temperature scaling on the val logits after training (evaluation/calibration.py); off: T = 1
+    calibrate: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -5,7 +5,10 @@ the CLI prints and the report renders, saved as ``eval-<name>.json`` in the run 
     result = evaluate_run("runs/ants", "new_photos/", tta=True)  # any labelled folder or CSV
 
 Images go through the run's own eval transform (model.json's preprocessing) in full precision; an
-image that cannot be decoded is skipped and listed, never fatal.
+image that cannot be decoded is skipped and listed, never fatal. Probabilities are calibrated with the
+run's temperature (``calibration.py``, as predict and exports apply it); ``metrics["calibration"]`` keeps
+ECE, log loss and the reliability bins before it, ``metrics["selective"]`` the risk-coverage curve and
+what ``predict --unknown auto`` and ``--sets`` achieve on this data (``abstain.py``).
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ from transferlab.data.sources import Sample
 from transferlab.data.threaded import threaded_batches
 from transferlab.data.transforms import Preprocessing, eval_transform, eval_view
 from transferlab.errors import DataError, TransferlabError
+from transferlab.evaluation.abstain import selective_metrics
+from transferlab.evaluation.calibration import calibration_record, scaled_softmax, temperature_of
 from transferlab.evaluation.interpret import interpret
 from transferlab.evaluation.metrics import classification_metrics
 from transferlab.evaluation.predict import load_inference_model
 from transferlab.evaluation.samples import eval_data
-from transferlab.evaluation.tta import TTA_VIEWS, tta_probabilities
+from transferlab.evaluation.tta import TTA_VIEWS, tta_logits
 from transferlab.training.io import atomic_write_json, read_json
 
 __all__ = ["EVAL_FORMAT", "EvalResult", "eval_json_paths", "evaluate_run", "load_eval"]
@@ -54,7 +59,7 @@ class EvalResult:
     data: str
     classes: list[str]
     metrics: dict[str, Any]
-    probabilities: np.ndarray  # (N, C), plain (no TTA)
+    probabilities: np.ndarray  # (N, C), plain (no TTA), calibrated with the run's temperature
     targets: np.ndarray  # (N,)
     paths: list[str]
     interpretation: dict[str, Any]
@@ -65,10 +70,15 @@ class EvalResult:
     seconds: float = 0.0
     json_path: Path | None = None
     plots: dict[str, Path] = field(default_factory=dict)
+    logits: np.ndarray | None = None  # (N, C) raw model outputs, before the temperature
 
     @property
     def accuracy(self) -> float:
         return self.metrics["accuracy"]
+
+    @property
+    def temperature(self) -> float:
+        return self.metrics["calibration"]["temperature"]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -136,17 +146,27 @@ def evaluate_run(
     progress: bool = True,
     decoded: DecodedImages | None = None,
     out_dir: str | Path | None = None,
+    calibrate: bool | None = None,
 ) -> EvalResult:
     """Evaluate a run on its own `split` (as in training) or on `data`; writes eval-<name>.json into
     `out_dir` (default: the run directory).
+
+    `calibrate` (the run's own val split only): True fits the temperature on these logits, False
+    resets it to 1; either way model.json's calibration entry (T and the val scores predict's
+    ``--unknown``/``--sets`` use) is rewritten from this evaluation. None uses the stored one.
 
     `decoded`: the images (and val views) a training run kept in memory; the report that ends
     ``train`` passes them, so the val images are not decoded and resized once more (in-process)."""
     _runtime.setup_torch()
     start = time.perf_counter()
+    if calibrate is not None and (data is not None or split != "val"):
+        raise TransferlabError("--calibrate fits the temperature on the run's own val split: drop DATA and "
+                               "--split (calibrating on the data you evaluate on would flatter it).")
     model, meta = load_inference_model(run_dir)
+    meta_path = Path(run_dir) / "model.json" if Path(run_dir).is_dir() else Path(run_dir).with_suffix(".json")
     run_dir = Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent
     classes = list(meta["classes"])
+    temperature = temperature_of(meta)
     chosen = eval_data(run_dir, classes, data, split, progress=progress)
     pre = Preprocessing.from_dict(meta["preprocessing"])
     if batch_size < 1:
@@ -179,11 +199,11 @@ def evaluate_run(
             if ok:
                 x = batch[ok].to(accelerator).contiguous(memory_format=torch.channels_last)
                 if tta:
-                    p, q = tta_probabilities(model, x)
-                    averaged.append(q.cpu())
+                    views = tta_logits(model, x).cpu()
+                    averaged.append(views)
+                    plain.append(views[0])
                 else:
-                    p = model(x).float().softmax(dim=1)
-                plain.append(p.cpu())
+                    plain.append(model(x).float().cpu())
                 kept.extend(offset + i for i in ok)
             offset += len(reasons)
             advance(len(reasons))
@@ -192,11 +212,23 @@ def evaluate_run(
         raise DataError(f"None of the {len(chosen.samples)} images in {chosen.source} could be read "
                         f"(e.g. {skipped[-1]['path']}: {skipped[-1]['reason']}).")
 
-    probs = torch.cat(plain).double().numpy()
+    logits = torch.cat(plain).double().numpy()
     targets = np.array([chosen.samples[i].label for i in kept], dtype=np.int64)
     paths = [str(chosen.samples[i].path) for i in kept]
+    calibration = meta.get("calibration")
+    if calibrate is not None:
+        calibration = _store_calibration(meta_path, meta, calibration_record(logits, targets, classes, fit=calibrate))
+        temperature = calibration["temperature"]
+    probs = scaled_softmax(logits, temperature)
     metrics = classification_metrics(probs, targets, classes)
-    tta_probs = torch.cat(averaged).double().numpy() if tta else None
+    raw = classification_metrics(scaled_softmax(logits, 1.0), targets, classes) if temperature != 1.0 else metrics
+    metrics["calibration"] = {"temperature": temperature, "log_loss_before": raw["log_loss"],
+                              "ece_before": raw["ece"], "reliability_before": raw["reliability"]}
+    metrics["selective"] = selective_metrics(probs, targets, calibration)
+    tta_probs = None
+    if tta:
+        views = torch.cat(averaged, dim=1).double().numpy()
+        tta_probs = np.mean([scaled_softmax(v, temperature) for v in views], axis=0)
     result = EvalResult(
         run_dir=run_dir, name=chosen.name, split=chosen.split, data=chosen.source, classes=classes,
         metrics=metrics, probabilities=probs, targets=targets, paths=paths,
@@ -204,13 +236,25 @@ def evaluate_run(
         interpretation=interpret(probs, targets, paths, classes, metrics["confusion_matrix"], top_losses),
         tta_metrics=classification_metrics(tta_probs, targets, classes) if tta_probs is not None else None,
         tta_probabilities=tta_probs, skipped=skipped, warnings=chosen.warnings,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start, logits=logits,
     )
     result.json_path = Path(out_dir or run_dir) / f"eval-{chosen.name}.json"
     atomic_write_json(result.json_path, result.to_dict())
     log.info("%s: accuracy %.4f on %d images (%d skipped) -> %s", chosen.name, metrics["accuracy"],
              len(kept), len(skipped), result.json_path)
     return result
+
+
+def _store_calibration(meta_path: Path, meta: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite model.json with `record` as its calibration entry (the file is the run's commit point,
+    written atomically; every other key is kept as read)."""
+    atomic_write_json(meta_path, {**meta, "calibration": record})
+    log.info("calibration: T = %.4f (val log loss %.4f -> %.4f, ECE %.4f -> %.4f)", record["temperature"],
+             record["val_log_loss"]["before"], record["val_log_loss"]["after"], record["val_ece"]["before"],
+             record["val_ece"]["after"])
+    if "note" in record:
+        log.info("calibration: %s", record["note"])
+    return record
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["CROP_RATIO", "TTA_VIEWS", "tta_probabilities"]
+__all__ = ["CROP_RATIO", "TTA_VIEWS", "tta_logits"]
 
 CROP_RATIO = 0.9
 
@@ -33,7 +33,7 @@ TTA_VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 """View name -> function on a (B, C, H, W) batch; "full" must stay first: it is the plain prediction."""
 
 
-def tta_probabilities(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(plain probabilities, TTA-averaged probabilities) for one batch, float32 on the batch's device."""
-    probs = [model(view(batch)).float().softmax(dim=1) for view in TTA_VIEWS.values()]
-    return probs[0], torch.stack(probs).mean(dim=0)
+def tta_logits(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """(views, B, C) float32 logits of one batch, views in TTA_VIEWS order (the plain one first); the
+    caller averages their (calibrated) softmax."""
+    return torch.stack([model(view(batch)).float() for view in TTA_VIEWS.values()])

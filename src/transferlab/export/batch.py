@@ -21,6 +21,7 @@ import numpy as np
 
 from transferlab.data.images import ImageError, load_image
 from transferlab.errors import TransferlabError
+from transferlab.evaluation.abstain import Abstainer
 from transferlab.evaluation.predict import expand_inputs
 from transferlab.export.predictors import Predictor
 
@@ -73,8 +74,9 @@ def _decoded(predictor: Predictor, inputs: Iterable[str | Path], window: int
 
 
 def iter_predictions(predictor: Predictor, inputs: Iterable[str | Path], *, top_k: int = 3,
-                     batch_size: int = 32) -> Iterator[dict[str, Any]]:
-    """{"path", "predictions": [{"label", "probability"}, ...]} or {"path", "error"} per input, in order."""
+                     batch_size: int = 32, abstainer: Abstainer | None = None) -> Iterator[dict[str, Any]]:
+    """{"path", "predictions": [{"label", "probability"}, ...]} or {"path", "error"} per input, in order;
+    with an `abstainer`, entries also get "label" and "abstained" (--unknown) and "set" (--sets)."""
     if top_k < 1:
         raise TransferlabError("--top-k must be at least 1")
     if batch_size < 1:
@@ -88,6 +90,8 @@ def iter_predictions(predictor: Predictor, inputs: Iterable[str | Path], *, top_
             probs = predictor.probabilities([x for _, x in batch])
             for (entry, _), row in zip(batch, probs):
                 entry["predictions"] = top_k_labels(row, predictor.classes, k)
+                if abstainer is not None:
+                    abstainer.annotate(entry, row, predictor.classes)
             batch.clear()
         yield from held
         held.clear()
@@ -105,28 +109,34 @@ def iter_predictions(predictor: Predictor, inputs: Iterable[str | Path], *, top_
 
 
 class _CsvOut:
-    """path, label_1, probability_1, ..., label_k, probability_k, error."""
+    """path, label_1, probability_1, ..., label_k, probability_k, error; then `decisions` (e.g. "label"
+    and "abstained" for --unknown, "set" for --sets: its labels joined by "|")."""
 
-    def __init__(self, handle: io.TextIOBase, k: int) -> None:
-        self.k, self.writer = k, csv.writer(handle)
+    def __init__(self, handle: io.TextIOBase, k: int, decisions: Sequence[str] = ()) -> None:
+        self.k, self.writer, self.decisions = k, csv.writer(handle), list(decisions)
         self.writer.writerow(["path", *(f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "probability")),
-                              "error"])
+                              "error", *self.decisions])
 
     def write(self, entry: dict[str, Any]) -> None:
         cells: list[Any] = []
         for p in entry.get("predictions", [])[:self.k]:
             cells += [p["label"], p["probability"]]
         cells += [""] * (2 * self.k - len(cells))
-        self.writer.writerow([entry["path"], *cells, entry.get("error", "")])
+        extra = [_cell(entry.get(name, "")) for name in self.decisions]
+        self.writer.writerow([entry["path"], *cells, entry.get("error", ""), *extra])
 
     def close(self) -> None:
         pass
 
 
+def _cell(value: Any) -> Any:
+    return "|".join(value) if isinstance(value, list) else value
+
+
 class _JsonOut:
     """The list `transferlab predict --json` prints, one entry per line, written as it comes."""
 
-    def __init__(self, handle: io.TextIOBase, k: int) -> None:
+    def __init__(self, handle: io.TextIOBase, k: int, decisions: Sequence[str] = ()) -> None:
         self.handle, self.separator = handle, "\n  "
         handle.write("[")
 
@@ -143,8 +153,10 @@ OUTPUT_FORMATS: dict[str, type[_CsvOut | _JsonOut]] = {".csv": _CsvOut, ".json":
 
 
 def write_predictions(results: Iterable[dict[str, Any]], out: str | Path, *, top_k: int,
-                      on_entry: Callable[[dict[str, Any]], None] | None = None) -> dict[str, int]:
-    """Stream `results` into `out` (.csv or .json) and return {"images", "failed"}.
+                      on_entry: Callable[[dict[str, Any]], None] | None = None,
+                      decisions: Sequence[str] = ()) -> dict[str, int]:
+    """Stream `results` into `out` (.csv or .json) and return {"images", "failed"}; `decisions`: the
+    entries' decision fields (abstainer's) that a CSV gets columns for.
 
     Rows go to a hidden ``.partial`` file renamed over `out` at the end: an interrupted run never
     leaves a truncated file under the real name.
@@ -161,7 +173,7 @@ def write_predictions(results: Iterable[dict[str, Any]], out: str | Path, *, top
     counts = {"images": 0, "failed": 0}
     try:
         with open(partial, "w", encoding="utf-8", newline="") as handle:
-            writer = make_writer(handle, top_k)
+            writer = make_writer(handle, top_k, decisions)
             for entry in results:
                 writer.write(entry)
                 counts["images"] += 1

@@ -25,6 +25,7 @@ from transferlab import _runtime
 from transferlab._version import __version__
 from transferlab.data.transforms import Preprocessing
 from transferlab.errors import TransferlabError
+from transferlab.evaluation.calibration import Tempered, temperature_of
 from transferlab.evaluation.predict import load_run_model
 from transferlab.export.onnx import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx, load_onnx
 from transferlab.export.parity import ParityError, check_parity, parity_images
@@ -105,6 +106,10 @@ def export_run(run: str | Path, fmt: str = "onnx", *, out: str | Path | None = N
     preprocessing = Preprocessing.from_dict(meta["preprocessing"])
     size = preprocessing.input_size
     precision = "fp16" if fp16 else "fp32"
+    # the graph divides by the run's temperature, so its logits are calibrated for every consumer; the
+    # parity reference is the same tempered model, so the check covers T too
+    temperature = temperature_of(meta)
+    model = Tempered(model, temperature).eval()
     module = HalfPrecision(copy.deepcopy(model)).eval() if fp16 else model
     # A dynamic graph is traced at batch 2, so no size-1 broadcast can be mistaken for the batch size.
     example = torch.zeros(2 if dynamic_batch else 1, 3, size, size)
@@ -139,7 +144,10 @@ def export_run(run: str | Path, fmt: str = "onnx", *, out: str | Path | None = N
         "input": {"name": INPUT_NAME, "shape": [batch, 3, size, size], "dtype": "float32", "layout": "NCHW",
                   "colour": "RGB", "values": "pixel / 255, then (value - mean) / std per channel"},
         "output": {"name": OUTPUT_NAME, "shape": [batch, len(classes)],
-                   "meaning": "logits: softmax over axis 1 gives the probabilities of `classes`, in order"},
+                   "meaning": "logits: softmax over axis 1 gives the probabilities of `classes`, in order",
+                   "temperature": temperature},
+        # T (already applied inside the graph) and the val scores `predict --unknown/--sets` derive from
+        **({"calibration": meta["calibration"]} if "calibration" in meta else {}),
         "preprocessing": preprocessing.to_dict(),
         "dynamic_batch": dynamic_batch,
         **extra,

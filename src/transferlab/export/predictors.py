@@ -18,7 +18,8 @@ from transferlab.errors import RunDirError
 from transferlab.export.preprocess import preprocess_image
 from transferlab.export.sidecar import read_sidecar
 
-__all__ = ["OnnxPredictor", "Predictor", "TorchPredictor", "inference_threads", "load_predictor", "model_kind", "softmax"]
+__all__ = ["OnnxPredictor", "Predictor", "TorchPredictor", "inference_threads", "load_predictor", "model_calibration",
+           "model_kind", "softmax"]
 
 
 class Predictor(Protocol):
@@ -28,6 +29,7 @@ class Predictor(Protocol):
     runtime: str  # "pytorch" | "onnxruntime"
     classes: list[str]
     input_size: int
+    calibration: dict[str, Any] | None  # model.json's / the sidecar's: T and the val scores abstain.py uses
 
     def prepare(self, image: Image.Image) -> Any:
         """One decoded RGB image → the model's input for it (C, H, W)."""
@@ -64,6 +66,7 @@ class TorchPredictor:
 
         from transferlab import _runtime
         from transferlab.data.transforms import Preprocessing, eval_transform
+        from transferlab.evaluation.calibration import temperature_of
         from transferlab.evaluation.predict import load_inference_model
 
         _runtime.setup_torch()
@@ -73,6 +76,8 @@ class TorchPredictor:
         self.model = model.to(memory_format=torch.channels_last)
         self.name = str(path)
         self.classes = list(meta["classes"])
+        self.calibration = meta.get("calibration")
+        self._inverse_temperature = 1.0 / temperature_of(meta)
         self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         self.input_size = self.preprocessing.input_size
         self._transform = eval_transform(self.preprocessing)
@@ -85,7 +90,7 @@ class TorchPredictor:
 
         x = torch.stack(list(batch)).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            return self.model(x).float().softmax(dim=1).numpy()
+            return (self.model(x).float() * self._inverse_temperature).softmax(dim=1).numpy()
 
     def explainer(self, method: str = "gradcam"):
         """A CamExplainer (evaluation.explain) of this model: class-activation maps need its gradients."""
@@ -110,6 +115,7 @@ class OnnxPredictor:
             raise RunDirError(f"{path} is described as a {meta['runtime']} export in its sidecar, not ONNX.")
         self.name = str(path)
         self.classes = list(meta["classes"])
+        self.calibration = meta.get("calibration")  # its temperature is inside the graph already
         self._preprocessing = meta["preprocessing"]
         self.input_size = int(self._preprocessing["input_size"])
         self._input_name = meta["input"]["name"]
@@ -163,6 +169,21 @@ def model_kind(path: str | Path) -> str:
 
 
 _LOADERS: dict[str, Callable[[Path], Predictor]] = {"run": TorchPredictor, "onnx": OnnxPredictor}
+
+
+def model_calibration(path: str | Path) -> dict[str, Any] | None:
+    """The calibration entry of a model's metadata (model.json, or an export's sidecar) without loading
+    the model; None when it has none (trained before calibration existed)."""
+    from transferlab.training.io import read_json
+
+    path = Path(path)
+    if model_kind(path) == "onnx":
+        return read_sidecar(path).get("calibration")
+    meta_path = path / "model.json" if path.is_dir() else path.with_suffix(".json")
+    if not meta_path.is_file():
+        raise RunDirError(f"'{path}' holds no trained model (model.json + model.safetensors).")
+    meta = read_json(meta_path)
+    return meta.get("calibration") if isinstance(meta, dict) else None
 
 
 def load_predictor(path: str | Path) -> Predictor:

@@ -1,6 +1,7 @@
 """`transferlab serve`: a small HTTP API around one model (a run directory or an exported .onnx).
 
-    POST /predict   multipart/form-data, one or more image files (any field name) → top-k JSON
+    POST /predict   multipart/form-data, one or more image files (any field name) → top-k JSON;
+                    ?unknown=auto|P&target_precision=0.99&sets=0.9 as `predict`'s options (abstain.py)
     GET  /health    model, classes, limits, counters
     GET  /          an upload page: pick or drop images, see each with its predictions
 
@@ -44,6 +45,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from transferlab.data.images import PIXEL_LIMIT_REASONS, ImageError, load_image
 from transferlab.errors import TransferlabError
+from transferlab.evaluation.abstain import DEFAULT_TARGET_PRECISION, Abstainer, AbstainOptions
 from transferlab.export.batch import top_k_labels
 from transferlab.export.predictors import Predictor, load_predictor
 
@@ -449,12 +451,18 @@ def create_app(model: str | Path | Predictor, limits: ServeLimits | None = None)
             await form.close()
 
     @app.post("/predict")
-    async def predict(request: Request, top_k: int | None = None) -> dict[str, Any]:
+    async def predict(request: Request, top_k: int | None = None, unknown: str | None = None,
+                      target_precision: float = DEFAULT_TARGET_PRECISION, sets: float | None = None) -> dict[str, Any]:
         start = time.perf_counter()
         k = limits.top_k if top_k is None else top_k
         if k < 1:
             raise RequestError(400, "top_k must be at least 1")
         k = min(k, len(predictor.classes))
+        try:
+            abstainer = Abstainer.build(AbstainOptions(unknown, target_precision, sets),
+                                        getattr(predictor, "calibration", None), Path(predictor.name).name)
+        except TransferlabError as exc:
+            raise RequestError(400, str(exc)) from None
         uploads = await _read_uploads(request)
         loop = asyncio.get_running_loop()
 
@@ -478,10 +486,17 @@ def create_app(model: str | Path | Predictor, limits: ServeLimits | None = None)
         state["requests"] += 1
         # one entry per file, in order: its labels, or its error as `predict --json` gives it (200 as long as
         # one file was usable, so a batch is never lost to one bad file)
-        return {"model": Path(predictor.name).name, "runtime": predictor.runtime,
-                "predictions": [{"filename": name, "error": failed[i].reason} if i in failed else
-                                {"filename": name, "predictions": top_k_labels(probs[i], predictor.classes, k)}
-                                for i, (name, _) in enumerate(uploads)],
+        entries = []
+        for i, (name, _) in enumerate(uploads):
+            if i in failed:
+                entries.append({"filename": name, "error": failed[i].reason})
+                continue
+            entry = {"filename": name, "predictions": top_k_labels(probs[i], predictor.classes, k)}
+            if abstainer is not None:
+                abstainer.annotate(entry, probs[i], predictor.classes)
+            entries.append(entry)
+        return {"model": Path(predictor.name).name, "runtime": predictor.runtime, "predictions": entries,
+                **({"abstain": abstainer.to_dict()} if abstainer is not None else {}),
                 "seconds": round(time.perf_counter() - start, 4)}
 
     return app

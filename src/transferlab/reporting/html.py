@@ -350,6 +350,7 @@ def _evaluation_section(ev: Mapping[str, Any], plots: Mapping[str, Path]) -> _Ht
                                            ("per_class_accuracy", "Per-class accuracy")) if k in plots]
     parts.append("<div class=grid>" + "".join(f"<div><h4>{title}</h4>{_img(plots[k], title)}</div>"
                                                 for k, title in figures) + "</div>")
+    parts.append(_calibration_section(m, plots))
     losses = interp["top_losses"]
     if losses:
         parts.append("<h4>Top losses</h4>")
@@ -383,6 +384,29 @@ def _cam_section(cams: Mapping[str, Any]) -> _Html:
         parts.append(f"<h4>{title}</h4><div class=cams>{''.join(figures)}</div>")
     if len(parts) == 1:
         parts.append("<p class=muted>no images to explain</p>")
+    return _Html("".join(parts))
+
+
+def _calibration_section(m: Mapping[str, Any], plots: Mapping[str, Path]) -> _Html:
+    """Temperature scaling before/after, and what --unknown auto / --sets give on this data."""
+    cal, sel = m.get("calibration"), m.get("selective") or {}
+    if not cal:
+        return _Html("")
+    parts = [f"<h4>Calibration: temperature T = {cal['temperature']:.4f}</h4>",
+             _table(["metric", "before (T = 1)", "after"],
+                    [["log loss", cal["log_loss_before"], m["log_loss"]], ["ECE", cal["ece_before"], m["ece"]]])]
+    auto, sets = sel.get("unknown_auto"), sel.get("sets")
+    if auto and sets:
+        parts.append("<h4>Abstain and prediction sets</h4>" + _table(
+            ["rule (thresholds from val)", "coverage", "precision / mean set size"],
+            [[f"--unknown auto, target precision {auto['target_precision']} (threshold {auto['threshold']:.4f})",
+              auto["coverage"], auto["precision"]],
+             [f"--sets {sets['target_coverage']} ({sets['score']} score)", sets["coverage"], sets["mean_size"]]]))
+    figures = [(k, title) for k, title in (("reliability_before", "Reliability before temperature scaling"),
+                                           ("risk_coverage", "Risk–coverage")) if k in plots]
+    if figures:
+        parts.append("<div class=grid>" + "".join(f"<div><h4>{title}</h4>{_img(plots[k], title)}</div>"
+                                                    for k, title in figures) + "</div>")
     return _Html("".join(parts))
 
 

@@ -25,7 +25,7 @@ from PIL import Image
 from transferlab.data.images import ImageError, load_image
 
 __all__ = ["doctor_plots", "eval_plots", "plot_confusion_matrix", "plot_image_pairs", "plot_label_issues",
-           "plot_per_class_accuracy", "plot_reliability", "plot_top_losses"]
+           "plot_per_class_accuracy", "plot_reliability", "plot_risk_coverage", "plot_top_losses"]
 
 CELL_TEXT_MAX_CLASSES = 30  # above this, numbers in cells are unreadable
 MAX_TICK_LABELS = 40
@@ -101,6 +101,24 @@ def plot_reliability(bins: Sequence[Mapping[str, Any]], ece: float, path: Path, 
              width=[b["upper"] - b["lower"] for b in bins], color="#888888", edgecolor="white")
     ax_n.set_xlabel("confidence (probability of the predicted class)")
     ax_n.set_ylabel("images")
+    return _save(fig, path)
+
+
+def plot_risk_coverage(curve: Mapping[str, Any], path: Path, auto: Mapping[str, Any] | None = None) -> Path:
+    """Error rate of the answered images against the fraction answered (most confident first); the
+    point `predict --unknown auto` picks, when given."""
+    fig, ax = plt.subplots(figsize=(6, 4.5), constrained_layout=True)
+    ax.plot(curve["coverage"], curve["risk"], color="#4c72b0", linewidth=2, label=f"AURC {curve['aurc']:.4f}")
+    if auto and auto.get("precision") is not None:
+        ax.plot([auto["coverage"]], [1 - auto["precision"]], "o", color="#dd4444",
+                label=f"--unknown auto (target precision {auto['target_precision']})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("coverage (fraction answered, most confident first)")
+    ax.set_ylabel("risk (error rate of the answered)")
+    ax.set_title("risk–coverage", parse_math=False)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
@@ -208,7 +226,7 @@ def plot_per_class_accuracy(accuracy: Mapping[str, float | None], path: Path, ti
 
 
 def eval_plots(evaluation: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
-    """All four plots of a saved evaluation (``EvalResult.to_dict()``) into out_dir, by name."""
+    """All the plots of a saved evaluation (``EvalResult.to_dict()``) into out_dir, by name."""
     out_dir = Path(out_dir)
     m = evaluation["metrics"]
     interp = evaluation["interpretation"]
@@ -220,4 +238,12 @@ def eval_plots(evaluation: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
     }
     if interp["top_losses"]:
         plots["top_losses"] = plot_top_losses(interp["top_losses"], out_dir / "top_losses.png")
+    cal, sel = m.get("calibration"), m.get("selective")
+    if cal and cal["temperature"] != 1.0:  # with T = 1 "before" is the diagram above
+        plots["reliability_before"] = plot_reliability(
+            cal["reliability_before"], cal["ece_before"], out_dir / "reliability_before.png",
+            title=f"before temperature scaling — ECE {cal['ece_before']:.4f}")
+    if sel:
+        plots["risk_coverage"] = plot_risk_coverage(sel["risk_coverage"], out_dir / "risk_coverage.png",
+                                                    sel.get("unknown_auto"))
     return plots

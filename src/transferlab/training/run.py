@@ -486,21 +486,40 @@ def _finish(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, splits: DataSpl
     write_metrics(run_dir, rows)
     plot_curves(rows, run_dir / "curves.png", title=f"{spec.name} — {cfg.strategy}")
     atomic_write_json(run_dir / "summary.json", summary)
+    evaluated = _calibrate(run_dir, cfg, decoded)
     if cfg.report:
-        _write_report(run_dir, cfg.progress, decoded)
+        _write_report(run_dir, cfg.progress, decoded, evaluated)
     log.info("best val accuracy %.4f (%s epoch %d); run saved to %s", summary["val_accuracy_best"],
              state.data["best"]["phase"], state.data["best"]["epoch"], run_dir)
     return summary, rows
 
 
-def _write_report(run_dir: Path, progress: bool, decoded: DecodedImages | None = None) -> None:
+def _calibrate(run_dir: Path, cfg: TrainConfig, decoded: DecodedImages | None) -> bool:
+    """Evaluate the best model on val, fitting its temperature there (T = 1 with --no-calibrate) and
+    keeping the val scores predict's --unknown/--sets use, in model.json; the same pass writes
+    eval-val.json for the report. True when it worked; a failure leaves the run uncalibrated (T = 1),
+    never lost."""
+    from transferlab.evaluation.evaluate import evaluate_run
+
+    try:
+        evaluate_run(run_dir, split="val", progress=cfg.progress, decoded=decoded, calibrate=cfg.calibrate)
+    except (TransferlabError, OSError, ValueError, RuntimeError) as exc:
+        log.warning("could not calibrate the model on val (%s); it predicts uncalibrated — retry with "
+                    "`transferlab evaluate %s --calibrate`", exc, run_dir)
+        return False
+    return True
+
+
+def _write_report(run_dir: Path, progress: bool, decoded: DecodedImages | None = None, evaluated: bool = False) -> None:
     """The HTML report, after evaluating the best model on the val split (from the val images this
-    run already decoded and resized, when it kept them). A failure here never costs the trained run."""
+    run already decoded and resized, when it kept them) unless `evaluated` already did. A failure here
+    never costs the trained run."""
     from transferlab.evaluation.evaluate import evaluate_run
     from transferlab.reporting.html import write_report
 
     try:
-        evaluate_run(run_dir, split="val", progress=progress, decoded=decoded)
+        if not evaluated:
+            evaluate_run(run_dir, split="val", progress=progress, decoded=decoded)
         path = write_report([run_dir], progress=progress)
         log.info("report: %s", path)
     except (TransferlabError, OSError, ValueError, RuntimeError) as exc:
