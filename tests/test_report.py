@@ -97,8 +97,8 @@ def test_report_is_self_contained(runs, single_report):
     # curves, confusion matrix, reliability diagram, per-class accuracy, top losses; the doctor's and
     # calibration's pictures; the class-activation maps
     assert cam_overlays(runs[0]) > 0 and len(CAM_SRC.findall(page)) == cam_overlays(runs[0])
-    assert len(sources) == (5 + doctor_pictures(runs[0]) + calibration_pictures(runs[0]) + cam_overlays(runs[0])
-                            == page.count("<img"))
+    expected = 5 + doctor_pictures(runs[0]) + calibration_pictures(runs[0]) + cam_overlays(runs[0])
+    assert len(sources) == expected == page.count("<img")
     sizes = [decode_png(src).size for src in sources]
     assert all(w > 100 and h > 100 for w, h in sizes)
 

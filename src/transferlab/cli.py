@@ -565,7 +565,7 @@ def evaluate(
     transferlab evaluate runs/ants                    # the run's own val split
     transferlab evaluate runs/ants new_photos/ --tta  # any labelled folder/CSV
     transferlab evaluate runs/ants data/ --split test --top-losses 32
-    transferlab evaluate runs/old --calibrate               # calibrate a run trained without it
+    transferlab evaluate runs/old --calibrate         # calibrate an older run
     """
     from rich.markup import escape
 
