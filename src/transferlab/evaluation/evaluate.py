@@ -23,7 +23,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from transferlab import _runtime
-from transferlab.data.datasets import DecodedImages
+from transferlab.data.datasets import DecodedImages, label_targets
+from transferlab.data.multilabel import is_multilabel_model, model_thresholds
 from transferlab.data.images import ImageError, load_image
 from transferlab.data.sources import Sample
 from transferlab.data.threaded import threaded_batches
@@ -31,6 +32,7 @@ from transferlab.data.transforms import Preprocessing, eval_transform, eval_view
 from transferlab.errors import DataError, TransferlabError
 from transferlab.evaluation.interpret import interpret
 from transferlab.evaluation.metrics import classification_metrics
+from transferlab.evaluation.multilabel_metrics import multilabel_metrics, worst_images
 from transferlab.evaluation.predict import load_inference_model
 from transferlab.evaluation.samples import eval_data
 from transferlab.evaluation.tta import TTA_VIEWS, tta_probabilities
@@ -55,7 +57,7 @@ class EvalResult:
     classes: list[str]
     metrics: dict[str, Any]
     probabilities: np.ndarray  # (N, C), plain (no TTA)
-    targets: np.ndarray  # (N,)
+    targets: np.ndarray  # (N,) class indices; multi-label: (N, C) 0/1
     paths: list[str]
     interpretation: dict[str, Any]
     tta_metrics: dict[str, Any] | None = None
@@ -68,7 +70,12 @@ class EvalResult:
 
     @property
     def accuracy(self) -> float:
+        """Top-1 accuracy; multi-label: subset accuracy (every label of the image right)."""
         return self.metrics["accuracy"]
+
+    @property
+    def multilabel(self) -> bool:
+        return self.metrics.get("task") == "multilabel"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -147,7 +154,13 @@ def evaluate_run(
     model, meta = load_inference_model(run_dir)
     run_dir = Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent
     classes = list(meta["classes"])
-    chosen = eval_data(run_dir, classes, data, split, progress=progress)
+    multi = is_multilabel_model(meta)
+    if multi and tta:
+        raise TransferlabError("--tta averages softmax views of single-label models; this model is multi-label "
+                               "(sigmoid outputs): evaluate it without --tta.")
+    thresholds = model_thresholds(meta) if multi else None
+    chosen = eval_data(run_dir, classes, data, split, progress=progress,
+                       label_sep=(meta.get("label_sep") or ";") if multi else None)
     pre = Preprocessing.from_dict(meta["preprocessing"])
     if batch_size < 1:
         raise TransferlabError("--batch-size must be at least 1")
@@ -182,7 +195,8 @@ def evaluate_run(
                     p, q = tta_probabilities(model, x)
                     averaged.append(q.cpu())
                 else:
-                    p = model(x).float().softmax(dim=1)
+                    p = model(x).float()
+                    p = p.sigmoid() if multi else p.softmax(dim=1)
                 plain.append(p.cpu())
                 kept.extend(offset + i for i in ok)
             offset += len(reasons)
@@ -193,23 +207,34 @@ def evaluate_run(
                         f"(e.g. {skipped[-1]['path']}: {skipped[-1]['reason']}).")
 
     probs = torch.cat(plain).double().numpy()
-    targets = np.array([chosen.samples[i].label for i in kept], dtype=np.int64)
     paths = [str(chosen.samples[i].path) for i in kept]
-    metrics = classification_metrics(probs, targets, classes)
+    if multi:
+        targets = label_targets([chosen.samples[i] for i in kept], len(classes), True).numpy().astype(np.int64)
+        metrics = multilabel_metrics(probs, targets, classes, thresholds)
+        interpretation = {"top_losses": worst_images(probs, targets, paths, classes, thresholds, top_losses)}
+    else:
+        targets = np.array([chosen.samples[i].label for i in kept], dtype=np.int64)
+        metrics = classification_metrics(probs, targets, classes)
+        # of the plain model: what `predict` and an exported model will do
+        interpretation = interpret(probs, targets, paths, classes, metrics["confusion_matrix"], top_losses)
     tta_probs = torch.cat(averaged).double().numpy() if tta else None
     result = EvalResult(
         run_dir=run_dir, name=chosen.name, split=chosen.split, data=chosen.source, classes=classes,
         metrics=metrics, probabilities=probs, targets=targets, paths=paths,
-        # interpretation is of the plain model: what `predict` and an exported model will do
-        interpretation=interpret(probs, targets, paths, classes, metrics["confusion_matrix"], top_losses),
+        interpretation=interpretation,
         tta_metrics=classification_metrics(tta_probs, targets, classes) if tta_probs is not None else None,
         tta_probabilities=tta_probs, skipped=skipped, warnings=chosen.warnings,
         seconds=time.perf_counter() - start,
     )
     result.json_path = Path(out_dir or run_dir) / f"eval-{chosen.name}.json"
     atomic_write_json(result.json_path, result.to_dict())
-    log.info("%s: accuracy %.4f on %d images (%d skipped) -> %s", chosen.name, metrics["accuracy"],
-             len(kept), len(skipped), result.json_path)
+    if multi:
+        log.info("%s: mAP %.4f, micro F1 %.4f, subset accuracy %.4f on %d images (%d skipped) -> %s", chosen.name,
+                 metrics["map"], metrics["micro"]["f1"], metrics["subset_accuracy"], len(kept), len(skipped),
+                 result.json_path)
+    else:
+        log.info("%s: accuracy %.4f on %d images (%d skipped) -> %s", chosen.name, metrics["accuracy"],
+                 len(kept), len(skipped), result.json_path)
     return result
 
 
