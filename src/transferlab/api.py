@@ -103,7 +103,8 @@ def shards(data: str | Path, out: str | Path, *, shard_size: int = 1000, val_spl
 def predict(model: str | Path, inputs: Iterable[str | Path], *, top_k: int = 3, batch_size: int = 32,
             on_entry: Callable[[dict], None] | None = None) -> list[dict]:
     """Top-k predictions for images, folders or globs: [{"path", "predictions": [{"label", "probability"}]}
-    or {"path", "error"}] in input order. `model`: a run directory, its model.safetensors, or an exported
+    or {"path", "error"}] in input order; a multi-label model's entries add "labels" (every label at or
+    above its threshold, most probable first) before "predictions". `model`: a run directory, its model.safetensors, or an exported
     .onnx (onnxruntime only: torch is never imported). `on_entry` sees each result as it is made."""
     from transferlab.export.batch import iter_predictions
     from transferlab.export.predictors import load_predictor
@@ -124,7 +125,8 @@ def predict_to_file(model: str | Path, inputs: Iterable[str | Path], out: str | 
 
     predictor = load_predictor(model)
     results = iter_predictions(predictor, inputs, top_k=top_k, batch_size=batch_size)
-    return write_predictions(results, out, top_k=min(top_k, len(predictor.classes)), on_entry=on_entry)
+    return write_predictions(results, out, top_k=min(top_k, len(predictor.classes)), on_entry=on_entry,
+                             multilabel=predictor.task == "multilabel")
 
 
 def export_model(run: str | Path, format: str = "onnx", *, out: str | Path | None = None, dynamic_batch: bool = True,

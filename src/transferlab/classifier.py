@@ -11,6 +11,9 @@ used gives a prediction with its ``error`` instead of stopping the others, as `t
     p.label, p.probability, p.top_k      # 'bees', 0.97, (Candidate('bees', 0.97), Candidate('ants', 0.03))
     clf.predict(["a.jpg", "photos/"])     # several (files, folders, globs, PIL images) → a list
     clf.model                            # the torch.nn.Module (run-backed classifiers)
+
+A multi-label model (``clf.task == "multilabel"``, trained on a path,labels CSV) answers with every label
+at or above its tuned threshold: ``p.labels`` (Candidates, most probable first), ``p.label_set``.
 """
 
 from __future__ import annotations
@@ -47,24 +50,35 @@ class Candidate:
 class Prediction:
     """What the classifier says of one input: the most probable label, then the top k (most probable
     first). `source` is the file's path (None for in-memory images); `error` says why a file could not
-    be used, and then `label` is None and `top_k` empty."""
+    be used, and then `label` is None and `top_k` empty. `labels`: a multi-label model's answer, every
+    label at or above its threshold, most probable first (possibly none); None for single-label models."""
 
     label: str | None
     probability: float | None
     top_k: tuple[Candidate, ...]
     source: str | None = None
     error: str | None = None
+    labels: tuple[Candidate, ...] | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
+    @property
+    def label_set(self) -> frozenset[str]:
+        """The labels the model gives the input: a multi-label model's `labels`, else {`label`}."""
+        if self.labels is not None:
+            return frozenset(c.label for c in self.labels)
+        return frozenset() if self.label is None else frozenset({self.label})
+
     def to_dict(self) -> dict[str, Any]:
         """The `transferlab predict --json` shape: {"path", "predictions": [{"label", "probability"}]} or
-        {"path", "error"}."""
+        {"path", "error"}; a multi-label model's adds "labels" (same items) before "predictions"."""
         if self.error is not None:
             return {"path": self.source, "error": self.error}
-        return {"path": self.source,
+        chosen = {} if self.labels is None else {
+            "labels": [{"label": c.label, "probability": c.probability} for c in self.labels]}
+        return {"path": self.source, **chosen,
                 "predictions": [{"label": c.label, "probability": c.probability} for c in self.top_k]}
 
     @classmethod
@@ -73,7 +87,9 @@ class Prediction:
         if "error" in entry:
             return cls(None, None, (), source=entry["path"], error=entry["error"])
         top = tuple(Candidate(p["label"], p["probability"]) for p in entry["predictions"])
-        return cls(top[0].label, top[0].probability, top, source=entry["path"])
+        labels = (None if "labels" not in entry
+                  else tuple(Candidate(p["label"], p["probability"]) for p in entry["labels"]))
+        return cls(top[0].label, top[0].probability, top, source=entry["path"], labels=labels)
 
 
 class Classifier:
@@ -86,6 +102,17 @@ class Classifier:
     @property
     def classes(self) -> list[str]:
         return list(self._predictor.classes)
+
+    @property
+    def task(self) -> str:
+        """"single" (softmax: one label per image) or "multilabel" (a sigmoid per label, cut at `thresholds`)."""
+        return getattr(self._predictor, "task", "single")
+
+    @property
+    def thresholds(self) -> dict[str, float] | None:
+        """A multi-label model's decision threshold per label (tuned on val when trained); None otherwise."""
+        values = getattr(self._predictor, "thresholds", None)
+        return None if values is None else dict(zip(self.classes, values))
 
     @property
     def runtime(self) -> str:
@@ -132,7 +159,7 @@ class Classifier:
     def _predict_items(self, items: list[Any], *, top_k: int, batch_size: int) -> Iterator[Prediction]:
         """Files/folders/globs stream through export.batch (decoded ahead, constant memory); in-memory
         images are scored in batches of their own; the order of `items` is kept."""
-        from transferlab.export.batch import iter_predictions, top_k_labels
+        from transferlab.export.batch import iter_predictions, label_entry
 
         k = min(top_k, len(self.classes))
         run: list[Any] = []  # consecutive items of one kind, flushed when the kind changes
@@ -145,7 +172,7 @@ class Classifier:
                     for start in range(0, len(run), batch_size):
                         chunk = run[start:start + batch_size]
                         for row in self.probabilities(chunk):
-                            yield Prediction.from_entry({"path": None, "predictions": top_k_labels(row, self.classes, k)})
+                            yield Prediction.from_entry({"path": None, **label_entry(self._predictor, row, k)})
                 run = []
             if item is not _END:
                 run.append(item)
@@ -169,8 +196,9 @@ class Classifier:
         return self.path
 
     def __repr__(self) -> str:
+        task = f", task={self.task!r}" if self.task != "single" else ""
         return (f"Classifier({str(self.path)!r}, runtime={self.runtime!r}, classes={len(self.classes)}, "
-                f"input_size={self.input_size})")
+                f"input_size={self.input_size}{task})")
 
 
 _END = object()

@@ -24,7 +24,7 @@ from transferlab.errors import TransferlabError
 from transferlab.evaluation.predict import expand_inputs
 from transferlab.export.predictors import Predictor
 
-__all__ = ["OUTPUT_FORMATS", "count_inputs", "iter_predictions", "top_k_labels", "write_predictions"]
+__all__ = ["OUTPUT_FORMATS", "count_inputs", "iter_predictions", "labels_above", "top_k_labels", "write_predictions"]
 
 DECODE_THREADS = 2  # PIL decodes and resizes without the GIL: this overlaps decoding with inference
 
@@ -33,6 +33,23 @@ def top_k_labels(probabilities: np.ndarray, classes: Sequence[str], k: int) -> l
     """The k most probable labels of one image, most probable first."""
     order = np.argsort(-probabilities, kind="stable")[:k]
     return [{"label": classes[i], "probability": round(float(probabilities[i]), 6)} for i in order]
+
+
+def labels_above(probabilities: np.ndarray, classes: Sequence[str], thresholds: Sequence[float]) -> list[dict[str, Any]]:
+    """A multi-label image's labels: every class at or above its threshold, most probable first."""
+    chosen = [i for i in np.argsort(-probabilities, kind="stable") if probabilities[i] >= thresholds[i]]
+    return [{"label": classes[i], "probability": round(float(probabilities[i]), 6)} for i in chosen]
+
+
+def label_entry(predictor: Predictor, probabilities: np.ndarray, k: int) -> dict[str, Any]:
+    """What one image's entry says: {"predictions": top k} and, for a multi-label model, {"labels": every
+    label at or above its threshold} first (the decision; `predictions` ranks them all)."""
+    entry: dict[str, Any] = {}
+    # a Predictor written before tasks existed (or a stand-in) has no `task`: it is single-label
+    if getattr(predictor, "task", "single") == "multilabel":
+        entry["labels"] = labels_above(probabilities, predictor.classes, predictor.thresholds)
+    entry["predictions"] = top_k_labels(probabilities, predictor.classes, k)
+    return entry
 
 
 def count_inputs(inputs: Iterable[str | Path]) -> int:
@@ -87,7 +104,7 @@ def iter_predictions(predictor: Predictor, inputs: Iterable[str | Path], *, top_
         if batch:
             probs = predictor.probabilities([x for _, x in batch])
             for (entry, _), row in zip(batch, probs):
-                entry["predictions"] = top_k_labels(row, predictor.classes, k)
+                entry.update(label_entry(predictor, row, k))
             batch.clear()
         yield from held
         held.clear()
@@ -105,18 +122,21 @@ def iter_predictions(predictor: Predictor, inputs: Iterable[str | Path], *, top_
 
 
 class _CsvOut:
-    """path, label_1, probability_1, ..., label_k, probability_k, error."""
+    """path, label_1, probability_1, ..., label_k, probability_k, error; a multi-label model's rows add
+    `labels` (its labels above their thresholds, ';'-separated) before `error`."""
 
-    def __init__(self, handle: io.TextIOBase, k: int) -> None:
-        self.k, self.writer = k, csv.writer(handle)
+    def __init__(self, handle: io.TextIOBase, k: int, multilabel: bool = False) -> None:
+        self.k, self.writer, self.multilabel = k, csv.writer(handle), multilabel
         self.writer.writerow(["path", *(f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "probability")),
-                              "error"])
+                              *(["labels"] if multilabel else []), "error"])
 
     def write(self, entry: dict[str, Any]) -> None:
         cells: list[Any] = []
         for p in entry.get("predictions", [])[:self.k]:
             cells += [p["label"], p["probability"]]
         cells += [""] * (2 * self.k - len(cells))
+        if self.multilabel:
+            cells.append(";".join(p["label"] for p in entry.get("labels", [])))
         self.writer.writerow([entry["path"], *cells, entry.get("error", "")])
 
     def close(self) -> None:
@@ -126,7 +146,7 @@ class _CsvOut:
 class _JsonOut:
     """The list `transferlab predict --json` prints, one entry per line, written as it comes."""
 
-    def __init__(self, handle: io.TextIOBase, k: int) -> None:
+    def __init__(self, handle: io.TextIOBase, k: int, multilabel: bool = False) -> None:
         self.handle, self.separator = handle, "\n  "
         handle.write("[")
 
@@ -143,7 +163,8 @@ OUTPUT_FORMATS: dict[str, type[_CsvOut | _JsonOut]] = {".csv": _CsvOut, ".json":
 
 
 def write_predictions(results: Iterable[dict[str, Any]], out: str | Path, *, top_k: int,
-                      on_entry: Callable[[dict[str, Any]], None] | None = None) -> dict[str, int]:
+                      on_entry: Callable[[dict[str, Any]], None] | None = None,
+                      multilabel: bool = False) -> dict[str, int]:
     """Stream `results` into `out` (.csv or .json) and return {"images", "failed"}.
 
     Rows go to a hidden ``.partial`` file renamed over `out` at the end: an interrupted run never
@@ -161,7 +182,7 @@ def write_predictions(results: Iterable[dict[str, Any]], out: str | Path, *, top
     counts = {"images": 0, "failed": 0}
     try:
         with open(partial, "w", encoding="utf-8", newline="") as handle:
-            writer = make_writer(handle, top_k)
+            writer = make_writer(handle, top_k, multilabel)
             for entry in results:
                 writer.write(entry)
                 counts["images"] += 1

@@ -14,11 +14,13 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from transferlab.data.multilabel import MULTILABEL, SINGLE, is_multilabel_model, model_thresholds
 from transferlab.errors import RunDirError
 from transferlab.export.preprocess import preprocess_image
 from transferlab.export.sidecar import read_sidecar
 
-__all__ = ["OnnxPredictor", "Predictor", "TorchPredictor", "inference_threads", "load_predictor", "model_kind", "softmax"]
+__all__ = ["OnnxPredictor", "Predictor", "TorchPredictor", "inference_threads", "load_predictor", "model_kind", "sigmoid", "task_of",
+           "softmax"]
 
 
 class Predictor(Protocol):
@@ -28,12 +30,14 @@ class Predictor(Protocol):
     runtime: str  # "pytorch" | "onnxruntime"
     classes: list[str]
     input_size: int
+    task: str  # "single" (softmax over classes) | "multilabel" (one sigmoid per class)
+    thresholds: list[float] | None  # multilabel: each class's decision threshold (model.json / sidecar)
 
     def prepare(self, image: Image.Image) -> Any:
         """One decoded RGB image → the model's input for it (C, H, W)."""
 
     def probabilities(self, batch: Sequence[Any]) -> np.ndarray:
-        """Prepared images → (N, classes) float32 probabilities."""
+        """Prepared images → (N, classes) float32 probabilities (softmax rows, or multi-label sigmoids)."""
 
 
 def inference_threads() -> int:
@@ -49,6 +53,20 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits.astype(np.float32) - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=1, keepdims=True)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Per-label probabilities of a multi-label model's logits (no overflow for large |logit|)."""
+    x = logits.astype(np.float32)
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def task_of(meta: dict) -> tuple[str, list[float] | None]:
+    """(task, thresholds) of a model.json or sidecar: thresholds for multi-label models only."""
+    if is_multilabel_model(meta):
+        return MULTILABEL, model_thresholds(meta)
+    return SINGLE, None
 
 
 class TorchPredictor:
@@ -70,6 +88,7 @@ class TorchPredictor:
         self.model = model.to(memory_format=torch.channels_last)
         self.name = str(path)
         self.classes = list(meta["classes"])
+        self.task, self.thresholds = task_of(meta)
         preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         self.input_size = preprocessing.input_size
         self._transform = eval_transform(preprocessing)
@@ -82,7 +101,8 @@ class TorchPredictor:
 
         x = torch.stack(list(batch)).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            return self.model(x).float().softmax(dim=1).numpy()
+            logits = self.model(x).float()
+            return (logits.sigmoid() if self.task == MULTILABEL else logits.softmax(dim=1)).numpy()
 
 
 class OnnxPredictor:
@@ -101,6 +121,7 @@ class OnnxPredictor:
             raise RunDirError(f"{path} is described as a {meta['runtime']} export in its sidecar, not ONNX.")
         self.name = str(path)
         self.classes = list(meta["classes"])
+        self.task, self.thresholds = task_of(meta)
         self._preprocessing = meta["preprocessing"]
         self.input_size = int(self._preprocessing["input_size"])
         self._input_name = meta["input"]["name"]
@@ -127,7 +148,8 @@ class OnnxPredictor:
             if n < step:  # a fixed-batch graph takes exactly `step` images: pad, then drop the padding
                 chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), chunk.dtype)])
             chunks.append(self.session.run(None, {self._input_name: chunk})[0][:n])
-        return softmax(np.concatenate(chunks))
+        logits = np.concatenate(chunks)
+        return sigmoid(logits) if self.task == MULTILABEL else softmax(logits)
 
 
 def model_kind(path: str | Path) -> str:

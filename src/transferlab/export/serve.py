@@ -39,7 +39,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from transferlab.data.images import PIXEL_LIMIT_REASONS, ImageError, load_image
 from transferlab.errors import TransferlabError
-from transferlab.export.batch import top_k_labels
+from transferlab.export.batch import label_entry
 from transferlab.export.predictors import Predictor, load_predictor
 
 __all__ = ["ServeLimits", "create_app", "is_loopback", "serve"]
@@ -367,7 +367,7 @@ def create_app(model: str | Path | Predictor, limits: ServeLimits | None = None)
         probs = await request.app.state.batcher.score(list(decoded))
         state["requests"] += 1
         return {"model": Path(predictor.name).name, "runtime": predictor.runtime,
-                "predictions": [{"filename": name, "predictions": top_k_labels(row, predictor.classes, k)}
+                "predictions": [{"filename": name, **label_entry(predictor, row, k)}
                                 for (name, _), row in zip(uploads, probs)],
                 "seconds": round(time.perf_counter() - start, 4)}
 
