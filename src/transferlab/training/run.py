@@ -186,6 +186,8 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, allow_changed_d
         if not (run_dir / "config.yaml").exists():
             raise RunDirError(f"Cannot resume: '{run_dir}' is not a run directory (no config.yaml).")
         cfg = TrainConfig.load(run_dir / "config.yaml")
+        if cfg.task == "auto":  # new runs save the task they resolved to: this run predates tasks
+            cfg.task = "single"
     elif cfg.data:
         # config.yaml keeps the data where it is, not where it was seen from: --resume works from any directory
         cfg.data = os.path.abspath(os.path.expanduser(cfg.data))
