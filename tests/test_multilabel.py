@@ -241,3 +241,11 @@ def test_multilabel_model_refuses_tta_clearly(shapes_run):
     run, _, _ = shapes_run
     with pytest.raises(TransferlabError, match="multi-label"):
         transferlab.evaluate(run, tta=True, progress=False)
+
+
+@pytest.mark.parametrize("verb", ["select", "doctor", "lr_find"])
+def test_single_label_verbs_refuse_multilabel_data_before_any_work(tmp_path, verb):
+    data = make_shapes_csv(tmp_path / "data", n=6)
+    with pytest.raises(DataError, match="multi-label"):
+        getattr(transferlab, verb)(data, out=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

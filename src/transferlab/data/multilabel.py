@@ -156,3 +156,20 @@ def model_thresholds(meta: dict) -> list[float]:
         raise DataError(f"The model's thresholds must be {n} numbers in (0, 1], one per class; got {values!r}. "
                         "Retrain, or fix model.json's thresholds.")
     return [float(v) for v in values]
+
+
+def refuse_multilabel(data: str | Path, verb: str) -> None:
+    """DataError when `data` is a multi-label CSV: `verb` (select, doctor, lr-find) scores single-label
+    data only, and would otherwise read each label combination ('cat;dog') as a class of its own."""
+    path = Path(data).expanduser()
+    if not (path.is_file() and path.suffix.lower() == ".csv"):
+        return
+    cells = read_label_cells(path)
+    try:
+        sep = detect_separator(cells)
+    except DataError:
+        sep = LABEL_SEPARATORS[0]
+    if sep is not None and any(len(split_cell(cell, sep)) > 1 for cell in cells):
+        raise DataError(f"{path} lists several labels per image (multi-label); `transferlab {verb}` handles "
+                        "single-label data only. Train it with `transferlab train` (the task is detected), "
+                        "or give a CSV with one label per row.")
