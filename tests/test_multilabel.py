@@ -106,6 +106,8 @@ def test_train_refuses_bad_task_options_before_any_work(tmp_path):
     assert r.code != 0 and "is not a CSV" in r.text and not (tmp_path / "run").exists()
     r = cli("train", tmp_path, "--thresholds", "recall:2", "--out", tmp_path / "run", *TINY_FLAGS)
     assert r.code != 0 and "precision:P" in r.text and not (tmp_path / "run").exists()
+    with pytest.raises(TransferlabError, match="one device"):
+        transferlab.TrainConfig(data=str(tmp_path), task="multilabel", devices=2).validate()
 
 
 # ---- objective, thresholds, metrics ---------------------------------------------------------------------
