@@ -218,7 +218,7 @@ def test_onnx_export_parity_and_the_same_classifier_from_the_api(shapes_run):
     sidecar = json.loads(exported.sidecar.read_text())
     assert sidecar["task"] == "multilabel" and sidecar["thresholds"] == list(clf.thresholds.values())
     onnx = transferlab.load(exported.path)
-    image = sorted((data.parent / "images").glob("*.png"))[0]
+    image = min((data.parent / "images").glob("*.png"))
     a, b = clf.predict(image, top_k=5), onnx.predict(image, top_k=5)
     assert onnx.task == "multilabel" and a.label_set == b.label_set
     assert [c.probability for c in a.top_k] == pytest.approx([c.probability for c in b.top_k], abs=1e-4)
@@ -235,7 +235,7 @@ def test_api_training_with_fine_tuning_stages_selects_on_map(tmp_path):
         assert [r["phase"] for r in rows] == ["frozen", "frozen", "finetune"], finetune
         assert all(0 <= r["val_accuracy"] <= 1 and 0 <= r["train_accuracy"] <= 1 for r in rows)
         assert result.summary["task"] == "multilabel" and result.classifier.task == "multilabel"
-        p = result.classifier.predict(sorted((data.parent / "images").glob("*.png"))[0])
+        p = result.classifier.predict(min((data.parent / "images").glob("*.png")))
         assert p.labels is not None and p.label_set <= set(SHAPES)
 
 

@@ -349,12 +349,14 @@ def predict(
     if multi:
         table.add_column("labels (above their thresholds)")
     table.add_column("top predictions")
+    def listed(labels: list[dict]) -> str:
+        return ", ".join(f"{escape(p['label'])} {p['probability']:.3f}" for p in labels) or "—"
+
     for r in results:
-        listed = lambda key: ", ".join(f"{escape(p['label'])} {p['probability']:.3f}" for p in r[key]) or "—"  # noqa: E731
         if "error" in r:
             table.add_row(escape(r["path"]), f"[red]error: {escape(r['error'])}[/]", *([""] if multi else []))
         else:
-            table.add_row(escape(r["path"]), *([listed("labels")] if multi else []), listed("predictions"))
+            table.add_row(escape(r["path"]), *([listed(r["labels"])] if multi else []), listed(r["predictions"]))
     out_console.print(table)
     raise typer.Exit(1 if failures else 0)  # 1: some inputs could not be used (each one listed above)
 

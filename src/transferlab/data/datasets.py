@@ -176,14 +176,11 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
-        image, _ = self._item(index)
-        return image, self.samples[index].label if self._targets is None else self._targets[index]
-
-    def _item(self, index: int) -> tuple[torch.Tensor, int]:
         sample = self.samples[index]
+        target = sample.label if self._targets is None else self._targets[index]
         if self.kept_view is not None:
             try:
-                return self.decoded.view(sample.path, self.kept_view), sample.label
+                return self.decoded.view(sample.path, self.kept_view), target
             except ImageError:
                 pass  # reported, and replaced by a black image, below
         try:
@@ -192,10 +189,10 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
             self._report(sample.path, "Image became unreadable after validation", exc.reason)
             image = Image.new("RGB", (_FALLBACK_SIZE, _FALLBACK_SIZE))
         try:
-            return self.transform(image), sample.label
+            return self.transform(image), target
         except ImageError as exc:  # a resize bomb, refused by the transform before resizing
             self._report(sample.path, "Image cannot be resized", exc.reason)
-            return self.transform(Image.new("RGB", (_FALLBACK_SIZE, _FALLBACK_SIZE))), sample.label
+            return self.transform(Image.new("RGB", (_FALLBACK_SIZE, _FALLBACK_SIZE))), target
 
     def _report(self, path: Path, what: str, reason: str) -> None:
         if str(path) not in self._reported:

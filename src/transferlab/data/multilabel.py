@@ -19,8 +19,9 @@ from pathlib import Path
 
 from transferlab.errors import DataError
 
-__all__ = ["LABEL_COLUMNS", "LABEL_SEPARATORS", "MIN_POSITIVES", "TASKS", "detect_separator", "few_positives",
-           "holdout_split", "read_label_cells", "resolve_task", "split_cell"]
+__all__ = ["DEFAULT_THRESHOLD", "LABEL_COLUMNS", "LABEL_SEPARATORS", "MIN_POSITIVES", "MULTILABEL", "SINGLE", "TASKS",
+           "check_task", "detect_separator", "few_positives", "holdout_split", "is_multilabel_model", "label_column",
+           "model_thresholds", "read_label_cells", "refuse_multilabel", "resolve_task", "split_cell"]
 
 TASKS = ("auto", "single", "multilabel")
 SINGLE, MULTILABEL = "single", "multilabel"
@@ -30,6 +31,7 @@ LABEL_COLUMNS = ("label", "labels")  # a CSV's label column: either name
 # A label with fewer training positives than this is reported: its threshold, tuned on a handful of val
 # positives, and its AP are noise.
 MIN_POSITIVES = 5
+DEFAULT_THRESHOLD = 0.5  # the sigmoid's midpoint: a label's threshold before (or without) tuning on val
 
 
 def label_column(columns: dict[str, str]) -> str | None:
@@ -120,8 +122,9 @@ def holdout_split(train: Sequence[tuple[Path, tuple[str, ...]]], val_split: floa
         kept.extend(sorted(order[n_val:]))
     missing = sorted(set(frequency) - {label for _, labels in held for label in labels})
     if missing:
-        warnings.append(f"label(s) with no validation image: {', '.join(missing[:10])}"
-                        f"{' ...' if len(missing) > 10 else ''}; their thresholds stay at 0.5 and their AP is not measured")
+        listed = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+        warnings.append(f"label(s) with no validation image: {listed}; their thresholds stay at 0.5 and their AP "
+                        "is not measured")
     return kept, held
 
 
@@ -132,16 +135,13 @@ def few_positives(train: Iterable[tuple[Path, tuple[str, ...]]], minimum: int = 
     if not few:
         return []
     listed = ", ".join(f"{name} ({n})" for n, name in few[:10]) + (" ..." if len(few) > 10 else "")
-    return [f"{len(few)} label(s) have fewer than {minimum} training images: {listed}; their thresholds and "
-            "AP rest on very few examples, add images of them"]
+    return [(f"{len(few)} label(s) have fewer than {minimum} training images: {listed}; their thresholds and "
+             "AP rest on very few examples, add images of them")]
 
 
 def is_multilabel_model(meta: dict) -> bool:
     """Whether a model.json (or an export sidecar) describes a multi-label model (sigmoid outputs)."""
     return meta.get("task") == MULTILABEL
-
-
-DEFAULT_THRESHOLD = 0.5  # the sigmoid's midpoint: a label's threshold before (or without) tuning on val
 
 
 def model_thresholds(meta: dict) -> list[float]:

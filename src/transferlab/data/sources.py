@@ -32,6 +32,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import track
 
+from transferlab.data import multilabel
 from transferlab.data.images import (
     IMAGE_EXTENSIONS,
     ImageError,
@@ -42,7 +43,6 @@ from transferlab.data.images import (
     unreadable_reason,
     unsupported_format,
 )
-from transferlab.data import multilabel
 from transferlab.errors import DataError
 
 __all__ = [

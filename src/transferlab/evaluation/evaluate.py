@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from transferlab import _runtime
 from transferlab.data.datasets import DecodedImages, label_targets
-from transferlab.data.multilabel import is_multilabel_model, model_thresholds
 from transferlab.data.images import ImageError, load_image
+from transferlab.data.multilabel import is_multilabel_model, model_thresholds
 from transferlab.data.sources import Sample
 from transferlab.data.threaded import threaded_batches
 from transferlab.data.transforms import Preprocessing, eval_transform, eval_view

@@ -47,7 +47,7 @@ def multilabel_metrics(probabilities: np.ndarray, targets: np.ndarray, classes: 
         raise ValueError("no predictions to score")
     pred = torch.as_tensor(predicted_sets(probs.numpy(), thresholds))
     # binarised here with each label's threshold: torchmetrics then cuts the 0/1 predictions at 0.5
-    hard = dict(preds=pred.float(), target=y, num_labels=c, threshold=0.5, zero_division=0)
+    hard = {"preds": pred.float(), "target": y, "num_labels": c, "threshold": 0.5, "zero_division": 0}
     support = y.sum(dim=0)
     present = support > 0
     ap = torch.full((c,), float("nan"))

@@ -97,11 +97,11 @@ def check_parity(reference: Any, preprocessing: Any, candidate: Callable[[np.nda
     if thresholds is None:
         top2 = np.sort(expected, axis=1)[:, -2:] if expected.shape[1] > 1 else np.zeros((len(expected), 2))
         near_tie = top2[:, 1] - top2[:, 0] <= 2 * tolerance
-        decide = lambda p: p.argmax(axis=1)[:, None]  # noqa: E731
+        decide = lambda p: p.argmax(axis=1)[:, None]
     else:
         cut = np.asarray(thresholds)[None, :]
         near_tie = (np.abs(expected - cut) <= 2 * tolerance).any(axis=1)
-        decide = lambda p: p >= cut  # noqa: E731
+        decide = lambda p: p >= cut
     if precision != "fp16":
         near_tie = np.zeros(len(images), bool)
     worst, differs = 0.0, np.zeros(len(images), dtype=bool)

@@ -19,8 +19,17 @@ from transferlab.errors import RunDirError
 from transferlab.export.preprocess import preprocess_image
 from transferlab.export.sidecar import read_sidecar
 
-__all__ = ["OnnxPredictor", "Predictor", "TorchPredictor", "inference_threads", "load_predictor", "model_kind", "sigmoid", "task_of",
-           "softmax"]
+__all__ = [
+    "OnnxPredictor",
+    "Predictor",
+    "TorchPredictor",
+    "inference_threads",
+    "load_predictor",
+    "model_kind",
+    "sigmoid",
+    "softmax",
+    "task_of",
+]
 
 
 class Predictor(Protocol):
