@@ -251,3 +251,10 @@ def test_single_label_verbs_refuse_multilabel_data_before_any_work(tmp_path, ver
     with pytest.raises(DataError, match="multi-label"):
         getattr(transferlab, verb)(data, out=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_report_has_a_per_label_section(shapes_run, tmp_path):
+    run, _, _ = shapes_run
+    html = transferlab.report(run, tmp_path / "report.html", progress=False).read_text()
+    assert "Per label" in html and "val mAP" in html and all(name in html for name in SHAPES)
+    assert "threshold" in html and "confusion" not in html.lower()

@@ -320,6 +320,7 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
 
     checkpoints = run_dir / "checkpoints"
     tapped: dict[str, torch.Tensor] = {}  # boundary activations of the feature pass (memory only: a resumed run recomputes)
+    val_features: torch.Tensor | None = None  # the frozen val features of this invocation's feature pass
 
     def drop_vanished() -> DataSplits:  # a file gone since validation is a skipped file, not a failed run
         if splits.drop_unreadable():  # each one logged as it is dropped
@@ -338,6 +339,7 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
             # every rank extracts its shard; rank 0 alone holds the assembled features
             features, n_extracted = _features(model, splits, cfg, spec, train_pre, ranks, autocast, decoded,
                                               tap=_boundary_tap(model, cfg, splits, ranks), tapped=tapped)
+            val_features = None if features is None else features[2]
             extract_seconds = time.perf_counter() - t1
             if n_extracted:  # the measured frozen-forward throughput plans a --time-budget
                 state.data["forward_images_per_second"] = n_extracted / max(extract_seconds, 1e-9)
@@ -376,7 +378,7 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
                       maybe_save_best, ranks, decoded, deadline)
 
     if splits.multilabel and ranks.is_zero and "thresholds" not in state.data:
-        _tune_thresholds(model, run_dir, splits, spec, cfg, state, decoded)
+        _tune_thresholds(model, run_dir, splits, spec, cfg, state, decoded, val_features)
 
     # ---- final outputs (rank 0 writes them; every rank returns the same result)
     # wall-clock start of this invocation: lets an outside timer split its own figure into process
@@ -409,13 +411,21 @@ def _task_meta(splits: DataSplits) -> dict[str, Any]:
 
 
 def _tune_thresholds(model, run_dir: Path, splits: DataSplits, spec: BackboneSpec, cfg: TrainConfig,
-                     state: RunState, decoded: DecodedImages | None) -> None:
+                     state: RunState, decoded: DecodedImages | None, val_features: torch.Tensor | None) -> None:
     """Per-label thresholds of the best model (model.safetensors) tuned on val by `cfg.thresholds`,
-    written into model.json (read by predict, evaluate, export) and the run's state."""
+    written into model.json (read by predict, evaluate, export) and the run's state. When the best is the
+    frozen stage's head and this process extracted the val features, the head alone scores them: the
+    backbone's val pass is the features' (scene15 pairs, 149 val images: the second pass took 15.6 s of a
+    316 s run, bench/RESULTS.md)."""
     t0 = time.perf_counter()
     model.load_state_dict(load_tensors(run_dir / "model.safetensors"))
-    probs = thresholds_mod.validation_probabilities(model, splits.val, spec.preprocessing,
-                                                    batch_size=max(cfg.batch_size, 64), decoded=decoded)
+    if val_features is not None and state.data["best"]["phase"] == "frozen":
+        head = head_slot(model).head.eval()
+        with torch.no_grad():
+            probs = head(val_features.float()).float().sigmoid().numpy()
+    else:
+        probs = thresholds_mod.validation_probabilities(model, splits.val, spec.preprocessing,
+                                                        batch_size=max(cfg.batch_size, 64), decoded=decoded)
     targets = label_targets(splits.val, len(splits.classes), True).numpy()
     values, per_label = thresholds_mod.tune_thresholds(probs, targets, splits.classes, cfg.thresholds)
     meta = read_json(run_dir / "model.json")
