@@ -15,6 +15,7 @@ import argparse
 import csv
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -63,25 +64,36 @@ def build(dataset: Path, work: Path, side: int, seed: int) -> tuple[Path, dict[s
     return csv_path, counts
 
 
+def _value(text: str):
+    """A --set value as YAML reads it (numbers, booleans), else the text."""
+    import yaml
+
+    return yaml.safe_load(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="scene15")
     parser.add_argument("--work", type=Path, default=Path("/tmp/transferlab-multilabel-bench"))
     parser.add_argument("--side", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="train options other than the defaults, e.g. label_smoothing=0 epochs_frozen=32")
     args = parser.parse_args()
+    options = {key: _value(value) for key, _, value in (item.partition("=") for item in args.set)}
 
     import transferlab
 
     csv_path, counts = build((SUITE / args.dataset).resolve(), args.work / args.dataset, args.side, args.seed)
     run = args.work / f"{args.dataset}-run"
+    shutil.rmtree(run, ignore_errors=True)  # this script's own run from last time (the feature cache stays)
     t0 = time.perf_counter()
-    result = transferlab.train(csv_path, out=str(run), progress=False, report=False)
+    result = transferlab.train(csv_path, out=str(run), progress=False, report=False, **options)
     train_seconds = time.perf_counter() - t0
     evaluation = transferlab.evaluate(run, split="test", progress=False, plots=False)
     m = evaluation.metrics
     print(json.dumps({
-        "dataset": args.dataset, "composites": counts, "labels": len(result.classes),
+        "dataset": args.dataset, "options": options, "composites": counts, "labels": len(result.classes),
         "task": result.summary["task"], "val_map_best": round(result.val_accuracy_best, 4),
         "best": result.summary["best"], "finetune": (result.summary.get("finetune") or {}).get("skipped")
         or (result.summary.get("finetune") or {}).get("epochs_run"),

@@ -287,6 +287,9 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
         return splits
 
     splits = ranks.on_zero(read_data)
+    if splits.multilabel and cfg.label_smoothing:
+        log.info("label smoothing %g applies to single-label cross-entropy; multi-label BCE trains on hard 0/1 "
+                 "targets (training/objective.py)", cfg.label_smoothing)
     log.info("data: %d train / %d val images, %d classes, %d skipped (%.1fs)",
              len(splits.train), len(splits.val), len(splits.classes), len(splits.skipped), time.perf_counter() - t0)
     state.data["phase_seconds"]["data"] = state.data["phase_seconds"].get("data", 0.0) + time.perf_counter() - t0
