@@ -118,7 +118,8 @@ def test_objective_scores_multi_hot_targets_by_bce_and_map():
     y = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     assert objective.loss(logits, y).item() == pytest.approx(
         torch.nn.functional.binary_cross_entropy_with_logits(logits, y).item())
-    assert objective.loss(logits, y, label_smoothing=0.1).item() == objective.loss(logits, y).item()  # hard targets
+    smoothed = torch.nn.functional.binary_cross_entropy_with_logits(logits, y * 0.9 + 0.05).item()
+    assert objective.loss(logits, y, label_smoothing=0.1).item() == pytest.approx(smoothed)  # toward 1/2
     tally = objective.Tally()
     tally.add(logits[:2], y[:2])
     tally.add(logits[2:], y[2:])

@@ -122,7 +122,7 @@ def train(
     optimizer: Annotated[str, typer.Option(help="adamw | adam | sgd")] = "adamw",
     weight_decay: Annotated[float, typer.Option(help="Weight decay (not on biases/norms)")] = 1e-2,
     schedule: Annotated[str, typer.Option(help="onecycle | cosine | constant")] = "onecycle",
-    label_smoothing: Annotated[float, typer.Option(help="Label smoothing (single-label; multi-label BCE uses hard targets)")] = 0.1,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing")] = 0.1,
     early_stop: Annotated[int | None, typer.Option(help="Stop fine-tuning after N epochs without val-loss gain (0: off; default 1 for --finetune boundary, counted once an epoch beat the head, 3 for full)")] = None,
     finetune_gate: Annotated[int, typer.Option(help="Two-stage: stop fine-tuning after N epochs unless one beat the frozen stage's val loss (0: off)")] = 2,
     progressive_resize: Annotated[float | None, typer.Option(help="Fine-tune from this fraction of the image size up to full (e.g. 0.5)")] = None,

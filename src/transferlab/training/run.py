@@ -287,9 +287,6 @@ def _train_in(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, start: float,
         return splits
 
     splits = ranks.on_zero(read_data)
-    if splits.multilabel and cfg.label_smoothing:
-        log.info("label smoothing %g applies to single-label cross-entropy; multi-label BCE trains on hard 0/1 "
-                 "targets (training/objective.py)", cfg.label_smoothing)
     log.info("data: %d train / %d val images, %d classes, %d skipped (%.1fs)",
              len(splits.train), len(splits.val), len(splits.classes), len(splits.skipped), time.perf_counter() - t0)
     state.data["phase_seconds"]["data"] = state.data["phase_seconds"].get("data", 0.0) + time.perf_counter() - t0
@@ -950,7 +947,10 @@ def _boundary_finetune(model, splits: DataSplits, cfg: TrainConfig, spec: Backbo
     head = max((r for r in state.rows if r["phase"] == "frozen"),
                key=lambda r: selection_score(r["val_accuracy"], r["val_loss"]))
     fit = {"head_train_error": round(1 - head["train_accuracy"], 4), "head_val_error": round(1 - head["val_accuracy"], 4)}
-    if cfg.finetune_when == "underfit" and not boundary.head_underfits(head["train_accuracy"], head["val_accuracy"]):
+    # The underfit rule was measured on single-label accuracy; on scene15 pairs it read the head's mAP
+    # (train 0.893, val 0.763) as variance and skipped a stage that took val mAP to 0.916 (bench/RESULTS.md)
+    if (cfg.finetune_when == "underfit" and not splits.multilabel
+            and not boundary.head_underfits(head["train_accuracy"], head["val_accuracy"])):
         log.info("fine-tuning skipped: the head's train error (%.1f%%) is under %.0f%% of its val error (%.1f%%) — "
                  "it errs from variance, which adapting the features does not cure (--finetune-when always runs it)",
                  100 * fit["head_train_error"], 100 * boundary.UNDERFIT_RATIO, 100 * fit["head_val_error"])
