@@ -208,6 +208,12 @@ def test_predict_json_lists_label_sets_above_thresholds(shapes_run):
         assert len(ranked) == 5
         assert [p["label"] for p in entry["labels"]] == [k for k, v in sorted(ranked.items(), key=lambda kv: -kv[1])
                                                          if v >= thresholds[k]]
+    r = cli("predict", run, *images, "--out", data.parent / "preds.csv", "--no-progress")
+    with open(data.parent / "preds.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert r.code == 0 and len(rows) == 4
+    assert [row["labels"] for row in rows] == [";".join(p["label"] for p in e["labels"]) for e in json.loads(
+        cli("predict", run, *images, "--json", "--no-progress").out)]
 
 
 def test_onnx_export_parity_and_the_same_classifier_from_the_api(shapes_run):
