@@ -98,8 +98,10 @@ def predict(model: str | Path, inputs: Iterable[str | Path], *, top_k: int = 3, 
             target_precision: float = DEFAULT_TARGET_PRECISION, sets: float | None = None,
             explain: str | Path | None = None) -> list[dict]:
     """Top-k predictions for images, folders or globs: [{"path", "predictions": [{"label", "probability"}]}
-    or {"path", "error"}] in input order. `model`: a run directory, its model.safetensors, or an exported
-    .onnx (onnxruntime only: torch is never imported). `on_entry` sees each result as it is made.
+    or {"path", "error"}] in input order; a multi-label model's entries add "labels" (every label at or
+    above its threshold, most probable first) before "predictions". `model`: a run directory, its
+    model.safetensors, or an exported .onnx (onnxruntime only: torch is never imported). `on_entry` sees
+    each result as it is made.
 
     `unknown` ("auto" for the val threshold reaching `target_precision`, or a probability) adds "label"
     ("unknown" below the threshold) and "abstained"; `sets` (a coverage, e.g. 0.9) adds the conformal
@@ -134,8 +136,9 @@ def predict_to_file(model: str | Path, inputs: Iterable[str | Path], out: str | 
 
     predictor, results, abstainer = _prediction_stream(model, inputs, top_k, batch_size, explain,
                                                        AbstainOptions(unknown, target_precision, sets))
+    decisions = [*(["labels"] if predictor.task == "multilabel" else []), *(abstainer.fields if abstainer else ())]
     return write_predictions(results, out, top_k=min(top_k, len(predictor.classes)), on_entry=on_entry,
-                             decisions=abstainer.fields if abstainer else ())
+                             decisions=decisions)
 
 
 def _prediction_stream(model: str | Path, inputs: Iterable[str | Path], top_k: int, batch_size: int,
@@ -155,6 +158,9 @@ def _prediction_stream(model: str | Path, inputs: Iterable[str | Path], top_k: i
                                    "maps need the gradients of the PyTorch model.")
         overlays = overlay_folder(explain)
     predictor = load_predictor(model)
+    if options.active and predictor.task == "multilabel":
+        raise TransferlabError("--unknown and --sets apply to single-label models; a multi-label model already "
+                               "answers with the labels above their thresholds (possibly none).")
     abstainer = Abstainer.build(options, predictor.calibration, str(model))
     results = iter_predictions(predictor, inputs, top_k=top_k, batch_size=batch_size, abstainer=abstainer)
     if overlays is not None:

@@ -14,6 +14,9 @@ used gives a prediction with its ``error`` instead of stopping the others, as `t
     p.label, p.abstained, p.candidates, p.set  # 'unknown', True, (Candidate('bees', 0.55), ...), ('bees', 'ants')
     clf.model                            # the torch.nn.Module (run-backed classifiers)
     e = clf.explain("bee.jpg", out_dir="cams/")  # Explanation: label, heatmap (HxW in [0, 1]), overlay, path
+
+A multi-label model (``clf.task == "multilabel"``, trained on a path,labels CSV) answers with every label
+at or above its tuned threshold: ``p.labels`` (Candidates, most probable first), ``p.label_set``.
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ class Prediction:
 
     With ``unknown=...``, an input below the threshold has ``abstained`` True, `label` "unknown" and
     `probability` None; its `candidates` (= `top_k`) are kept (``abstained`` is None without ``unknown``). With ``sets=...``, `set` is its conformal
-    prediction set (labels, most probable first)."""
+    prediction set (labels, most probable first). `labels`: a multi-label model's answer, every label at or
+    above its threshold, most probable first (possibly none); None for single-label models."""
 
     label: str | None
     probability: float | None
@@ -65,6 +69,7 @@ class Prediction:
     error: str | None = None
     abstained: bool | None = None
     set: tuple[str, ...] | None = None
+    labels: tuple[Candidate, ...] | None = None
 
     @property
     def ok(self) -> bool:
@@ -75,13 +80,23 @@ class Prediction:
         """The top k labels, whether the prediction abstained or not."""
         return self.top_k
 
+    @property
+    def label_set(self) -> frozenset[str]:
+        """The labels the model gives the input: a multi-label model's `labels`, else {`label`}."""
+        if self.labels is not None:
+            return frozenset(c.label for c in self.labels)
+        return frozenset() if self.label is None else frozenset({self.label})
+
     def to_dict(self) -> dict[str, Any]:
         """The `transferlab predict --json` shape: {"path", "predictions": [{"label", "probability"}]} or
-        {"path", "error"}; plus "label" and "abstained" with --unknown, "set" with --sets."""
+        {"path", "error"}; a multi-label model's adds "labels" (same items) before "predictions"; plus
+        "label" and "abstained" with --unknown, "set" with --sets."""
         if self.error is not None:
             return {"path": self.source, "error": self.error}
-        out: dict[str, Any] = {"path": self.source,
-                               "predictions": [{"label": c.label, "probability": c.probability} for c in self.top_k]}
+        out: dict[str, Any] = {"path": self.source}
+        if self.labels is not None:
+            out["labels"] = [{"label": c.label, "probability": c.probability} for c in self.labels]
+        out["predictions"] = [{"label": c.label, "probability": c.probability} for c in self.top_k]
         if self.abstained is not None:
             out.update(label=self.label, abstained=self.abstained)
         if self.set is not None:
@@ -97,8 +112,10 @@ class Prediction:
         abstained = entry.get("abstained")
         label = UNKNOWN if abstained else top[0].label
         found = entry.get("set")
+        labels = (None if "labels" not in entry
+                  else tuple(Candidate(p["label"], p["probability"]) for p in entry["labels"]))
         return cls(label, None if abstained else top[0].probability, top, source=entry["path"],
-                   abstained=abstained, set=None if found is None else tuple(found))
+                   abstained=abstained, set=None if found is None else tuple(found), labels=labels)
 
 
 @dataclass(frozen=True)
@@ -131,6 +148,17 @@ class Classifier:
     @property
     def classes(self) -> list[str]:
         return list(self._predictor.classes)
+
+    @property
+    def task(self) -> str:
+        """"single" (softmax: one label per image) or "multilabel" (a sigmoid per label, cut at `thresholds`)."""
+        return getattr(self._predictor, "task", "single")
+
+    @property
+    def thresholds(self) -> dict[str, float] | None:
+        """A multi-label model's decision threshold per label (tuned on val when trained); None otherwise."""
+        values = getattr(self._predictor, "thresholds", None)
+        return None if values is None else dict(zip(self.classes, values))
 
     @property
     def runtime(self) -> str:
@@ -203,7 +231,7 @@ class Classifier:
                        abstainer: Abstainer | None = None) -> Iterator[Prediction]:
         """Files/folders/globs stream through export.batch (decoded ahead, constant memory); in-memory
         images are scored in batches of their own; the order of `items` is kept."""
-        from transferlab.export.batch import iter_predictions, top_k_labels
+        from transferlab.export.batch import iter_predictions, label_entry
 
         k = min(top_k, len(self.classes))
         run: list[Any] = []  # consecutive items of one kind, flushed when the kind changes
@@ -217,7 +245,7 @@ class Classifier:
                     for start in range(0, len(run), batch_size):
                         chunk = run[start:start + batch_size]
                         for row in self.probabilities(chunk):
-                            entry = {"path": None, "predictions": top_k_labels(row, self.classes, k)}
+                            entry = {"path": None, **label_entry(self._predictor, row, k)}
                             if abstainer is not None:
                                 abstainer.annotate(entry, row, self.classes)
                             yield Prediction.from_entry(entry)
@@ -297,8 +325,9 @@ class Classifier:
         return self.path
 
     def __repr__(self) -> str:
+        task = f", task={self.task!r}" if self.task != "single" else ""
         return (f"Classifier({str(self.path)!r}, runtime={self.runtime!r}, classes={len(self.classes)}, "
-                f"input_size={self.input_size})")
+                f"input_size={self.input_size}{task})")
 
 
 _END = object()

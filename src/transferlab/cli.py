@@ -98,12 +98,14 @@ def _setup_logging(verbose: bool) -> None:
 
 def _report_train(result) -> None:
     s = result.summary
+    # a multi-label run's accuracy columns hold its val mAP (training/objective.py)
+    score, key = ("val mAP", "val_map") if s.get("task") == "multilabel" else ("val accuracy", "val_accuracy")
     console.print(
-        f"[bold green]val accuracy {s['val_accuracy_best']:.4f}[/] (best, {s['best']['phase']} epoch "
+        f"[bold green]{score} {s['val_accuracy_best']:.4f}[/] (best, {s['best']['phase']} epoch "
         f"{s['best']['epoch']}; final {s['val_accuracy_final']:.4f}) in {s['total_seconds']:.0f}s — "
         f"run saved to [bold]{result.run_dir}[/]"
     )
-    out_console.print(f"val_accuracy={s['val_accuracy_best']:.4f} run_dir={result.run_dir}")
+    out_console.print(f"{key}={s['val_accuracy_best']:.4f} run_dir={result.run_dir}")
 
 
 @app.command(rich_help_panel=_TRAIN_VERBS)
@@ -155,6 +157,9 @@ def train(
     max_memory: Annotated[str | None, typer.Option(help="Activation memory per pass, e.g. 8G; over it (or on out-of-memory) batches are halved", rich_help_panel=_HARDWARE)] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: a new folder in runs/ named by time and backbone)", rich_help_panel=_OUTPUT)] = None,
     csv_anywhere: Annotated[bool, typer.Option("--csv-anywhere", help="Let a CSV's rows name files outside the CSV's folder", rich_help_panel=_DATA)] = False,
+    task: Annotated[str, typer.Option(help="auto (multilabel when a CSV cell lists several labels) | single | multilabel (sigmoid per label, thresholds tuned on val)", rich_help_panel=_DATA)] = "auto",
+    label_sep: Annotated[str | None, typer.Option(help="Multi-label CSV: the character separating a cell's labels (default: ';' or '|', detected)", rich_help_panel=_DATA)] = None,
+    thresholds: Annotated[str, typer.Option(help="Multi-label: per-label thresholds on val maximise f1, or reach precision:P (e.g. precision:0.9)", rich_help_panel=_TRAINING)] = "f1",
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run directory", rich_help_panel=_OUTPUT)] = None,
     allow_changed_data: Annotated[bool, typer.Option("--allow-changed-data", help="With --resume: continue even though the data changed since the run started", rich_help_panel=_OUTPUT)] = False,
     logger: Annotated[list[str] | None, typer.Option("--logger", metavar="NAME", help="Also send the config, every epoch and the results to: csv | tensorboard | mlflow (repeatable or comma-separated). The last two need pip install 'transferlab\\[tensorboard]' or 'transferlab\\[mlflow]'", rich_help_panel=_TRACKING)] = None,
@@ -184,7 +189,8 @@ def train(
             "boundary_views": boundary_views, "finetune_when": finetune_when, "lr_head": lr_head, "lr_finetune": parse_lr_finetune(lr_finetune), "lr_decay": lr_decay,
             "unfreeze": unfreeze, "lr_floor": lr_floor, "optimizer": optimizer, "weight_decay": weight_decay, "schedule": schedule,
             "label_smoothing": label_smoothing, "early_stop": early_stop, "finetune_gate": finetune_gate, "time_budget": time_budget, "progressive_resize": progressive_resize, "bn": bn, "augment": augment,
-            "feature_views": feature_views, "img_size": img_size, "eval_size": eval_size, "val_split": val_split, "csv_anywhere": csv_anywhere, "batch_size": batch_size,
+            "feature_views": feature_views, "img_size": img_size, "eval_size": eval_size, "val_split": val_split, "csv_anywhere": csv_anywhere,
+            "task": task, "label_sep": label_sep, "thresholds": thresholds, "batch_size": batch_size,
             "num_workers": num_workers, "decode_cache": decode_cache, "compile": compile, "seed": seed, "precision": precision, "device": device, "devices": devices,
             "num_nodes": num_nodes, "dist_strategy": dist_strategy,
             "loggers": logger or [],
@@ -381,17 +387,26 @@ def predict(
         raise typer.Exit(1 if failures else 0)
     table = Table(title=f"predictions ({len(results) - len(failures)} images, {len(failures)} failed)")
     table.add_column("image", overflow="fold")
+    multi = any("labels" in r for r in results)  # a multi-label model: its decision first
+    if multi:
+        table.add_column("labels (above their thresholds)")
     table.add_column("top predictions")
     if unknown is not None:
         table.add_column("answer")
     if sets is not None:
         table.add_column(f"{sets:.0%} set")
+
+    def listed(labels: list[dict]) -> str:
+        return ", ".join(f"{escape(p['label'])} {p['probability']:.3f}" for p in labels) or "—"
+
     for r in results:
-        text = f"[red]error: {escape(r['error'])}[/]" if "error" in r else ", ".join(
-            f"{escape(p['label'])} {p['probability']:.3f}" for p in r["predictions"])
+        if "error" in r:
+            text = [*([""] if multi else []), f"[red]error: {escape(r['error'])}[/]"]
+        else:
+            text = [*([listed(r["labels"])] if multi else []), listed(r["predictions"])]
         decided = ([f"[yellow]{escape(r['label'])}[/]" if r.get("abstained") else escape(r.get("label", ""))]
                    if unknown is not None else []) + ([escape(", ".join(r.get("set", [])))] if sets is not None else [])
-        table.add_row(escape(r["path"]), text, *decided)
+        table.add_row(escape(r["path"]), *text, *decided)
     out_console.print(table)
     if explain is not None:
         console.print(f"class-activation overlays → [bold]{escape(str(explain))}[/]")
@@ -485,6 +500,8 @@ PER_CLASS_ROWS = 40  # above this many classes the terminal shows the worst ones
 def _eval_tables(result) -> list[Table]:
     from rich.markup import escape
 
+    if result.multilabel:
+        return _multilabel_tables(result)
     m, t = result.metrics, result.tta_metrics
     overall = Table(title=f"{escape(result.name)}: {m['n']} images, {len(result.skipped)} skipped")
     overall.add_column("metric")
@@ -547,6 +564,31 @@ def _calibration_tables(m: dict) -> list[Table]:
     return tables
 
 
+def _multilabel_tables(result) -> list[Table]:
+    """A multi-label evaluation: the headline metrics, then precision/recall/F1/AP/threshold per label."""
+    from rich.markup import escape
+
+    m = result.metrics
+    overall = Table(title=f"{escape(result.name)}: {m['n']} images, {len(result.skipped)} skipped (multi-label)")
+    overall.add_column("metric")
+    overall.add_column("value", justify="right")
+    for label, value in (("mAP (macro AP)", m["map"]), ("micro F1", m["micro"]["f1"]), ("macro F1", m["macro"]["f1"]),
+                         ("subset accuracy (exact match)", m["subset_accuracy"]),
+                         ("hamming accuracy", m["hamming_accuracy"]), ("log loss (BCE)", m["log_loss"]),
+                         ("labels per image (true)", m["label_cardinality"]),
+                         ("labels per image (predicted)", m["predicted_cardinality"])):
+        overall.add_row(label, f"{value:.4f}")
+    rows = m["per_label"]
+    shown = rows if len(rows) <= PER_CLASS_ROWS else sorted(rows, key=lambda r: r["f1"])[:PER_CLASS_ROWS]
+    table = Table(title="per label" if shown is rows else f"per label: the {PER_CLASS_ROWS} lowest F1 of {len(rows)}")
+    for col in ("label", "precision", "recall", "F1", "AP", "threshold", "support"):
+        table.add_column(col, justify="left" if col == "label" else "right")
+    for r in shown:
+        table.add_row(escape(r["label"]), f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}",
+                      "—" if r["ap"] is None else f"{r['ap']:.3f}", f"{r['threshold']:.3f}", str(r["support"]))
+    return [overall, table]
+
+
 @app.command(rich_help_panel=_MODEL_VERBS)
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run directory")],
@@ -586,6 +628,10 @@ def evaluate(
     plots_dir = result.run_dir / f"eval-{result.name}"
     console.print(f"metrics → [bold]{escape(str(result.json_path))}[/]; plots → [bold]{escape(str(plots_dir))}/[/]")
     tta_part = f" tta_accuracy={result.tta_metrics['accuracy']:.4f}" if result.tta_metrics else ""
+    if result.multilabel:
+        m = result.metrics
+        tta_part = (f" map={m['map']:.4f} micro_f1={m['micro']['f1']:.4f} macro_f1={m['macro']['f1']:.4f}"
+                    f" subset_accuracy={m['subset_accuracy']:.4f}")
     out_console.print(f"accuracy={result.accuracy:.4f}{tta_part} json={result.json_path}", markup=False,
                       highlight=False, soft_wrap=True)
 

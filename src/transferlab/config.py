@@ -153,6 +153,11 @@ class TrainConfig:
     feature_views: int = 0
     val_split: float = 0.2
     csv_anywhere: bool = False  # a CSV's rows may name files outside its folder
+    # auto | single | multilabel (a CSV whose cells list several labels: sigmoid head, BCE, mAP selection);
+    # a run's config.yaml holds the task it resolved to, so --resume and evaluate read the data alike
+    task: str = "auto"
+    label_sep: str | None = None  # multilabel: what separates a cell's labels (default: ';' or '|', detected)
+    thresholds: str = "f1"  # multilabel: per-label thresholds on val maximise F1, or "precision:P" reach P
     batch_size: int = 32
     num_workers: int | None = None
     decode_cache: bool = True
@@ -213,6 +218,19 @@ class TrainConfig:
             bad("val_split must be between 0 and 1")
         if self.batch_size < 1:
             bad("batch_size must be >= 1")
+        from transferlab.data.multilabel import check_task
+        from transferlab.errors import DataError
+        from transferlab.training.thresholds import check_rule
+
+        try:
+            check_task(self.task, self.label_sep)
+        except DataError as exc:
+            bad(str(exc))
+        if (why := check_rule(self.thresholds)) is not None:
+            bad(why)
+        if self.task == "multilabel" and self.world_size > 1:
+            bad("multi-label runs train on one device (their mAP is computed over the whole val set in one "
+                "process): drop --devices/--num-nodes")
         if self.precision not in PRECISIONS:
             hint = PRECISION_ALIASES.get(str(self.precision).lower())
             bad(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}"

@@ -18,7 +18,7 @@ from transferlab.data.images import ImageError, load_image
 from transferlab.data.sources import Sample
 from transferlab.data.transforms import EvalView
 
-__all__ = ["DecodedImages", "ImageDataset"]
+__all__ = ["DecodedImages", "ImageDataset", "label_targets"]
 
 logger = logging.getLogger("transferlab")
 
@@ -128,6 +128,17 @@ class DecodedImages:
         return kept
 
 
+def label_targets(samples: Sequence[Sample], num_classes: int, multilabel: bool) -> torch.Tensor:
+    """What the loss compares the logits with: class indices (N,) for single-label samples, multi-hot
+    float vectors (N, num_classes) for multi-label ones (``training/objective.py`` tells them apart so)."""
+    if not multilabel:
+        return torch.tensor([s.label for s in samples], dtype=torch.long)
+    targets = torch.zeros(len(samples), num_classes)
+    for i, sample in enumerate(samples):
+        targets[i, list(sample.label_set)] = 1.0
+    return targets
+
+
 class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
     """``(tensor, label)`` pairs from :class:`Sample` lists, decoded with :func:`load_image`.
 
@@ -144,14 +155,17 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
         decoded: DecodedImages | None = None,
         exact_pixels: bool = False,
         kept_view: EvalView | None = None,
+        targets: torch.Tensor | None = None,
     ) -> None:
-        """`kept_view`: :func:`~transferlab.data.transforms.eval_view` of the preprocessing `transform` is the
+        """`targets`: what each sample yields as its label (multi-hot rows for multi-label data; default
+        the sample's class index). `kept_view`: :func:`~transferlab.data.transforms.eval_view` of the preprocessing `transform` is the
         eval transform of; its uint8 pixels are kept in `decoded` (:meth:`DecodedImages.view`) and reused."""
         self.samples = list(samples)
         self.transform = transform
         self.decoded, self.exact_pixels = decoded, exact_pixels
         self.kept_view = kept_view if decoded is not None else None
         self._reported: set[str] = set()
+        self._targets = targets
 
     @property
     def labels(self) -> list[int]:
@@ -161,11 +175,12 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         sample = self.samples[index]
+        target = sample.label if self._targets is None else self._targets[index]
         if self.kept_view is not None:
             try:
-                return self.decoded.view(sample.path, self.kept_view), sample.label
+                return self.decoded.view(sample.path, self.kept_view), target
             except ImageError:
                 pass  # reported, and replaced by a black image, below
         try:
@@ -174,10 +189,10 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
             self._report(sample.path, "Image became unreadable after validation", exc.reason)
             image = Image.new("RGB", (_FALLBACK_SIZE, _FALLBACK_SIZE))
         try:
-            return self.transform(image), sample.label
+            return self.transform(image), target
         except ImageError as exc:  # a resize bomb, refused by the transform before resizing
             self._report(sample.path, "Image cannot be resized", exc.reason)
-            return self.transform(Image.new("RGB", (_FALLBACK_SIZE, _FALLBACK_SIZE))), sample.label
+            return self.transform(Image.new("RGB", (_FALLBACK_SIZE, _FALLBACK_SIZE))), target
 
     def _report(self, path: Path, what: str, reason: str) -> None:
         if str(path) not in self._reported:

@@ -5,7 +5,8 @@ Three layouts are accepted:
 * ``train/`` + ``val/`` (or ``valid/``, ``validation/``) + optional ``test/`` folders, each
   holding one sub-folder per class (torchvision ImageFolder style);
 * a folder holding one sub-folder per class, split into train/val here (stratified, seeded);
-* a CSV file with a ``path,label`` header and an optional ``split`` column.
+* a CSV file with a ``path,label`` header and an optional ``split`` column; with ``task="multilabel"``
+  a ``path,labels`` CSV whose cells list several labels (``cat;dog``, see ``data/multilabel.py``).
 
 Bad files never abort loading: they are listed in ``DataSplits.skipped`` with a reason.
 Anything that makes the data unusable as a whole raises :class:`DataError` saying what to do.
@@ -31,6 +32,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import track
 
+from transferlab.data import multilabel
 from transferlab.data.images import (
     IMAGE_EXTENSIONS,
     ImageError,
@@ -92,10 +94,17 @@ _HOW_TO_FILL_VAL: dict[str, str] = {
 
 @dataclass(frozen=True)
 class Sample:
-    """One labelled image; ``label`` indexes ``DataSplits.classes``."""
+    """One labelled image; ``label`` indexes ``DataSplits.classes``. A multi-label sample lists every
+    label it has in ``labels`` (``label`` is the first of them); a single-label one leaves it empty."""
 
     path: Path
     label: int
+    labels: tuple[int, ...] = ()
+
+    @property
+    def label_set(self) -> tuple[int, ...]:
+        """Every label of the image: ``labels``, or ``(label,)`` for a single-label sample."""
+        return self.labels or (self.label,)
 
 
 MAX_LISTED_SKIPS = 100
@@ -163,10 +172,16 @@ class DataSplits:
     layout: str  # LAYOUT_SPLIT_FOLDERS | LAYOUT_CLASS_FOLDERS | LAYOUT_CSV
     # SHA-1 of each usable file's bytes, from validation (empty when not validated): exact duplicates
     digests: dict[Path, str] = field(default_factory=dict, repr=False)
+    task: str = multilabel.SINGLE  # "single" | "multilabel" (samples carry `labels`)
+    label_sep: str | None = None  # multilabel: the character separating a CSV cell's labels
 
     def __post_init__(self) -> None:
         if not isinstance(self.skipped, SkipList):
             self.skipped = SkipList(self.skipped)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task == multilabel.MULTILABEL
 
     @property
     def skipped_count(self) -> int:
@@ -174,10 +189,11 @@ class DataSplits:
         return self.skipped.total
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """Images per class in each split (split -> class -> count, zeros included)."""
+        """Images per class in each split (split -> class -> count, zeros included); multi-label: the
+        images holding each label (its positives)."""
         result: dict[str, dict[str, int]] = {}
         for split in SPLITS:
-            per_label = Counter(sample.label for sample in getattr(self, split))
+            per_label = Counter(label for sample in getattr(self, split) for label in sample.label_set)
             result[split] = {name: per_label[i] for i, name in enumerate(self.classes)}
         return result
 
@@ -193,7 +209,9 @@ class DataSplits:
         digest = hashlib.sha256(json.dumps(self.classes).encode())
         for split in SPLITS:
             for sample in getattr(self, split):
-                digest.update(f"{split}\t{sample.label}\t{sample.path}\t{_stat_key(sample.path)}\n".encode())
+                # a multi-label sample's other labels count too (appended: single-label fingerprints unchanged)
+                more = f"\t{sample.labels}" if sample.labels else ""
+                digest.update(f"{split}\t{sample.label}{more}\t{sample.path}\t{_stat_key(sample.path)}\n".encode())
         return digest.hexdigest()
 
     def check_unchanged(self, recorded: dict[str, Any]) -> None:
@@ -244,6 +262,8 @@ class DataSplits:
             "skipped_count": self.skipped_count,
             "warnings": list(self.warnings),
             "fingerprint": self.fingerprint(),
+            "task": self.task,
+            **({"label_sep": self.label_sep} if self.multilabel else {}),
         }
 
 
@@ -260,6 +280,8 @@ class _Found:
     declared: list[str]  # class names declared for training (folders or CSV labels)
     skipped: list[dict[str, str]] = field(default_factory=SkipList)
     warnings: list[str] = field(default_factory=list)
+    # multi-label CSV: the separator of a cell's labels; `files` then holds (path, tuple of label names)
+    label_sep: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.skipped, SkipList):
@@ -294,8 +316,13 @@ def load_splits(
     validate: bool = True,
     progress: bool = True,
     csv_anywhere: bool = False,
+    task: str = multilabel.SINGLE,
+    label_sep: str | None = None,
 ) -> DataSplits:
     """Read a dataset folder or CSV into train/val/test samples.
+
+    ``task``: "single" (one label per image), "multilabel" (a CSV whose cells list labels separated by
+    ``label_sep``, default detected) or "auto" (multilabel when a CSV cell holds several labels).
 
     A CSV's rows may name files below the CSV's own folder only (``../../etc/passwd`` and
     ``/proc/self/environ`` are skipped rows), unless ``csv_anywhere``.
@@ -316,8 +343,12 @@ def load_splits(
                 f"{path} is a file but not a .csv. Pass a folder of class sub-folders or a CSV "
                 "file with a path,label header."
             )
-        found = _read_csv(path, anywhere=csv_anywhere)
+        task, label_sep = multilabel.resolve_task(task, path, label_sep)
+        found = _read_csv(path, anywhere=csv_anywhere, label_sep=label_sep)
+        if found.label_sep is not None:
+            return _assemble_multilabel(found, val_split=val_split, seed=seed, validate=validate, progress=progress)
     else:
+        multilabel.resolve_task(task, path, label_sep)  # a folder is single-label: --task multilabel is refused
         found = _read_folder(path)
     return _assemble(
         found, val_split=val_split, seed=seed, validate=validate, progress=progress
@@ -479,10 +510,10 @@ def _read_shards(data: str | Path) -> _Found:
     return found
 
 
-def _read_csv(csv_path: Path, anywhere: bool = False) -> _Found:
+def _read_csv(csv_path: Path, anywhere: bool = False, label_sep: str | None = None) -> _Found:
     root = csv_path.parent
     found = _Found(
-        source=csv_path, root=root, layout=LAYOUT_CSV, files={"train": []}, declared=[]
+        source=csv_path, root=root, layout=LAYOUT_CSV, files={"train": []}, declared=[], label_sep=label_sep
     )
     first_line: dict[Path, tuple[int, str]] = {}
     try:
@@ -491,11 +522,12 @@ def _read_csv(csv_path: Path, anywhere: bool = False) -> _Found:
             columns = {
                 name.strip().lower(): name for name in reader.fieldnames or [] if name
             }
-            if "path" not in columns or "label" not in columns:
+            if "path" not in columns or multilabel.label_column(columns) is None:
                 raise DataError(
-                    f"{csv_path} must start with a header row containing 'path' and 'label' "
+                    f"{csv_path} must start with a header row containing 'path' and 'label' (or 'labels') "
                     f"columns (optionally 'split'); found: {', '.join(columns) or 'nothing'}."
                 )
+            columns["label"] = multilabel.label_column(columns)
             if "split" in columns:
                 found.files = {split: [] for split in SPLITS}
             for row in reader:
@@ -511,7 +543,10 @@ def _read_csv(csv_path: Path, anywhere: bool = False) -> _Found:
         raise DataError(
             f"{csv_path} is not valid CSV: {exc}. Fix the file and retry."
         ) from exc
-    found.declared = sorted({label for _, label in found.files["train"]})
+    if label_sep is None:
+        found.declared = sorted({label for _, label in found.files["train"]})
+    else:
+        found.declared = sorted({label for _, labels in found.files["train"] for label in labels})
     return found
 
 
@@ -526,7 +561,9 @@ def _read_csv_row(
     anywhere: bool = False,
 ) -> None:
     raw_path = (row.get(columns["path"]) or "").strip()
-    label = (row.get(columns["label"]) or "").strip()
+    label: str | tuple[str, ...] = (row.get(columns["label"]) or "").strip()
+    if found.label_sep is not None:
+        label = multilabel.split_cell(label, found.label_sep)
     if not raw_path:
         found.skip(where, "missing path")
         return
@@ -810,3 +847,50 @@ def _assemble(
         layout=found.layout,
         digests=digests,
     )
+
+
+def _assemble_multilabel(
+    found: _Found, *, val_split: float, seed: int, validate: bool, progress: bool
+) -> DataSplits:
+    """`_assemble` for a multi-label CSV (`found.files` holds (path, label names)): the labels are those
+    of the usable training images; val and test may hold no other label; the val split, when none is
+    given, is held out by each image's rarest label (`multilabel.holdout_split`)."""
+    digests = _drop_unusable(found, validate, progress)
+    train = found.files["train"]
+    classes = sorted({name for _, names in train for name in names})
+    if not train:
+        raise DataError(f"No usable training images in {found.source}: {found.skipped.total} file(s) or row(s) "
+                        f"were skipped. {_HOW_TO_LAYOUT[found.layout].capitalize()}.")
+    if len(classes) < 2:
+        raise DataError(f"Only one label ({classes[0]!r}) appears in the training rows of {found.source}; a "
+                        "multi-label classifier needs at least two labels.")
+    known = set(classes)
+    for split in ("val", "test"):
+        unknown = sorted({name for _, names in found.files.get(split, []) for name in names} - known)
+        if unknown:
+            raise DataError(f"The {split} split has label(s) no usable training image has: {', '.join(unknown)}. "
+                            f"A model cannot learn a label it never sees: add training images for them or remove "
+                            f"them from {split}.")
+    if "val" not in found.files:
+        found.files["train"], found.files["val"] = multilabel.holdout_split(train, val_split, seed, found.warnings)
+    if not found.files["val"]:
+        raise DataError(f"The validation split of {found.source} is empty: {_HOW_TO_FILL_VAL[found.layout]}.")
+    found.warnings.extend(multilabel.few_positives(found.files["train"]))
+    label_of = {name: index for index, name in enumerate(classes)}
+
+    def sample(path: Path, names: tuple[str, ...]) -> Sample:
+        indices = tuple(sorted(label_of[name] for name in names))
+        return Sample(path, indices[0], indices)
+
+    splits = {split: sorted((sample(path, names) for path, names in found.files.get(split, [])),
+                            key=lambda s: (s.label, s.path))
+              for split in SPLITS}
+    if digests:
+        found.warnings.extend(_duplicate_warnings(splits, digests, found.root))
+    if (line := found.skipped.summary_line()) is not None:
+        found.warnings.append(line)
+    for message in found.warnings:
+        logger.info("Data: %s", message)
+    return DataSplits(classes=classes, train=splits["train"], val=splits["val"], test=splits["test"],
+                      skipped=found.skipped, warnings=found.warnings, layout=found.layout, digests=digests,
+                      task=multilabel.MULTILABEL, label_sep=found.label_sep)

@@ -339,6 +339,7 @@ def run_doctor(cfg: TrainConfig, options: DoctorOptions, *, out: str | Path | No
     """Read and check `cfg.data` as `train` would, get every image's frozen features (cache or one pass),
     run CHECKS; write OUT/findings.csv and OUT/doctor.json (default runs/doctor-<time>)."""
     from transferlab import _runtime
+    from transferlab.data.multilabel import refuse_multilabel
     from transferlab.data.sources import load_splits, require_data
     from transferlab.models.registry import resolve_backbone
     from transferlab.training.io import ensure_writable_dir
@@ -351,6 +352,7 @@ def run_doctor(cfg: TrainConfig, options: DoctorOptions, *, out: str | Path | No
     if cfg.world_size > 1:
         raise TransferlabError("doctor runs in one process: leave --devices and --num-nodes at 1.")
     require_data(cfg.data, or_also="a run directory")
+    refuse_multilabel(cfg.data, "doctor")
     _runtime.setup_torch()
     start = time.perf_counter()
     # what `train` builds, so that the features share its cache entries

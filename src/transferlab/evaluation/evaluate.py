@@ -26,8 +26,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from transferlab import _runtime
-from transferlab.data.datasets import DecodedImages
+from transferlab.data.datasets import DecodedImages, label_targets
 from transferlab.data.images import ImageError, load_image
+from transferlab.data.multilabel import is_multilabel_model, model_thresholds
 from transferlab.data.sources import Sample
 from transferlab.data.threaded import threaded_batches
 from transferlab.data.transforms import Preprocessing, eval_transform, eval_view
@@ -36,6 +37,7 @@ from transferlab.evaluation.abstain import selective_metrics
 from transferlab.evaluation.calibration import calibration_record, scaled_softmax, temperature_of
 from transferlab.evaluation.interpret import interpret
 from transferlab.evaluation.metrics import classification_metrics
+from transferlab.evaluation.multilabel_metrics import multilabel_metrics, worst_images
 from transferlab.evaluation.predict import load_inference_model
 from transferlab.evaluation.samples import eval_data
 from transferlab.evaluation.tta import TTA_VIEWS, tta_logits
@@ -59,8 +61,8 @@ class EvalResult:
     data: str
     classes: list[str]
     metrics: dict[str, Any]
-    probabilities: np.ndarray  # (N, C), plain (no TTA), calibrated with the run's temperature
-    targets: np.ndarray  # (N,)
+    probabilities: np.ndarray  # (N, C), plain (no TTA); single-label: calibrated with the run's temperature
+    targets: np.ndarray  # (N,) class indices; multi-label: (N, C) 0/1
     paths: list[str]
     interpretation: dict[str, Any]
     tta_metrics: dict[str, Any] | None = None
@@ -74,11 +76,17 @@ class EvalResult:
 
     @property
     def accuracy(self) -> float:
+        """Top-1 accuracy; multi-label: subset accuracy (every label of the image right)."""
         return self.metrics["accuracy"]
 
     @property
     def temperature(self) -> float:
-        return self.metrics["calibration"]["temperature"]
+        """The softmax temperature applied (1 for a multi-label model, which is not temperature-scaled)."""
+        return self.metrics.get("calibration", {}).get("temperature", 1.0)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.metrics.get("task") == "multilabel"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -166,8 +174,17 @@ def evaluate_run(
     meta_path = Path(run_dir) / "model.json" if Path(run_dir).is_dir() else Path(run_dir).with_suffix(".json")
     run_dir = Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent
     classes = list(meta["classes"])
-    temperature = temperature_of(meta)
-    chosen = eval_data(run_dir, classes, data, split, progress=progress)
+    multi = is_multilabel_model(meta)
+    if multi and tta:
+        raise TransferlabError("--tta averages softmax views of single-label models; this model is multi-label "
+                               "(sigmoid outputs): evaluate it without --tta.")
+    if multi and calibrate:
+        raise TransferlabError("--calibrate fits a softmax temperature, for single-label models; this model is "
+                               "multi-label: its per-label thresholds were tuned on val instead.")
+    temperature = 1.0 if multi else temperature_of(meta)
+    thresholds = model_thresholds(meta) if multi else None
+    chosen = eval_data(run_dir, classes, data, split, progress=progress,
+                       label_sep=(meta.get("label_sep") or ";") if multi else None)
     pre = Preprocessing.from_dict(meta["preprocessing"])
     if batch_size < 1:
         raise TransferlabError("--batch-size must be at least 1")
@@ -213,35 +230,48 @@ def evaluate_run(
                         f"(e.g. {skipped[-1]['path']}: {skipped[-1]['reason']}).")
 
     logits = torch.cat(plain).double().numpy()
-    targets = np.array([chosen.samples[i].label for i in kept], dtype=np.int64)
     paths = [str(chosen.samples[i].path) for i in kept]
-    calibration = meta.get("calibration")
-    if calibrate is not None:
-        calibration = _store_calibration(meta_path, meta, calibration_record(logits, targets, classes, fit=calibrate))
-        temperature = calibration["temperature"]
-    probs = scaled_softmax(logits, temperature)
-    metrics = classification_metrics(probs, targets, classes)
-    raw = classification_metrics(scaled_softmax(logits, 1.0), targets, classes) if temperature != 1.0 else metrics
-    metrics["calibration"] = {"temperature": temperature, "log_loss_before": raw["log_loss"],
-                              "ece_before": raw["ece"], "reliability_before": raw["reliability"]}
-    metrics["selective"] = selective_metrics(probs, targets, calibration)
     tta_probs = None
-    if tta:
-        views = torch.cat(averaged, dim=1).double().numpy()
-        tta_probs = np.mean([scaled_softmax(v, temperature) for v in views], axis=0)
+    if multi:
+        targets = label_targets([chosen.samples[i] for i in kept], len(classes), True).numpy().astype(np.int64)
+        probs = torch.from_numpy(logits).sigmoid().numpy()
+        metrics = multilabel_metrics(probs, targets, classes, thresholds)
+        interpretation = {"top_losses": worst_images(probs, targets, paths, classes, thresholds, top_losses)}
+    else:
+        targets = np.array([chosen.samples[i].label for i in kept], dtype=np.int64)
+        calibration = meta.get("calibration")
+        if calibrate is not None:
+            calibration = _store_calibration(meta_path, meta,
+                                             calibration_record(logits, targets, classes, fit=calibrate))
+            temperature = calibration["temperature"]
+        probs = scaled_softmax(logits, temperature)
+        metrics = classification_metrics(probs, targets, classes)
+        raw = classification_metrics(scaled_softmax(logits, 1.0), targets, classes) if temperature != 1.0 else metrics
+        metrics["calibration"] = {"temperature": temperature, "log_loss_before": raw["log_loss"],
+                                  "ece_before": raw["ece"], "reliability_before": raw["reliability"]}
+        metrics["selective"] = selective_metrics(probs, targets, calibration)
+        if tta:
+            views = torch.cat(averaged, dim=1).double().numpy()
+            tta_probs = np.mean([scaled_softmax(v, temperature) for v in views], axis=0)
+        # of the plain model: what `predict` and an exported model will do
+        interpretation = interpret(probs, targets, paths, classes, metrics["confusion_matrix"], top_losses)
     result = EvalResult(
         run_dir=run_dir, name=chosen.name, split=chosen.split, data=chosen.source, classes=classes,
         metrics=metrics, probabilities=probs, targets=targets, paths=paths,
-        # interpretation is of the plain model: what `predict` and an exported model will do
-        interpretation=interpret(probs, targets, paths, classes, metrics["confusion_matrix"], top_losses),
+        interpretation=interpretation,
         tta_metrics=classification_metrics(tta_probs, targets, classes) if tta_probs is not None else None,
         tta_probabilities=tta_probs, skipped=skipped, warnings=chosen.warnings,
         seconds=time.perf_counter() - start, logits=logits,
     )
     result.json_path = Path(out_dir or run_dir) / f"eval-{chosen.name}.json"
     atomic_write_json(result.json_path, result.to_dict())
-    log.info("%s: accuracy %.4f on %d images (%d skipped) -> %s", chosen.name, metrics["accuracy"],
-             len(kept), len(skipped), result.json_path)
+    if multi:
+        log.info("%s: mAP %.4f, micro F1 %.4f, subset accuracy %.4f on %d images (%d skipped) -> %s", chosen.name,
+                 metrics["map"], metrics["micro"]["f1"], metrics["subset_accuracy"], len(kept), len(skipped),
+                 result.json_path)
+    else:
+        log.info("%s: accuracy %.4f on %d images (%d skipped) -> %s", chosen.name, metrics["accuracy"],
+                 len(kept), len(skipped), result.json_path)
     return result
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from transferlab.data import multilabel
 from transferlab.data.images import has_image_extension
 from transferlab.data.sources import LAYOUT_SPLIT_FOLDERS, SPLITS, Sample, load_splits
 from transferlab.errors import DataError, RunDirError
@@ -45,14 +46,19 @@ class EvalData:
 
 
 def eval_data(run_dir: Path, classes: Sequence[str], data: str | Path | None = None, split: str = "val",
-              *, progress: bool = True) -> EvalData:
-    """The evaluation set for a run: its own `split`, or `data` (see the module docstring)."""
+              *, progress: bool = True, label_sep: str | None = None) -> EvalData:
+    """The evaluation set for a run: its own `split`, or `data` (see the module docstring). `label_sep`:
+    a multi-label model's separator (model.json): a CSV's cells then list several labels, and the
+    samples carry them all (``Sample.labels``)."""
     if split not in SPLITS:
         raise DataError(f"Unknown split '{split}': choose one of {', '.join(SPLITS)}.")
     trained_on = _run_data_path(run_dir)
     if data is None or (trained_on is not None and _same_path(data, trained_on)):
         return _run_split(run_dir, classes, split, progress)
     path = Path(data).expanduser()
+    if label_sep is not None and not (path.is_file() and path.suffix.lower() == ".csv"):
+        raise DataError(f"This model is multi-label: evaluate it on a CSV with a path,labels header (labels "
+                        f"separated by {label_sep!r}); {path} is not a CSV file.")
     from transferlab.data import shards
 
     if shards.is_shard_source(data):
@@ -63,7 +69,7 @@ def eval_data(run_dir: Path, classes: Sequence[str], data: str | Path | None = N
     if path.is_file():
         if path.suffix.lower() != ".csv":
             raise DataError(f"{path} is a file but not a .csv: pass a folder of class folders or a CSV file.")
-        pairs, skipped, split_used = _read_csv(path, split)
+        pairs, skipped, split_used = _read_csv(path, split, label_sep)
     else:
         pairs, skipped, split_used = _read_folder(path, split)
     if not pairs:
@@ -123,7 +129,9 @@ def _run_split(run_dir: Path, classes: Sequence[str], split: str, progress: bool
         raise RunDirError(f"'{run_dir}' has no config.yaml naming its data: pass the data to evaluate "
                           f"(transferlab evaluate {run_dir} DATA).")
     options = {"val_split": cfg.get("val_split", 0.2), "seed": cfg.get("seed", 0), "progress": progress,
-               "csv_anywhere": bool(cfg.get("csv_anywhere", False))}
+               "csv_anywhere": bool(cfg.get("csv_anywhere", False)),
+               # the task the run resolved to (config.yaml); runs from before tasks were single-label
+               "task": cfg.get("task") or "single", "label_sep": cfg.get("label_sep")}
     try:
         splits = load_splits(cfg["data"], validate=False, **options)
         if splits.layout != LAYOUT_SPLIT_FOLDERS:
@@ -138,19 +146,30 @@ def _run_split(run_dir: Path, classes: Sequence[str], split: str, progress: bool
     if not chosen:
         raise DataError(f"The run's data ({cfg['data']}) has no {split} split; choose --split val or train, "
                         "or pass other labelled data.")
-    pairs = [(s.path, splits.classes[s.label]) for s in chosen]
+    pairs = [(s.path, tuple(splits.classes[i] for i in s.labels) if s.labels else splits.classes[s.label])
+             for s in chosen]
     return EvalData(name=split, split=split, source=str(cfg["data"]), samples=_to_samples(pairs, classes, cfg["data"]),
                     skipped=list(splits.skipped), warnings=list(splits.warnings))
 
 
-def _to_samples(pairs: Sequence[tuple[Path, str]], classes: Sequence[str], source: str | Path) -> list[Sample]:
+def _to_samples(pairs: Sequence[tuple[Path, str | tuple[str, ...]]], classes: Sequence[str],
+                source: str | Path) -> list[Sample]:
+    """Samples with labels indexing `classes`; a pair naming a tuple of labels makes a multi-label sample."""
     index = {name: i for i, name in enumerate(classes)}
-    unknown = sorted({name for _, name in pairs if name not in index})
+    unknown = sorted({name for _, names in pairs for name in ((names,) if isinstance(names, str) else names)
+                      if name not in index})
     if unknown:
         known = ", ".join(list(classes)[:20]) + (", ..." if len(classes) > 20 else "")
         raise DataError(f"{source} has class(es) the model does not know: {', '.join(unknown)}. "
                         f"The model was trained on: {known}. Rename or remove those folders/labels.")
-    return [Sample(Path(path), index[name]) for path, name in pairs]
+    samples = []
+    for path, names in pairs:
+        if isinstance(names, str):
+            samples.append(Sample(Path(path), index[names]))
+        else:
+            labels = tuple(sorted(index[name] for name in names))
+            samples.append(Sample(Path(path), labels[0], labels))
+    return samples
 
 
 def _visible(path: Path) -> bool:
@@ -183,7 +202,8 @@ def _read_folder(root: Path, split: str) -> tuple[list[tuple[Path, str]], list[d
     return pairs, skipped, used
 
 
-def _read_csv(csv_path: Path, split: str) -> tuple[list[tuple[Path, str]], list[dict[str, str]], str]:
+def _read_csv(csv_path: Path, split: str, label_sep: str | None = None
+              ) -> tuple[list[tuple[Path, str | tuple[str, ...]]], list[dict[str, str]], str]:
     aliases = {a: s for s, names in _SPLIT_FOLDERS.items() for a in names}
     pairs: list[tuple[Path, str]] = []
     skipped: list[dict[str, str]] = []
@@ -191,13 +211,15 @@ def _read_csv(csv_path: Path, split: str) -> tuple[list[tuple[Path, str]], list[
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             columns = {name.strip().lower(): name for name in reader.fieldnames or [] if name}
-            if "path" not in columns or "label" not in columns:
-                raise DataError(f"{csv_path} must start with a header row with 'path' and 'label' columns "
-                                "(optionally 'split').")
+            label_column = multilabel.label_column(columns)
+            if "path" not in columns or label_column is None:
+                raise DataError(f"{csv_path} must start with a header row with 'path' and 'label' (or 'labels') "
+                                "columns (optionally 'split').")
             has_split = "split" in columns
             for row in reader:
                 raw = (row.get(columns["path"]) or "").strip()
-                label = (row.get(columns["label"]) or "").strip()
+                cell = (row.get(label_column) or "").strip()
+                label = multilabel.split_cell(cell, label_sep) if label_sep is not None else cell
                 if has_split and aliases.get((row.get(columns["split"]) or "").strip().lower()) != split:
                     continue
                 if not raw or not label:

@@ -222,6 +222,7 @@ def select(
 
     from transferlab import _runtime
     from transferlab.data import feature_cache
+    from transferlab.data.multilabel import refuse_multilabel
     from transferlab.data.sources import load_splits
     from transferlab.models.registry import resolve_backbone
     from transferlab.reporting.selection_plots import plot_learning_curves, plot_selection
@@ -230,6 +231,7 @@ def select(
     start = time.perf_counter()
     import_seconds = start - imports_start
 
+    refuse_multilabel(data, "select")
     _runtime.setup_torch()
     names = candidate_names(backbones, max_params=max_params, search=search, pretrained=pretrained)
     specs = [resolve_backbone(n, pretrained=pretrained, img_size=img_size) for n in names]  # fail before data work

@@ -25,7 +25,7 @@ from transferlab.evaluation.abstain import Abstainer
 from transferlab.evaluation.predict import expand_inputs
 from transferlab.export.predictors import Predictor
 
-__all__ = ["OUTPUT_FORMATS", "count_inputs", "iter_predictions", "top_k_labels", "write_predictions"]
+__all__ = ["OUTPUT_FORMATS", "count_inputs", "iter_predictions", "labels_above", "top_k_labels", "write_predictions"]
 
 DECODE_THREADS = 2  # PIL decodes and resizes without the GIL: this overlaps decoding with inference
 
@@ -34,6 +34,23 @@ def top_k_labels(probabilities: np.ndarray, classes: Sequence[str], k: int) -> l
     """The k most probable labels of one image, most probable first."""
     order = np.argsort(-probabilities, kind="stable")[:k]
     return [{"label": classes[i], "probability": round(float(probabilities[i]), 6)} for i in order]
+
+
+def labels_above(probabilities: np.ndarray, classes: Sequence[str], thresholds: Sequence[float]) -> list[dict[str, Any]]:
+    """A multi-label image's labels: every class at or above its threshold, most probable first."""
+    chosen = [i for i in np.argsort(-probabilities, kind="stable") if probabilities[i] >= thresholds[i]]
+    return [{"label": classes[i], "probability": round(float(probabilities[i]), 6)} for i in chosen]
+
+
+def label_entry(predictor: Predictor, probabilities: np.ndarray, k: int) -> dict[str, Any]:
+    """What one image's entry says: {"predictions": top k} and, for a multi-label model, {"labels": every
+    label at or above its threshold} first (the decision; `predictions` ranks them all)."""
+    entry: dict[str, Any] = {}
+    # a Predictor written before tasks existed (or a stand-in) has no `task`: it is single-label
+    if getattr(predictor, "task", "single") == "multilabel":
+        entry["labels"] = labels_above(probabilities, predictor.classes, predictor.thresholds)
+    entry["predictions"] = top_k_labels(probabilities, predictor.classes, k)
+    return entry
 
 
 def count_inputs(inputs: Iterable[str | Path]) -> int:
@@ -89,7 +106,7 @@ def iter_predictions(predictor: Predictor, inputs: Iterable[str | Path], *, top_
         if batch:
             probs = predictor.probabilities([x for _, x in batch])
             for (entry, _), row in zip(batch, probs):
-                entry["predictions"] = top_k_labels(row, predictor.classes, k)
+                entry.update(label_entry(predictor, row, k))
                 if abstainer is not None:
                     abstainer.annotate(entry, row, predictor.classes)
             batch.clear()
@@ -110,7 +127,8 @@ def iter_predictions(predictor: Predictor, inputs: Iterable[str | Path], *, top_
 
 class _CsvOut:
     """path, label_1, probability_1, ..., label_k, probability_k, error; then `decisions` (e.g. "label"
-    and "abstained" for --unknown, "set" for --sets: its labels joined by "|")."""
+    and "abstained" for --unknown, "set" for --sets: its labels joined by "|"; a multi-label model's
+    "labels": those above their thresholds, joined by ";")."""
 
     def __init__(self, handle: io.TextIOBase, k: int, decisions: Sequence[str] = ()) -> None:
         self.k, self.writer, self.decisions = k, csv.writer(handle), list(decisions)
@@ -130,6 +148,9 @@ class _CsvOut:
 
 
 def _cell(value: Any) -> Any:
+    """A decision field as one CSV cell: a multi-label answer's labels joined by ";", a set's by "|"."""
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return ";".join(item["label"] for item in value)
     return "|".join(value) if isinstance(value, list) else value
 
 
@@ -156,7 +177,7 @@ def write_predictions(results: Iterable[dict[str, Any]], out: str | Path, *, top
                       on_entry: Callable[[dict[str, Any]], None] | None = None,
                       decisions: Sequence[str] = ()) -> dict[str, int]:
     """Stream `results` into `out` (.csv or .json) and return {"images", "failed"}; `decisions`: the
-    entries' decision fields (abstainer's) that a CSV gets columns for.
+    entries' decision fields (a multi-label model's "labels", the abstainer's) that a CSV gets columns for.
 
     Rows go to a hidden ``.partial`` file renamed over `out` at the end: an interrupted run never
     leaves a truncated file under the real name.

@@ -29,6 +29,7 @@ from transferlab.evaluation.calibration import Tempered, temperature_of
 from transferlab.evaluation.predict import load_run_model
 from transferlab.export.onnx import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx, load_onnx
 from transferlab.export.parity import ParityError, check_parity, parity_images
+from transferlab.export.predictors import task_of
 from transferlab.export.sidecar import SIDECAR_FORMAT, sidecar_path
 from transferlab.export.torchscript import export_torchscript, load_torchscript
 from transferlab.training.io import atomic_write_json, ensure_writable_dir
@@ -105,6 +106,7 @@ def export_run(run: str | Path, fmt: str = "onnx", *, out: str | Path | None = N
     ensure_writable_dir(path.parent)
     preprocessing = Preprocessing.from_dict(meta["preprocessing"])
     size = preprocessing.input_size
+    task, thresholds = task_of(meta)
     precision = "fp16" if fp16 else "fp32"
     # the graph divides by the run's temperature, so its logits are calibrated for every consumer; the
     # parity reference is the same tempered model, so the check covers T too
@@ -119,7 +121,7 @@ def export_run(run: str | Path, fmt: str = "onnx", *, out: str | Path | None = N
         extra = spec.export(module, example, tmp, dynamic_batch=dynamic_batch, opset=opset)
         images, source = parity_images(run_dir, list(meta["classes"]), parity_count)
         parity = check_parity(model, preprocessing, spec.load(tmp), images, precision=precision,
-                              dynamic_batch=dynamic_batch)
+                              dynamic_batch=dynamic_batch, thresholds=thresholds)
         parity["source"] = source
         if not parity["passed"]:
             raise ParityError(
@@ -144,10 +146,14 @@ def export_run(run: str | Path, fmt: str = "onnx", *, out: str | Path | None = N
         "input": {"name": INPUT_NAME, "shape": [batch, 3, size, size], "dtype": "float32", "layout": "NCHW",
                   "colour": "RGB", "values": "pixel / 255, then (value - mean) / std per channel"},
         "output": {"name": OUTPUT_NAME, "shape": [batch, len(classes)],
-                   "meaning": "logits: softmax over axis 1 gives the probabilities of `classes`, in order",
+                   "meaning": "logits: softmax over axis 1 gives the probabilities of `classes`, in order"
+                   if thresholds is None else "logits: a sigmoid of each gives the probability of that class "
+                   "(multi-label); an image has every class whose probability is at least its `thresholds` entry",
                    "temperature": temperature},
         # T (already applied inside the graph) and the val scores `predict --unknown/--sets` derive from
         **({"calibration": meta["calibration"]} if "calibration" in meta else {}),
+        "task": task,
+        **({} if thresholds is None else {"thresholds": thresholds, "label_sep": meta.get("label_sep")}),
         "preprocessing": preprocessing.to_dict(),
         "dynamic_batch": dynamic_batch,
         **extra,

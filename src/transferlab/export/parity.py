@@ -7,6 +7,10 @@ deployment. Compared on probabilities, at batch 1 and, for dynamic-batch exports
 Tolerances (max |Δ probability|): fp32 1e-4 with identical top-1 everywhere. fp16 keeps ~3 significant
 digits, so 1e-2, and top-1 may differ only where the reference's two best classes are within 2 × 1e-2
 (a near-tie that half precision can legitimately flip).
+
+A multi-label model is compared on its sigmoid probabilities, and on its decisions: the set of labels
+at or above their thresholds must be identical, except (fp16) where a reference probability lies
+within 2 × 1e-2 of its label's threshold.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from transferlab.errors import TransferlabError
-from transferlab.export.predictors import softmax
+from transferlab.export.predictors import sigmoid, softmax
 from transferlab.export.preprocess import preprocess_image
 
 __all__ = ["TOLERANCES", "ParityError", "check_parity", "parity_images"]
@@ -71,28 +75,39 @@ def parity_images(run_dir: Path, classes: list[str], n: int = 8) -> tuple[list[I
 
 
 def check_parity(reference: Any, preprocessing: Any, candidate: Callable[[np.ndarray], np.ndarray],
-                 images: list[Image.Image], *, precision: str, dynamic_batch: bool) -> dict[str, Any]:
+                 images: list[Image.Image], *, precision: str, dynamic_batch: bool,
+                 thresholds: list[float] | None = None) -> dict[str, Any]:
     """Compare `candidate` (numpy batch → logits) with `reference` (the torch model) on `images`.
+    `thresholds`: the model is multi-label (sigmoid outputs), decided at these per-label thresholds.
 
     Returns the report stored in the sidecar; ``passed`` says whether it is within tolerance."""
     import torch
 
     from transferlab.data.transforms import eval_transform
 
+    activation = softmax if thresholds is None else sigmoid
     transform = eval_transform(preprocessing)
     with torch.inference_mode():
-        expected = reference(torch.stack([transform(im) for im in images])).float().softmax(dim=1).numpy()
+        expected = activation(reference(torch.stack([transform(im) for im in images])).float().numpy())
     inputs = np.stack([preprocess_image(im, preprocessing.to_dict()) for im in images])
-    runs = {1: np.concatenate([softmax(candidate(inputs[i:i + 1])) for i in range(len(inputs))])}
+    runs = {1: np.concatenate([activation(candidate(inputs[i:i + 1])) for i in range(len(inputs))])}
     if dynamic_batch and len(inputs) > 1:
-        runs[len(inputs)] = softmax(candidate(inputs))
+        runs[len(inputs)] = activation(candidate(inputs))
     tolerance = TOLERANCES[precision]
-    top2 = np.sort(expected, axis=1)[:, -2:] if expected.shape[1] > 1 else np.zeros((len(expected), 2))
-    near_tie = (top2[:, 1] - top2[:, 0] <= 2 * tolerance) if precision == "fp16" else np.zeros(len(images), bool)
+    if thresholds is None:
+        top2 = np.sort(expected, axis=1)[:, -2:] if expected.shape[1] > 1 else np.zeros((len(expected), 2))
+        near_tie = top2[:, 1] - top2[:, 0] <= 2 * tolerance
+        decide = lambda p: p.argmax(axis=1)[:, None]
+    else:
+        cut = np.asarray(thresholds)[None, :]
+        near_tie = (np.abs(expected - cut) <= 2 * tolerance).any(axis=1)
+        decide = lambda p: p >= cut
+    if precision != "fp16":
+        near_tie = np.zeros(len(images), bool)
     worst, differs = 0.0, np.zeros(len(images), dtype=bool)
     for got in runs.values():
         worst = max(worst, float(np.abs(got - expected).max()))
-        differs |= got.argmax(axis=1) != expected.argmax(axis=1)
+        differs |= (decide(got) != decide(expected)).any(axis=1)
     return {
         "passed": bool(worst <= tolerance and not (differs & ~near_tie).any()),
         "precision": precision,
@@ -102,4 +117,5 @@ def check_parity(reference: Any, preprocessing: Any, candidate: Callable[[np.nda
         "top1_identical": int((~differs).sum()),
         "top1_flips_at_near_ties": int((differs & near_tie).sum()),
         "batch_sizes": sorted(runs),
+        **({} if thresholds is None else {"outputs": "sigmoid", "compared": "probabilities and label sets"}),
     }

@@ -14,12 +14,23 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from transferlab.data.multilabel import MULTILABEL, SINGLE, is_multilabel_model, model_thresholds
 from transferlab.errors import RunDirError
 from transferlab.export.preprocess import preprocess_image
 from transferlab.export.sidecar import read_sidecar
 
-__all__ = ["OnnxPredictor", "Predictor", "TorchPredictor", "inference_threads", "load_predictor", "model_calibration",
-           "model_kind", "softmax"]
+__all__ = [
+    "OnnxPredictor",
+    "Predictor",
+    "TorchPredictor",
+    "inference_threads",
+    "load_predictor",
+    "model_calibration",
+    "model_kind",
+    "sigmoid",
+    "softmax",
+    "task_of",
+]
 
 
 class Predictor(Protocol):
@@ -30,12 +41,14 @@ class Predictor(Protocol):
     classes: list[str]
     input_size: int
     calibration: dict[str, Any] | None  # model.json's / the sidecar's: T and the val scores abstain.py uses
+    task: str  # "single" (softmax over classes) | "multilabel" (one sigmoid per class)
+    thresholds: list[float] | None  # multilabel: each class's decision threshold (model.json / sidecar)
 
     def prepare(self, image: Image.Image) -> Any:
         """One decoded RGB image → the model's input for it (C, H, W)."""
 
     def probabilities(self, batch: Sequence[Any]) -> np.ndarray:
-        """Prepared images → (N, classes) float32 probabilities."""
+        """Prepared images → (N, classes) float32 probabilities (softmax rows, or multi-label sigmoids)."""
 
     def explainer(self, method: str = "gradcam") -> Any:
         """Class-activation maps of this model (an evaluation.explain.CamExplainer), or a clear error."""
@@ -54,6 +67,20 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits.astype(np.float32) - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=1, keepdims=True)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Per-label probabilities of a multi-label model's logits (no overflow for large |logit|)."""
+    x = logits.astype(np.float32)
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def task_of(meta: dict) -> tuple[str, list[float] | None]:
+    """(task, thresholds) of a model.json or sidecar: thresholds for multi-label models only."""
+    if is_multilabel_model(meta):
+        return MULTILABEL, model_thresholds(meta)
+    return SINGLE, None
 
 
 class TorchPredictor:
@@ -77,7 +104,8 @@ class TorchPredictor:
         self.name = str(path)
         self.classes = list(meta["classes"])
         self.calibration = meta.get("calibration")
-        self._inverse_temperature = 1.0 / temperature_of(meta)
+        self._inverse_temperature = 1.0 / temperature_of(meta)  # 1 for a multi-label model (not scaled)
+        self.task, self.thresholds = task_of(meta)
         self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         self.input_size = self.preprocessing.input_size
         self._transform = eval_transform(self.preprocessing)
@@ -90,7 +118,10 @@ class TorchPredictor:
 
         x = torch.stack(list(batch)).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            return (self.model(x).float() * self._inverse_temperature).softmax(dim=1).numpy()
+            logits = self.model(x).float()
+            if self.task == MULTILABEL:
+                return logits.sigmoid().numpy()
+            return (logits * self._inverse_temperature).softmax(dim=1).numpy()
 
     def explainer(self, method: str = "gradcam"):
         """A CamExplainer (evaluation.explain) of this model: class-activation maps need its gradients."""
@@ -116,6 +147,7 @@ class OnnxPredictor:
         self.name = str(path)
         self.classes = list(meta["classes"])
         self.calibration = meta.get("calibration")  # its temperature is inside the graph already
+        self.task, self.thresholds = task_of(meta)
         self._preprocessing = meta["preprocessing"]
         self.input_size = int(self._preprocessing["input_size"])
         self._input_name = meta["input"]["name"]
@@ -146,7 +178,8 @@ class OnnxPredictor:
             if n < step:  # a fixed-batch graph takes exactly `step` images: pad, then drop the padding
                 chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), chunk.dtype)])
             chunks.append(self.session.run(None, {self._input_name: chunk})[0][:n])
-        return softmax(np.concatenate(chunks))
+        logits = np.concatenate(chunks)
+        return sigmoid(logits) if self.task == MULTILABEL else softmax(logits)
 
 
 def model_kind(path: str | Path) -> str:

@@ -46,7 +46,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from transferlab.data.images import PIXEL_LIMIT_REASONS, ImageError, load_image
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.abstain import DEFAULT_TARGET_PRECISION, Abstainer, AbstainOptions
-from transferlab.export.batch import top_k_labels
+from transferlab.export.batch import label_entry
 from transferlab.export.predictors import Predictor, load_predictor
 
 __all__ = ["ServeLimits", "create_app", "is_loopback", "serve"]
@@ -491,7 +491,7 @@ def create_app(model: str | Path | Predictor, limits: ServeLimits | None = None)
             if i in failed:
                 entries.append({"filename": name, "error": failed[i].reason})
                 continue
-            entry = {"filename": name, "predictions": top_k_labels(probs[i], predictor.classes, k)}
+            entry = {"filename": name, **label_entry(predictor, probs[i], k)}
             if abstainer is not None:
                 abstainer.annotate(entry, probs[i], predictor.classes)
             entries.append(entry)

@@ -324,7 +324,40 @@ def _metric_rows(m: Mapping[str, Any], t: Mapping[str, Any] | None) -> list[list
     return rows
 
 
+def _multilabel_section(ev: Mapping[str, Any], plots: Mapping[str, Path]) -> _Html:
+    """A multi-label evaluation: headline metrics, per-label precision/recall/F1/AP/threshold, worst images."""
+    m, interp = ev["metrics"], ev["interpretation"]
+    parts = [f"<h3>Evaluation: {_esc(ev['name'])} (multi-label)</h3>",
+             f"<p>{m['n']} images of <span class=path>{_esc(ev['data'])}</span> (split: {_esc(ev['split'])})</p>"]
+    for w in ev.get("warnings", []):
+        parts.append(f"<p><span class=warn>{_esc(w)}</span></p>")
+    rows = [["mAP (macro average precision)", m["map"]], ["micro F1", m["micro"]["f1"]], ["macro F1", m["macro"]["f1"]],
+            ["subset accuracy (exact match)", m["subset_accuracy"]], ["hamming accuracy", m["hamming_accuracy"]],
+            ["log loss (binary cross-entropy)", m["log_loss"]], ["labels per image (true)", m["label_cardinality"]],
+            ["labels per image (predicted)", m["predicted_cardinality"]], ["images", m["n"]]]
+    parts.append("<h4>Overall</h4>" + _table(["metric", "value"], rows))
+    parts.append("<h4>Per label</h4>" + _table(
+        ["label", "precision", "recall", "F1", "AP", "threshold", "support"],
+        [[r["label"], r["precision"], r["recall"], r["f1"], r["ap"], r["threshold"], r["support"]] for r in m["per_label"]]))
+    if m.get("absent_labels"):
+        parts.append(f"<p><span class=warn>no positives of: {_esc(', '.join(m['absent_labels']))}</span> "
+                     "(no AP; left out of the mAP)</p>")
+    if "per_label_ap" in plots:
+        parts.append(f"<div class=grid><div><h4>Per-label AP</h4>{_img(plots['per_label_ap'], 'per-label AP')}</div></div>")
+    losses = interp.get("top_losses") or []
+    if losses:
+        parts.append("<h4>Top losses</h4>" + _table(
+            ["image", "true labels", "predicted labels", "loss"],
+            [[_Html(f"<span class=path>{_esc(x['path'])}</span>"), ", ".join(x["true"]), ", ".join(x["predicted"]),
+              x["loss"]] for x in losses[:MAX_LISTED]]))
+    if ev.get("skipped"):
+        parts.append(_skipped_list(ev["skipped"], "Skipped while evaluating"))
+    return _Html("".join(parts))
+
+
 def _evaluation_section(ev: Mapping[str, Any], plots: Mapping[str, Path]) -> _Html:
+    if ev["metrics"].get("task") == "multilabel":
+        return _multilabel_section(ev, plots)
     m, interp = ev["metrics"], ev["interpretation"]
     t = ev["tta"]["metrics"] if ev.get("tta") else None
     parts = [f"<h3>Evaluation: {_esc(ev['name'])}</h3>",
@@ -476,7 +509,8 @@ def _run_section(run: Mapping[str, Any], label: str, index: int) -> _Html:
         head.append("<p><span class=warn>no summary.json: the run did not finish</span></p>")
     else:
         best = s.get("best", {})
-        head.append(f"<p>best val accuracy <b>{_fmt(s.get('val_accuracy_best'))}</b> "
+        score = "val mAP" if s.get("task") == "multilabel" else "val accuracy"  # multi-label: the columns hold mAP
+        head.append(f"<p>best {score} <b>{_fmt(s.get('val_accuracy_best'))}</b> "
                     f"({_esc(best.get('phase', '?'))} epoch {_esc(best.get('epoch', '?'))}), "
                     f"final {_fmt(s.get('val_accuracy_final'))}, {_fmt(s.get('total_seconds'), 1)} s</p>")
     parts = [*head, _published_section(run), f"<div class=grid><div>{_config_section(run['config'])}</div><div>{_data_section(run['data'])}</div></div>",

@@ -230,6 +230,9 @@ def eval_plots(evaluation: Mapping[str, Any], out_dir: Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     m = evaluation["metrics"]
     interp = evaluation["interpretation"]
+    if m.get("task") == "multilabel":  # no confusion matrix or softmax calibration: the per-label AP
+        ap = {row["label"]: row["ap"] for row in m["per_label"]}
+        return {"per_label_ap": plot_per_class_accuracy(ap, out_dir / "per_label_ap.png", title="per-label AP")}
     plots = {
         "confusion_matrix": plot_confusion_matrix(m["confusion_matrix"], evaluation["classes"],
                                                   out_dir / "confusion_matrix.png"),

@@ -22,12 +22,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 
 from transferlab.models.heads import HeadSlot
+from transferlab.training import objective
 from transferlab.training.finetune import TrainingDiverged, build_scheduler
 from transferlab.training.head_stage import selection_score
 from transferlab.training.lr_find import LRFindResult, lr_range_test
@@ -168,16 +168,17 @@ def cache_activations(bottom: nn.Module, dataset, *, batch_size: int, autocast: 
 @torch.no_grad()
 def evaluate_top(top: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: torch.dtype | None,
                  batch_size: int = 128) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of the top on cached activations."""
+    """(mean loss, score) of the top on cached activations (training/objective.py: cross-entropy and
+    accuracy, or multi-label BCE and mAP)."""
     top.eval()
-    loss, correct = 0.0, 0
+    loss, tally = 0.0, objective.Tally()
     for i in range(0, len(x), batch_size):
         xb = x[i : i + batch_size].float().contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext():
             logits = top(xb).float()
-        loss += F.cross_entropy(logits, y[i : i + batch_size], reduction="sum").item()
-        correct += (logits.argmax(1) == y[i : i + batch_size]).sum().item()
-    return loss / max(1, len(x)), correct / max(1, len(x))
+        loss += objective.loss(logits, y[i : i + batch_size], reduction="sum").item()
+        tally.add(logits, y[i : i + batch_size])
+    return loss / max(1, len(x)), tally.value() if len(x) else 0.0
 
 
 def forward_images_per_second(top: nn.Module, x: torch.Tensor, autocast: torch.dtype | None,
@@ -246,7 +247,7 @@ def range_test_top(
         idx = torch.randint(n, (min(batch_size, n),), generator=generator)
         view_of = torch.randint(len(views), (len(idx),), generator=generator)
         x = torch.stack([views[v][i] for i, v in zip(idx.tolist(), view_of.tolist())]).float()
-        return F.cross_entropy(top(x), train_y[idx], label_smoothing=label_smoothing)
+        return objective.loss(top(x), train_y[idx], label_smoothing)
 
     try:
         with torch.random.fork_rng(devices=[]):  # the caller's RNG stream goes on as if the test had not run
@@ -302,12 +303,12 @@ def train_top(
         _keep_frozen_modes(top)
         order = torch.randperm(n, generator=generator)
         view_of = torch.randint(len(views), (n,), generator=generator)
-        total, correct = 0.0, 0
+        total, tally = 0.0, objective.Tally()
         for idx in order.split(batch_size):
             x = torch.stack([views[v][i] for i, v in zip(idx.tolist(), view_of[idx].tolist())])
             x = x.float().contiguous(memory_format=torch.channels_last)
             logits = top(x)
-            loss = F.cross_entropy(logits, train_y[idx], label_smoothing=label_smoothing)
+            loss = objective.loss(logits, train_y[idx], label_smoothing)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"Training diverged: the loss became {loss.item()} in fine-tuning epoch "
                                        f"{epoch}. The frozen stage's model is kept; train again with a lower "
@@ -317,9 +318,9 @@ def train_top(
             optimizer.step()
             scheduler.step()
             total += loss.item() * len(idx)
-            correct += (logits.argmax(1) == train_y[idx]).sum().item()
+            tally.add(logits, train_y[idx])
         val_loss, val_acc = evaluate_top(top, val_x, val_y, autocast)
-        record = {"epoch": epoch, "train_loss": total / n, "train_accuracy": correct / n, "val_loss": val_loss,
+        record = {"epoch": epoch, "train_loss": total / n, "train_accuracy": tally.value(), "val_loss": val_loss,
                   "val_accuracy": val_acc, "lr": max(g["lr"] for g in optimizer.param_groups),
                   "epoch_seconds": time.perf_counter() - start}
         records.append(record)

@@ -13,13 +13,18 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from transferlab._testing import pause_point
 from transferlab.errors import TransferlabError
+from transferlab.training import objective
 from transferlab.training.memory import AdaptiveBatch, activation_budget
+
+
+def _hits(logits: torch.Tensor, targets: torch.Tensor) -> int:
+    """Correct top-1 predictions (single-label; a multi-label batch scores by mAP at the epoch's end)."""
+    return 0 if objective.is_multilabel(targets) else int((logits.argmax(1) == targets).sum())
 
 
 class TrainingDiverged(TransferlabError):
@@ -59,7 +64,8 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: in
 
 
 class FineTuneModule(L.LightningModule):
-    """Cross-entropy classifier training with a BatchNorm policy and frozen-block handling."""
+    """Classifier training (cross-entropy, or multi-label BCE: training/objective.py) with a BatchNorm
+    policy and frozen-block handling."""
 
     def __init__(
         self,
@@ -109,6 +115,11 @@ class FineTuneModule(L.LightningModule):
     def reset_epoch_stats(self) -> None:
         self.stats = {"train_loss": 0.0, "train_correct": 0, "train_n": 0,
                       "val_loss": 0.0, "val_correct": 0, "val_n": 0}
+        # multi-label scores (mAP) need the epoch's outputs, not counted hits; single-label ones stay in stats
+        self.tallies = {"train": objective.Tally(), "val": objective.Tally()}
+
+    def on_validation_epoch_start(self) -> None:
+        self.tallies["val"] = objective.Tally()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -147,13 +158,16 @@ class FineTuneModule(L.LightningModule):
         optimizer = self.optimizers()
         totals = {"loss": 0.0, "correct": 0}
 
+        outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
         def reset() -> None:
             optimizer.zero_grad()
             totals.update(loss=0.0, correct=0)
+            outputs.clear()
 
         def step(start: int, stop: int) -> None:
             logits = self(x[start:stop])
-            loss = F.cross_entropy(logits.float(), y[start:stop], label_smoothing=self.label_smoothing)
+            loss = objective.loss(logits.float(), y[start:stop], self.label_smoothing)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"Training diverged: the loss became {loss.item()} at batch {batch_idx}.")
             # each part weighs its share of the batch: the summed gradient is the whole batch's.
@@ -163,13 +177,16 @@ class FineTuneModule(L.LightningModule):
             with contextlib.nullcontext() if sync else self.trainer.strategy.block_backward_sync():
                 self.manual_backward(loss if stop - start == n else loss * ((stop - start) / n))
             totals["loss"] += loss.detach().item() * (stop - start)
-            totals["correct"] += (logits.argmax(1) == y[start:stop]).sum().item()
+            totals["correct"] += _hits(logits, y[start:stop])
+            outputs.append((logits.detach(), y[start:stop]))
 
         reset()
         with activation_budget(self.model, self.max_memory):
             self.train_passes.run(n, step, reset)
         optimizer.step()
         self.lr_schedulers().step()
+        for logits, targets in outputs:
+            self.tallies["train"].add(logits, targets)
         self.stats["train_loss"] += totals["loss"]
         self.stats["train_correct"] += totals["correct"]
         self.stats["train_n"] += n
@@ -183,11 +200,20 @@ class FineTuneModule(L.LightningModule):
             with (torch.autocast(x.device.type, dtype=self.val_autocast) if self.val_autocast is not None
                   else contextlib.nullcontext()):
                 logits = self(x[start:stop]).float()
-            totals["loss"] += F.cross_entropy(logits, y[start:stop], reduction="sum").item()
-            totals["correct"] += (logits.argmax(1) == y[start:stop]).sum().item()
+            totals["loss"] += objective.loss(logits, y[start:stop], reduction="sum").item()
+            totals["correct"] += _hits(logits, y[start:stop])
+            outputs.append((logits, y[start:stop]))
+
+        outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def reset() -> None:
+            totals.update(loss=0.0, correct=0)
+            outputs.clear()
 
         with activation_budget(self.model, self.max_memory):
-            self.val_passes.run(len(y), step, lambda: totals.update(loss=0.0, correct=0))
+            self.val_passes.run(len(y), step, reset)
+        for logits, targets in outputs:
+            self.tallies["val"].add(logits, targets)
         self.stats["val_loss"] += totals["loss"]
         self.stats["val_correct"] += totals["correct"]
         self.stats["val_n"] += len(y)
@@ -213,12 +239,16 @@ class FineTuneModule(L.LightningModule):
 
     def epoch_metrics(self) -> dict[str, float]:
         s = self.stats
-        return {
+        metrics = {
             "train_loss": s["train_loss"] / max(1, s["train_n"]),
             "train_accuracy": s["train_correct"] / max(1, s["train_n"]),
             "val_loss": s["val_loss"] / s["val_n"] if s["val_n"] else float("nan"),
             "val_accuracy": s["val_correct"] / s["val_n"] if s["val_n"] else float("nan"),
         }
+        for split, tally in self.tallies.items():
+            if tally.multilabel:
+                metrics[f"{split}_accuracy"] = tally.value()
+        return metrics
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.optimizer_name, self._param_groups, self.weight_decay)

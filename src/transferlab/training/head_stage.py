@@ -12,8 +12,9 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from transferlab.training import objective
 
 
 def selection_score(val_accuracy: float, val_loss: float | None) -> tuple[float, float]:
@@ -34,18 +35,19 @@ HEAD_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 
 @torch.no_grad()
 def evaluate_logits(module: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of `module` on features x."""
+    """(mean loss, score) of `module` on features x (training/objective.py: cross-entropy and accuracy,
+    or multi-label BCE and mAP)."""
     if len(x) == 0:
         return float("nan"), float("nan")
     was_training = module.training
     module.eval()
-    loss, correct = 0.0, 0
+    loss, tally = 0.0, objective.Tally()
     for i in range(0, len(x), batch_size):
         logits = module(x[i : i + batch_size])
-        loss += F.cross_entropy(logits, y[i : i + batch_size], reduction="sum").item()
-        correct += (logits.argmax(1) == y[i : i + batch_size]).sum().item()
+        loss += objective.loss(logits, y[i : i + batch_size], reduction="sum").item()
+        tally.add(logits, y[i : i + batch_size])
     module.train(was_training)
-    return loss / len(x), correct / len(x)
+    return loss / len(x), tally.value()
 
 
 def train_head(
@@ -95,23 +97,23 @@ def _train_head(head, train_x, train_y, val_x, val_y, *, epochs, lr, weight_deca
         start = time.perf_counter()
         head.train()
         order = torch.randperm(len(train_x), generator=generator)
-        total, correct, seen = 0.0, 0, 0
+        total, tally, seen = 0.0, objective.Tally(), 0
         for i in range(0, len(order), batch_size):
             idx = order[i : i + batch_size]
             logits = head(train_x[idx])
-            loss = F.cross_entropy(logits, train_y[idx], label_smoothing=label_smoothing)
+            loss = objective.loss(logits, train_y[idx], label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             total += loss.item() * len(idx)
-            correct += (logits.argmax(1) == train_y[idx]).sum().item()
+            tally.add(logits, train_y[idx])
             seen += len(idx)
         val_loss, val_acc = evaluate_logits(head, val_x, val_y)
         record = {
             "epoch": epoch,
             "train_loss": total / max(1, seen),
-            "train_accuracy": correct / max(1, seen),
+            "train_accuracy": tally.value() if seen else 0.0,
             "val_loss": val_loss,
             "val_accuracy": val_acc,
             "lr": optimizer.param_groups[0]["lr"],

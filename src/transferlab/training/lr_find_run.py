@@ -22,6 +22,7 @@ import torch
 
 from transferlab import _runtime
 from transferlab.config import TrainConfig
+from transferlab.data.multilabel import refuse_multilabel
 from transferlab.data.sources import load_splits, require_data
 from transferlab.errors import TransferlabError
 from transferlab.models.heads import HeadConfig, build_classifier
@@ -75,6 +76,7 @@ def find_lr(cfg: TrainConfig, *, num_steps: int = 100, method: str = "valley", s
     cfg = dataclasses.replace(cfg, strategy="two-stage", finetune="boundary",
                               epochs_finetune=max(1, cfg.epochs_finetune))
     cfg.validate()
+    refuse_multilabel(cfg.data, "lr-find")
     if cfg.epochs_frozen < 1:
         raise TransferlabError("lr-find fits the head first (as train does): --epochs-frozen must be >= 1.")
     if cfg.world_size > 1:
