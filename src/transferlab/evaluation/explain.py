@@ -268,6 +268,9 @@ def explain_evaluation(run_dir: str | Path, evaluation: Mapping[str, Any], out_d
     predictions, each the map of the class predicted, written into `out_dir`: its interpretation rows with
     "kind" ("error" | "correct") and "overlay" (the PNG) added. Images that can no longer be read are left
     out (logged); an evaluation saved before correct samples were kept has errors only."""
+    if evaluation.get("metrics", {}).get("task") == "multilabel":
+        raise TransferlabError("class-activation maps are drawn for single-label models (one predicted class "
+                               "per image); this model is multi-label")
     interp = evaluation["interpretation"]
     picks = [("error", r) for r in interp["top_losses"] if r["true"] != r["predicted"]][:errors]
     picks += [("correct", r) for r in interp.get("correct_sample", [])[:correct]]
