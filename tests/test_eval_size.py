@@ -14,7 +14,7 @@ from transferlab.config import TrainConfig
 from transferlab.data import feature_cache
 from transferlab.errors import TransferlabError
 from transferlab.models.registry import BackboneSpec, _timm_test_size, resolve_backbone
-from transferlab.training.run import _resolve_sizes
+from transferlab.training.features import resolve_sizes
 
 
 def _spec(test_size: int | None) -> BackboneSpec:
@@ -24,14 +24,14 @@ def _spec(test_size: int | None) -> BackboneSpec:
 
 def test_the_backbone_test_size_is_the_default_eval_size():
     cfg = TrainConfig(data="x")
-    spec, train_pre = _resolve_sizes(cfg, _spec(test_size=200))
+    spec, train_pre = resolve_sizes(cfg, _spec(test_size=200))
     assert (cfg.img_size, cfg.eval_size) == (160, 200)
     assert spec.preprocessing.input_size == 200 and train_pre.input_size == 160
 
 
 def test_without_a_test_size_evaluation_runs_at_the_training_size():
     cfg = TrainConfig(data="x", img_size=64)
-    spec, train_pre = _resolve_sizes(cfg, _spec(test_size=None))
+    spec, train_pre = resolve_sizes(cfg, _spec(test_size=None))
     assert cfg.eval_size == 64 and spec.preprocessing.input_size == train_pre.input_size == 64
 
 

@@ -342,8 +342,8 @@ def run_doctor(cfg: TrainConfig, options: DoctorOptions, *, out: str | Path | No
     from transferlab.data.multilabel import refuse_multilabel
     from transferlab.data.sources import load_splits, require_data
     from transferlab.models.registry import resolve_backbone
+    from transferlab.training.features import resolve_sizes
     from transferlab.training.io import ensure_writable_dir
-    from transferlab.training.run import _resolve_sizes
 
     options.validate()
     # the plain view alone: augmented views are for training the head, not for describing the data
@@ -360,7 +360,7 @@ def run_doctor(cfg: TrainConfig, options: DoctorOptions, *, out: str | Path | No
     spec = resolve_backbone(cfg.backbone, pretrained=pretrained, img_size=cfg.img_size)  # offline: fails here
     if cfg.preprocess:
         spec = dataclasses.replace(spec, preprocessing=dataclasses.replace(spec.preprocessing, **cfg.preprocess))
-    spec, train_pre = _resolve_sizes(cfg, spec)
+    spec, train_pre = resolve_sizes(cfg, spec)
     out_dir = ensure_writable_dir(Path(out) if out is not None else default_out_dir())
     if cfg.num_workers is None:
         cfg.num_workers = _runtime.default_num_workers()
@@ -413,12 +413,12 @@ def _frozen_features(cfg: TrainConfig, spec, train_pre, splits: DataSplits, acce
     from transferlab.data.transforms import eval_transform
     from transferlab.models.heads import HeadConfig, build_classifier
     from transferlab.training import distributed
-    from transferlab.training.run import _features
+    from transferlab.training.features import frozen_features
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # as train: a random-init backbone is the same one
     model = build_classifier(spec, len(splits.classes), HeadConfig(kind=cfg.head, hidden=cfg.head_hidden,
                                                                    dropout=cfg.head_dropout))
-    (train_x, _, val_x, _), n_extracted = _features(model, splits, cfg, spec, train_pre,
+    (train_x, _, val_x, _), n_extracted = frozen_features(model, splits, cfg, spec, train_pre,
                                                     distributed.Ranks(device=accelerator), autocast)
     parts, cached = [train_x, val_x], n_extracted == 0
     if splits.test:  # train never extracts the test split; its features are cached here for the next doctor

@@ -29,6 +29,7 @@ from transferlab.models.heads import HeadConfig, build_classifier
 from transferlab.models.param_groups import freeze_backbone
 from transferlab.models.registry import resolve_backbone
 from transferlab.training import boundary, distributed
+from transferlab.training.features import check_any_input_size, decoded_images, frozen_features, resolve_sizes
 from transferlab.training.head_stage import selection_score
 from transferlab.training.io import atomic_write_json, ensure_writable_dir
 from transferlab.training.lr_find import SUGGESTIONS, LRFindResult, plot_lr_find
@@ -37,11 +38,7 @@ from transferlab.training.run import (
     _boundary_plan,
     _boundary_tap,
     _cache_boundary,
-    _check_any_input_size,
-    _decoded_images,
-    _features,
     _fit_head,
-    _resolve_sizes,
 )
 
 log = logging.getLogger("transferlab")
@@ -87,7 +84,7 @@ def find_lr(cfg: TrainConfig, *, num_steps: int = 100, method: str = "valley", s
     spec = resolve_backbone(cfg.backbone, pretrained=cfg.pretrained, img_size=cfg.img_size)  # offline: fails here
     if cfg.preprocess:
         spec = dataclasses.replace(spec, preprocessing=dataclasses.replace(spec.preprocessing, **cfg.preprocess))
-    spec, train_pre = _resolve_sizes(cfg, spec)
+    spec, train_pre = resolve_sizes(cfg, spec)
     head_cfg = HeadConfig(kind=cfg.head, hidden=cfg.head_hidden, dropout=cfg.head_dropout)
     # the architecture must have a boundary to cut before the data are read (a two-class probe model)
     if boundary.split_model(build_classifier(spec, 2, head_cfg), cfg.boundary_stages) is None:
@@ -112,17 +109,17 @@ def find_lr(cfg: TrainConfig, *, num_steps: int = 100, method: str = "valley", s
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_classifier(spec, len(splits.classes), head_cfg)
     if cfg.eval_size != cfg.img_size:
-        _check_any_input_size(model, cfg)
+        check_any_input_size(model, cfg)
     plan = _boundary_plan(model, cfg, splits, ranks)
     if plan is None:
         raise TransferlabError(f"The boundary activations of {len(splits.train)} train images exceed the "
                                f"{boundary.CACHE_BUDGET_BYTES / 2**30:.0f} GiB cache: train fine-tunes the whole "
                                "network on this data, which lr-find does not test.")
     split, _per_image, views = plan
-    decoded = _decoded_images(cfg)
+    decoded = decoded_images(cfg)
     freeze_backbone(model)
     tapped: dict[str, torch.Tensor] = {}
-    features, _ = _features(model, splits, cfg, spec, train_pre, ranks, autocast, decoded,
+    features, _ = frozen_features(model, splits, cfg, spec, train_pre, ranks, autocast, decoded,
                             tap=_boundary_tap(model, cfg, splits, ranks, plan), tapped=tapped)
     records, _ = _fit_head(model, features, cfg)
     head = max(records, key=lambda r: selection_score(r["val_accuracy"], r["val_loss"]))
