@@ -765,14 +765,21 @@ def test_resume_works_from_another_directory_and_refuses_changed_data(tmp_path, 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    r = cli("train", "--resume", run, "--no-progress")
+
+    def interrupted() -> Path:  # as if killed before its final outputs: a finished run is not resumed at all
+        state = json.loads((run / "state.json").read_text())
+        (run / "state.json").write_text(json.dumps({**state, "status": "running"}))
+        (run / "summary.json").unlink()
+        return run
+
+    r = cli("train", "--resume", interrupted(), "--no-progress")
     assert r.code == 0, r.text
     # the data changes: one more image
     from conftest import COLOURS, make_image
     import numpy as np
 
     make_image(tmp_path / "data" / "train" / "red" / "new.png", COLOURS["red"], np.random.default_rng(1))
-    r = cli("train", "--resume", run, "--no-progress")
+    r = cli("train", "--resume", interrupted(), "--no-progress")
     assert r.code == 2 and "Traceback" not in r.text
     assert ("The data changed since this run started (8 train / 4 val images then, 9 / 4 now; a file was added, "
             "removed, moved, relabelled or rewritten)") in r.text and "--allow-changed-data" in r.text
