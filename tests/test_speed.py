@@ -256,7 +256,10 @@ def test_the_report_after_training_evaluates_from_the_kept_val_views(tiny_data, 
     result = transferlab.train(tiny_data, out=str(tmp_path / "run"), feature_cache="memory",
                                **{**TINY, "epochs_finetune": 1, "report": True})
     assert (result.run_dir / "report.html").is_file() and (result.run_dir / "eval-val.json").is_file()
-    assert len(resizes) == 36  # the feature pass only; the report's evaluation of the 12 val images reuses them
+    cams = (result.run_dir / "report.html").read_text().count('alt="class-activation map of ')
+    # the feature pass (36) and the class-activation maps' own views; the report's evaluation of the 12 val
+    # images reuses the feature pass's
+    assert len(resizes) == 36 + cams
 
 
 def test_fine_tuning_after_cached_features_decodes_on_threads_before_its_first_epoch(tiny_data, tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ from transferlab.data.threaded import threaded_batches
 from transferlab.data.transforms import EvalView
 from transferlab.models.heads import features_only, head_slot
 from transferlab.training.io import load_tensors, save_tensors, tensor_metadata
-from transferlab.training.memory import AdaptiveBatch, activation_budget
+from transferlab.training.memory import AdaptiveBatch, activation_budget, forward_in_passes
 
 log = logging.getLogger("transferlab")
 
@@ -215,7 +215,7 @@ def extract_features(
                     pad = images.new_zeros((batch_size - n, *images.shape[1:]))
                     images = torch.cat([images, pad]).contiguous(memory_format=torch.channels_last)
                 tapped.clear()
-                chunks.append(torch.cat(_forward_in_passes(forward, images, passes, tapped.clear))[:n])
+                chunks.append(torch.cat(forward_in_passes(forward, images, passes, tapped.clear))[:n])
                 if tap is not None:
                     tap[1](torch.cat(tapped))
                 if progress is not None:
@@ -237,19 +237,6 @@ def inference_copy(model: nn.Module) -> nn.Module:
 
     pre = getattr(model, "preprocessing", None)
     return model if pre is None else folded_for_inference(model, pre.input_size)
-
-
-def _forward_in_passes(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, passes: AdaptiveBatch,
-                       also_reset: Callable[[], None] | None = None) -> list[torch.Tensor]:
-    done: list[torch.Tensor] = []
-
-    def reset() -> None:
-        done.clear()
-        if also_reset is not None:
-            also_reset()
-
-    passes.run(len(images), lambda a, b: done.append(model(images[a:b]).float().cpu()), reset)
-    return done
 
 
 def cached_features(

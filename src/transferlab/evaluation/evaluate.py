@@ -42,6 +42,7 @@ from transferlab.evaluation.predict import load_inference_model
 from transferlab.evaluation.samples import eval_data
 from transferlab.evaluation.tta import TTA_VIEWS, tta_logits
 from transferlab.training.io import atomic_write_json, read_json
+from transferlab.training.memory import AdaptiveBatch, forward_in_passes
 
 __all__ = ["EVAL_FORMAT", "EvalResult", "eval_json_paths", "evaluate_run", "load_eval"]
 
@@ -203,6 +204,7 @@ def evaluate_run(
     else:
         loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     plain, averaged, kept = [], [], []
+    passes = AdaptiveBatch("evaluation")
     skipped = list(chosen.skipped)
     with _progress_bar(len(chosen.samples), enabled=progress) as advance:
         offset = 0
@@ -219,8 +221,8 @@ def evaluate_run(
                     views = tta_logits(model, x).cpu()
                     averaged.append(views)
                     plain.append(views[0])
-                else:
-                    plain.append(model(x).float().cpu())
+                else:  # out of memory halves the pass, as in training (training/memory.py)
+                    plain.append(torch.cat(forward_in_passes(model, x, passes)))
                 kept.extend(offset + i for i in ok)
             offset += len(reasons)
             advance(len(reasons))

@@ -108,6 +108,20 @@ class AdaptiveBatch:
                         self.what, size, self.size)
 
 
+def forward_in_passes(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, passes: AdaptiveBatch,
+                      also_reset: Callable[[], None] | None = None) -> list[torch.Tensor]:
+    """`model` over `images` in `passes`' sizes (halved on out-of-memory): the outputs, as float32 on the CPU."""
+    done: list[torch.Tensor] = []
+
+    def reset() -> None:
+        done.clear()
+        if also_reset is not None:
+            also_reset()
+
+    passes.run(len(images), lambda a, b: done.append(model(images[a:b]).float().cpu()), reset)
+    return done
+
+
 @contextmanager
 def activation_budget(model: nn.Module, max_bytes: int | None) -> Iterator[None]:
     """While active, a forward pass of `model` whose layer outputs add up to more than `max_bytes`
