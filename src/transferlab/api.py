@@ -48,11 +48,19 @@ DEMO_OVERRIDES: dict[str, Any] = {
 
 
 def train(data: str | Path | None = None, *, resume: str | Path | None = None, allow_changed_data: bool = False,
-          **options: Any) -> TrainResult:
+          config: str | Path | None = None, **options: Any) -> TrainResult:
     """Train a classifier on `data` (ImageFolder tree, class folders, or CSV). `options` are
-    TrainConfig fields (backbone, head, epochs_frozen, lr_decay, ...); `resume` continues a run (refused
-    when its data changed since it started, unless `allow_changed_data`)."""
+    TrainConfig fields (backbone, head, epochs_frozen, lr_decay, ...); `config` a YAML file of them (a
+    run's config.yaml works) used as defaults, `data` included, that `options` override; `resume`
+    continues a run (refused when its data changed since it started, unless `allow_changed_data`)."""
+    from transferlab.config import read_options
     from transferlab.training.run import train as _train
+
+    if config is not None:
+        defaults = read_options(config)
+        data = data if data is not None else defaults.pop("data", None)
+        defaults.pop("data", None)
+        options = {**defaults, **options}
 
     if resume is not None:
         if data is not None or options:

@@ -110,6 +110,7 @@ def _report_train(result) -> None:
 
 @app.command(rich_help_panel=_TRAIN_VERBS)
 def train(
+    ctx: typer.Context,
     data: Annotated[Path | None, typer.Argument(help="ImageFolder tree (train/ val/ \\[test/]), class folders, or a CSV of path,label")] = None,
     backbone: Annotated[str, typer.Option(help="Backbone: efficientnet_lite0|1|2 (offline), any timm name, hf-hub:ID, or tv:NAME", rich_help_panel=_MODEL)] = "efficientnet_lite0",
     pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights", rich_help_panel=_MODEL)] = True,
@@ -166,6 +167,8 @@ def train(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", rich_help_panel=_OUTPUT)] = True,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html at the end", rich_help_panel=_OUTPUT)] = True,
     calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Fit temperature scaling on the val logits after training (predict, evaluate and exports apply it)", rich_help_panel=_TRAINING)] = True,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML of train options used as defaults (a run's config.yaml works, data included); options given on the command line win", rich_help_panel=_OUTPUT)] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="Set any training option by its config.yaml name (YAML value), e.g. --set head_dropout=0.3; wins over --config and the options", rich_help_panel=_OUTPUT)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train a classifier from a folder of labelled images (two-stage transfer learning).
@@ -174,15 +177,20 @@ def train(
     transferlab train data/ --backbone efficientnet_lite2 -o runs/ants
     transferlab train data/ --time-budget 5m --logger csv,tensorboard
     transferlab train --resume runs/ants
+    transferlab train --config runs/ants/config.yaml --set seed=1 -o runs/ants-s1
     """
     from transferlab import api
-    from transferlab.config import parse_lr_finetune
+    from transferlab.config import parse_lr_finetune, parse_sets, read_options
 
     _setup_logging(verbose)
+    sets = parse_sets(set_ or [])  # checked before any work, as the file is
+    defaults = read_options(config) if config is not None else {}
+    if data is None and "data" in {**defaults, **sets}:
+        data = Path({**defaults, **sets}["data"])
     if resume is None and data is None:
         raise TransferlabError("Missing DATA: give a folder of images or a CSV file (or --resume RUN).")
     try:
-        result = _train_or_resume(api, data, resume, allow_changed_data, {
+        result = _train_or_resume(api, data, resume, allow_changed_data, _layered(ctx, defaults, sets, {
             "backbone": backbone, "pretrained": pretrained, "head": head, "head_hidden": head_hidden,
             "head_dropout": head_dropout, "strategy": strategy, "epochs_frozen": epochs_frozen,
             "epochs_finetune": epochs_finetune, "finetune": finetune, "boundary_stages": boundary_stages,
@@ -196,7 +204,7 @@ def train(
             "loggers": logger or [],
             "feature_cache": feature_cache, "cache_dir": str(cache_dir) if cache_dir else None, "max_memory": max_memory,
             "out": str(out) if out else None, "progress": progress, "report": report, "calibrate": calibrate,
-        })
+        }))
     except KeyboardInterrupt:
         # Typer would print "Aborted!"; say instead how to continue: every finished epoch is saved.
         where = resume or out or "RUN_DIR (the run directory printed at the start)"
@@ -204,6 +212,18 @@ def train(
         raise typer.Exit(130) from None
     if result.is_global_zero:  # one line per run, not one per process
         _report_train(result)
+
+
+def _layered(ctx: typer.Context, defaults: dict, sets: dict, options: dict) -> dict:
+    """The options `train` runs with: the command's defaults, then the --config file's values, then the
+    options given on the command line, then --set (timm's order: a file of defaults, the command wins)."""
+    def given(name: str) -> bool:
+        source = ctx.get_parameter_source({"loggers": "logger"}.get(name, name))
+        return getattr(source, "name", None) == "COMMANDLINE"  # typer may carry its own copy of click's enum
+
+    layered = {**options, **{k: v for k, v in defaults.items() if k != "data" and not given(k)}, **sets}
+    layered.pop("data", None)
+    return layered
 
 
 def _train_or_resume(api, data, resume, allow_changed_data: bool, options: dict):

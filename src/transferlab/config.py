@@ -366,21 +366,48 @@ class TrainConfig:
         """config.yaml as `save` wrote it. A file that is not that (a YAML syntax error, a tag such as
         `!!python/object` that safe_load refuses, a value of the wrong type) is a RunDirError naming
         the file and the fault, never a traceback."""
+        return cls.from_dict(read_options(path, RunDirError, "Fix or delete the damaged file (it is the "
+                                          "configuration `train` wrote for this run)."))
+
+
+def read_options(path: str | Path, error: type[TransferlabError] = TransferlabError, hint: str = "") -> dict[str, Any]:
+    """A YAML mapping of TrainConfig fields (a run's config.yaml, or `train --config FILE`), every name and
+    type checked: anything else is `error` naming the file and the fault."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        reason = " ".join(str(exc).split())
+        raise error(f"Cannot read {path}: {reason}. {hint}".rstrip()) from None
+    if not isinstance(data, dict):
+        raise error(f"Cannot read {path}: it holds a YAML {type(data).__name__}, not training options.")
+    unknown = unknown_options(data)
+    if unknown:
+        raise error(f"Cannot read {path}: unknown option(s) {unknown}.")
+    wrong = _wrong_types(TrainConfig, data)
+    if wrong:
+        raise error(f"Cannot read {path}: {'; '.join(wrong[:5])}.")
+    return data
+
+
+def parse_sets(items: Iterable[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` items → {field: value}, each VALUE read as YAML (``0.3``, ``null``, ``[0.5, 0.5, 0.5]``)
+    and checked like a config file's."""
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise TransferlabError(f"--set takes KEY=VALUE (e.g. --set head_dropout=0.3), got {item!r}")
         try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            reason = " ".join(str(exc).split())
-            raise RunDirError(f"Cannot read {path}: {reason}. Fix or delete the damaged file (it is the "
-                              "configuration `train` wrote for this run).") from None
-        if not isinstance(data, dict):
-            raise RunDirError(f"Cannot read {path}: it holds a YAML {type(data).__name__}, not the run's settings.")
-        wrong = _wrong_types(cls, data)
-        if wrong:
-            raise RunDirError(f"Cannot read {path}: {'; '.join(wrong[:5])}.")
-        try:
-            return cls.from_dict(data)
-        except TransferlabError as exc:
-            raise RunDirError(f"Cannot read {path}: {exc}") from None
+            values[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise TransferlabError(f"--set {item!r}: the value is not valid YAML") from None
+    unknown = unknown_options(values)
+    if unknown:
+        raise TransferlabError(f"--set: unknown option(s) {unknown}")
+    wrong = _wrong_types(TrainConfig, values)
+    if wrong:
+        raise TransferlabError(f"--set: {'; '.join(wrong[:5])}")
+    return values
 
 
 def unknown_options(names: Any) -> str:
