@@ -228,3 +228,10 @@ def test_the_report_shows_the_maps_of_the_worst_errors_beside_correct_ones(runs,
     errors, correct = cams.split(">Worst errors<", 1)[1].split(">Correct predictions, least to most confident<", 1)
     assert len(CAM_SRC.findall(errors)) == 1 and len(CAM_SRC.findall(correct)) == cam_overlays(runs[0])
     assert f"{html.escape(error['true'])} → {html.escape(error['predicted'])}" in errors
+
+
+def test_the_report_opens_with_results_and_keeps_the_settings_for_last(single_report):
+    page = single_report.read_text(encoding="utf-8")
+    order = [page.index(marker) for marker in ("best val accuracy", "<h3>Training curves</h3>", "Evaluation: val",
+                                               "<h3>Data</h3>", "<h3>Timing</h3>", "<h3>Configuration</h3>")]
+    assert order == sorted(order)

@@ -513,12 +513,13 @@ def _run_section(run: Mapping[str, Any], label: str, index: int) -> _Html:
         head.append(f"<p>best {score} <b>{_fmt(s.get('val_accuracy_best'))}</b> "
                     f"({_esc(best.get('phase', '?'))} epoch {_esc(best.get('epoch', '?'))}), "
                     f"final {_fmt(s.get('val_accuracy_final'))}, {_fmt(s.get('total_seconds'), 1)} s</p>")
-    parts = [*head, _published_section(run), f"<div class=grid><div>{_config_section(run['config'])}</div><div>{_data_section(run['data'])}</div></div>",
-             _doctor_section(run["doctor"]),
-             "<h3>Training curves</h3>",
+    # what a reader looks for first (the headline, curves, evaluation and worst errors), then the data,
+    # and the settings and environment last, for reference
+    parts = [*head, _published_section(run), "<h3>Training curves</h3>",
              _img(run["curves"], "training curves") if run["curves"] else "<p class=muted>no metrics.csv</p>"]
     parts += [_Html(_evaluation_section(e["eval"], e["plots"]) + _cam_section(e["cams"])) for e in run["evaluations"]]
-    parts += [_timing_section(s, run["rows"]), _environment_section(s)]
+    parts += [_data_section(run["data"]), _doctor_section(run["doctor"]), _timing_section(s, run["rows"]),
+              _config_section(run["config"]), _environment_section(s)]
     return _Html("".join(parts))
 
 
