@@ -16,17 +16,18 @@ from typing import TYPE_CHECKING, Any
 from transferlab.config import TrainConfig
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.abstain import DEFAULT_TARGET_PRECISION, Abstainer, AbstainOptions
+from transferlab.logs import api_logging
 
 if TYPE_CHECKING:  # the heavy stack (torch, Lightning) loads only when a command needs it
-    from transferlab.workflows.compare import CompareResult
     from transferlab.evaluation.doctor import DoctorResult
     from transferlab.evaluation.evaluate import EvalResult
     from transferlab.evaluation.selection import SelectionResult
     from transferlab.export.exporter import ExportResult
     from transferlab.recipes import Recipe
-    from transferlab.workflows.recipe import RecipeResult
     from transferlab.training.lr_find import LRFindResult
     from transferlab.training.run import TrainResult
+    from transferlab.workflows.compare import CompareResult
+    from transferlab.workflows.recipe import RecipeResult
 
 # The demo: the embedded default backbone on a real dataset that an installed package ships
 # (scikit-learn's 1 797 handwritten digits, upsampled). Measured choices (see README):
@@ -48,11 +49,18 @@ DEMO_OVERRIDES: dict[str, Any] = {
 
 
 def train(data: str | Path | None = None, *, resume: str | Path | None = None, allow_changed_data: bool = False,
-          config: str | Path | None = None, **options: Any) -> TrainResult:
+          config: str | Path | None = None, verbose: bool = True, **options: Any) -> TrainResult:
     """Train a classifier on `data` (ImageFolder tree, class folders, or CSV). `options` are
     TrainConfig fields (backbone, head, epochs_frozen, lr_decay, ...); `config` a YAML file of them (a
     run's config.yaml works) used as defaults, `data` included, that `options` override; `resume`
-    continues a run (refused when its data changed since it started, unless `allow_changed_data`)."""
+    continues a run (refused when its data changed since it started, unless `allow_changed_data`).
+    Progress (phases, one line per epoch) goes to stderr as the CLI prints it unless logging is configured
+    (logs.api_logging); `verbose=False` keeps warnings only."""
+    with api_logging(verbose):
+        return _train_api(data, resume, allow_changed_data, config, options)
+
+
+def _train_api(data, resume, allow_changed_data: bool, config, options: dict[str, Any]) -> TrainResult:
     from transferlab.config import read_options
     from transferlab.training.run import train as _train
 

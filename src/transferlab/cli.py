@@ -35,6 +35,7 @@ from rich.table import Table
 
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.abstain import DEFAULT_TARGET_PRECISION
+from transferlab.logs import PLAIN_FORMAT, StderrHandler
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
@@ -66,19 +67,6 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_print_ver
     """Transfer learning for image classification: train, predict, explore backbones."""
 
 
-class _StderrHandler(logging.StreamHandler):
-    """A plain log handler writing to whatever ``sys.stderr`` is when a record comes (as the rich console
-    does), not to the stream of the moment it was made: a caller may redirect stderr between commands."""
-
-    @property
-    def stream(self):  # type: ignore[override]
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
 def _setup_logging(verbose: bool) -> None:
     logger = logging.getLogger("transferlab")
     if not any(getattr(h, "_transferlab_cli", False) for h in logger.handlers):
@@ -86,8 +74,8 @@ def _setup_logging(verbose: bool) -> None:
             handler: logging.Handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
             handler.setFormatter(logging.Formatter("%(message)s"))
         else:  # piped or logged: plain lines, neither padded to a width nor wrapped inside a number
-            handler = _StderrHandler()
-            handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
+            handler = StderrHandler()
+            handler.setFormatter(logging.Formatter(PLAIN_FORMAT))
         handler._transferlab_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -1,0 +1,52 @@
+"""Where transferlab's log lines go: the CLI's plain stderr handler, and the Python API's own progress lines.
+
+A library should not configure logging for its caller, so the API adds its handler only when nobody has
+configured any (no handler on the "transferlab" logger nor on the root), and only for the call; a caller
+with logging set up gets the records through it, and ``verbose=False`` keeps warnings only.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+__all__ = ["PLAIN_FORMAT", "StderrHandler", "api_logging"]
+
+PLAIN_FORMAT = "%(levelname)-8s %(message)s"
+
+
+class StderrHandler(logging.StreamHandler):
+    """A plain log handler writing to whatever ``sys.stderr`` is when a record comes (as the rich console
+    does), not to the stream of the moment it was made: a caller may redirect stderr between commands."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+@contextmanager
+def api_logging(verbose: bool) -> Iterator[None]:
+    """For one API call: progress lines (epochs, phases) on stderr as the CLI prints them, unless the caller
+    configured logging; with `verbose` False, warnings and errors only."""
+    logger = logging.getLogger("transferlab")
+    level, added = logger.level, None
+    if not verbose:
+        logger.setLevel(logging.WARNING)
+    elif not logger.handlers and not logging.getLogger().handlers:
+        added = StderrHandler()
+        added.setFormatter(logging.Formatter(PLAIN_FORMAT))
+        logger.addHandler(added)
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        if added is not None:
+            logger.removeHandler(added)
+        logger.setLevel(level)
