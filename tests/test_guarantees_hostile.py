@@ -639,7 +639,7 @@ def test_config_yaml_that_is_not_the_runs_settings_is_a_clear_error_on_resume(tm
         "a python tag": ("data: !!python/object/apply:os.system ['touch {marker}']\n",
                          "could not determine a constructor for the tag"),
         "a syntax error": ("data: [unclosed\nseed: 1\n", "expected ',' or ']'"),
-        "a list": ("- data\n- seed\n", "it holds a YAML list, not the run's settings"),
+        "a list": ("- data\n- seed\n", "it holds a YAML list, not training options"),
         "a wrong type": ("data: x\nepochs_frozen: many\n", "'epochs_frozen' must be int, got 'many'"),
     }
     marker = tmp_path / "pwned"
