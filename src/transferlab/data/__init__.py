@@ -23,7 +23,7 @@ _EXPORTS: dict[str, str] = {
     "LAYOUT_CLASS_FOLDERS": "sources",
     "LAYOUT_CSV": "sources",
     "LAYOUT_SPLIT_FOLDERS": "sources",
-    "SPLITS": "sources",
+    "SPLITS": "splits",
     "DataSplits": "sources",
     "Sample": "sources",
     "load_splits": "sources",

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from transferlab.data.images import has_image_extension
+from transferlab.data.splits import SPLIT_ALIASES
 from transferlab.data.storage import SHARD_SUFFIX, member_bytes, shard_index
 from transferlab.errors import DataError
 
 log = logging.getLogger("transferlab")
 
-_SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 _BRACES = re.compile(r"\{([^{}]*)\}")
 
 
@@ -62,7 +62,7 @@ def is_shard_source(data: str | Path) -> bool:
         return path.suffix.lower() == SHARD_SUFFIX
     if not path.is_dir():
         return False
-    folders = [path] + [p for p in _children(path) if p.is_dir() and p.name.lower() in _SPLIT_DIRS]
+    folders = [path] + [p for p in _children(path) if p.is_dir() and p.name.lower() in SPLIT_ALIASES]
     return any(_shards_in(folder) for folder in folders)
 
 
@@ -92,7 +92,7 @@ def shard_lists(data: str | Path) -> dict[str, list[Path]]:
         return {"train": [path]}
     lists: dict[str, list[Path]] = {}
     for child in _children(path):
-        split = _SPLIT_DIRS.get(child.name.lower())
+        split = SPLIT_ALIASES.get(child.name.lower())
         if split and child.is_dir() and _shards_in(child) and split not in lists:
             lists[split] = _shards_in(child)
     if lists and "train" not in lists:

@@ -43,6 +43,7 @@ from transferlab.data.images import (
     unreadable_reason,
     unsupported_format,
 )
+from transferlab.data.splits import SPLIT_ALIASES, SPLITS
 from transferlab.errors import DataError
 
 __all__ = [
@@ -50,7 +51,6 @@ __all__ = [
     "LAYOUT_CSV",
     "LAYOUT_SHARDS",
     "LAYOUT_SPLIT_FOLDERS",
-    "SPLITS",
     "DataSplits",
     "Sample",
     "exact_duplicate_groups",
@@ -64,14 +64,6 @@ LAYOUT_CLASS_FOLDERS = "class folders + val split"
 LAYOUT_CSV = "csv"
 LAYOUT_SHARDS = "webdataset shards"
 
-SPLITS: tuple[str, ...] = ("train", "val", "test")
-_SPLIT_ALIASES: dict[str, str] = {
-    "train": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "test": "test",
-}
 _IGNORED_DIRS = frozenset({"__MACOSX"})  # resource forks left by macOS zip archives
 _PROGRESS_MIN_FILES = 200
 _MAX_DUPLICATE_WARNINGS = 20
@@ -432,7 +424,7 @@ def _split_folders(subdirs: Sequence[Path]) -> dict[str, Path]:
     """Split name -> folder for sub-folders named train, val/valid/validation or test."""
     by_name = {p.name.lower(): p for p in subdirs}
     result: dict[str, Path] = {}
-    for alias, split in _SPLIT_ALIASES.items():
+    for alias, split in SPLIT_ALIASES.items():
         if alias in by_name and split not in result:
             result[split] = by_name[alias]
     return result
@@ -573,12 +565,12 @@ def _read_csv_row(
     split = "train"
     if "split" in columns:
         raw_split = (row.get(columns["split"]) or "").strip().lower()
-        if raw_split not in _SPLIT_ALIASES:
+        if raw_split not in SPLIT_ALIASES:
             found.skip(
                 where, f"unknown split {raw_split!r} (expected train, val or test)"
             )
             return
-        split = _SPLIT_ALIASES[raw_split]
+        split = SPLIT_ALIASES[raw_split]
     path = Path(raw_path).expanduser()
     # Lexically normalised ('a/../b.png' is 'b.png'): one file, one spelling, and '..' cannot climb out
     # unseen. Symlinks are not resolved: a data folder may link to images stored elsewhere.

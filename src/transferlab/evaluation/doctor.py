@@ -43,7 +43,8 @@ import numpy as np
 
 from transferlab.config import TrainConfig
 from transferlab.data.images import ImageError, image_size
-from transferlab.data.sources import SPLITS, DataSplits, Sample
+from transferlab.data.sources import DataSplits, Sample
+from transferlab.data.splits import SPLITS
 from transferlab.errors import RunDirError, TransferlabError
 
 __all__ = ["CHECKS", "CSV_COLUMNS", "DOCTOR_FORMAT", "DoctorOptions", "DoctorResult", "Finding", "cached_by", "doctor_run",

@@ -23,14 +23,14 @@ import yaml
 
 from transferlab.data import multilabel
 from transferlab.data.images import has_image_extension
-from transferlab.data.sources import LAYOUT_SPLIT_FOLDERS, SPLITS, Sample, load_splits
+from transferlab.data.sources import LAYOUT_SPLIT_FOLDERS, Sample, load_splits
+from transferlab.data.splits import SPLITS, split_folder_names
 from transferlab.errors import DataError, RunDirError
 
 __all__ = ["EvalData", "eval_data"]
 
 ALL = "all"  # the split name when the whole of DATA is scored
-_SPLIT_FOLDERS: dict[str, tuple[str, ...]] = {"train": ("train",), "val": ("val", "valid", "validation"),
-                                              "test": ("test",)}
+_SPLIT_FOLDERS: dict[str, tuple[str, ...]] = {split: split_folder_names(split) for split in SPLITS}
 
 
 @dataclass
