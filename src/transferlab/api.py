@@ -77,11 +77,7 @@ def _train_api(data, resume, allow_changed_data: bool, config, options: dict[str
                 "--resume takes %s's settings from its config.yaml; ignored: %s (a new run with "
                 "another --out uses them)", resume, ignored)
         return _train(TrainConfig(), resume=resume, allow_changed_data=allow_changed_data)
-    return _train(_train_config("train", data, options))
-
-
-def _train_config(verb: str, data: str | Path | None, options: dict[str, Any]) -> TrainConfig:
-    return TrainConfig.from_options(verb, data, options)
+    return _train(TrainConfig.from_options("train", data, options))
 
 
 def lr_find(data: str | Path, *, num_steps: int = 100, method: str = "valley", start_lr: float = 1e-7,
@@ -95,7 +91,7 @@ def lr_find(data: str | Path, *, num_steps: int = 100, method: str = "valley", s
     from transferlab.training.lr_find_run import check_options, find_lr
 
     check_options(num_steps, method, start_lr, end_lr)
-    return find_lr(_train_config("lr_find", data, options), num_steps=num_steps, method=method,
+    return find_lr(TrainConfig.from_options("lr_find", data, options), num_steps=num_steps, method=method,
                    start_lr=start_lr, end_lr=end_lr, out=out)
 
 
@@ -285,7 +281,7 @@ def doctor(data: str | Path, *, similarity: float = 0.97, folds: int = 5, imbala
         if out is not None:
             raise TransferlabError(f"{data} is a run: its doctor writes into {Path(data) / 'doctor'}; leave out --out")
         return doctor_run(data, checks, progress=progress)
-    return run_doctor(_train_config("doctor", data, {**options, "progress": progress}), checks, out=out)
+    return run_doctor(TrainConfig.from_options("doctor", data, {**options, "progress": progress}), checks, out=out)
 
 
 def select(data: str | Path, backbones: str | Iterable[str] | None = None, **options: Any) -> SelectionResult:

@@ -380,12 +380,9 @@ def read_options(path: str | Path, error: type[TransferlabError] = TransferlabEr
         raise error(f"Cannot read {path}: {reason}. {hint}".rstrip()) from None
     if not isinstance(data, dict):
         raise error(f"Cannot read {path}: it holds a YAML {type(data).__name__}, not training options.")
-    unknown = unknown_options(data)
-    if unknown:
-        raise error(f"Cannot read {path}: unknown option(s) {unknown}.")
-    wrong = _wrong_types(TrainConfig, data)
-    if wrong:
-        raise error(f"Cannot read {path}: {'; '.join(wrong[:5])}.")
+    fault = _option_fault(data)
+    if fault:
+        raise error(f"Cannot read {path}: {fault}.")
     return data
 
 
@@ -401,13 +398,19 @@ def parse_sets(items: Iterable[str]) -> dict[str, Any]:
             values[key.strip()] = yaml.safe_load(text)
         except yaml.YAMLError:
             raise TransferlabError(f"--set {item!r}: the value is not valid YAML") from None
+    fault = _option_fault(values)
+    if fault:
+        raise TransferlabError(f"--set: {fault}")
+    return values
+
+
+def _option_fault(values: dict[str, Any]) -> str:
+    """'' when `values` are TrainConfig fields of the right types; else what is wrong with them (unknown
+    names with their closest fields first, then up to five wrong types)."""
     unknown = unknown_options(values)
     if unknown:
-        raise TransferlabError(f"--set: unknown option(s) {unknown}")
-    wrong = _wrong_types(TrainConfig, values)
-    if wrong:
-        raise TransferlabError(f"--set: {'; '.join(wrong[:5])}")
-    return values
+        return f"unknown option(s) {unknown}"
+    return "; ".join(_wrong_types(TrainConfig, values)[:5])
 
 
 def unknown_options(names: Any) -> str:

@@ -269,12 +269,7 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, *, at_least: int 
             image.load()
         except _DECODE_ERRORS as exc:
             raise ImageError(f"truncated or corrupt image: {exc}") from exc
-        upright = _upright(image)
-    convert = _TO_RGB.get(upright.mode, _convert_rgb)
-    try:
-        return convert(upright)
-    except ValueError as exc:
-        raise ImageError(f"unsupported colour mode {upright.mode!r}: {exc}") from exc
+        return as_rgb(image)
 
 
 def as_rgb(image: Image.Image) -> Image.Image:

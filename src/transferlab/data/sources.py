@@ -756,6 +756,17 @@ def exact_duplicate_groups(
     return [members for members in groups.values() if len(members) > 1]
 
 
+def _finish_warnings(found, splits: dict[str, list[Sample]], digests: dict[Path, str]) -> None:
+    """The data's last warnings (files shared across splits, the skipped-files count), each logged once the
+    splits are made, single-label or multi-label alike."""
+    if digests:
+        found.warnings.extend(_duplicate_warnings(splits, digests, found.root))
+    if (line := found.skipped.summary_line()) is not None:
+        found.warnings.append(line)
+    for message in found.warnings:
+        logger.info("Data: %s", message)
+
+
 def _duplicate_warnings(
     splits: dict[str, list[Sample]], digests: dict[Path, str], root: Path
 ) -> list[str]:
@@ -823,12 +834,7 @@ def _assemble(
         )
         for split in SPLITS
     }
-    if digests:
-        found.warnings.extend(_duplicate_warnings(splits, digests, found.root))
-    if (line := found.skipped.summary_line()) is not None:
-        found.warnings.append(line)
-    for message in found.warnings:
-        logger.info("Data: %s", message)
+    _finish_warnings(found, splits, digests)
     return DataSplits(
         classes=classes,
         train=splits["train"],
@@ -877,12 +883,7 @@ def _assemble_multilabel(
     splits = {split: sorted((sample(path, names) for path, names in found.files.get(split, [])),
                             key=lambda s: (s.label, s.path))
               for split in SPLITS}
-    if digests:
-        found.warnings.extend(_duplicate_warnings(splits, digests, found.root))
-    if (line := found.skipped.summary_line()) is not None:
-        found.warnings.append(line)
-    for message in found.warnings:
-        logger.info("Data: %s", message)
+    _finish_warnings(found, splits, digests)
     return DataSplits(classes=classes, train=splits["train"], val=splits["val"], test=splits["test"],
                       skipped=found.skipped, warnings=found.warnings, layout=found.layout, digests=digests,
                       task=multilabel.MULTILABEL, label_sep=found.label_sep)
