@@ -95,8 +95,8 @@ def lr_find(data: str | Path, *, num_steps: int = 100, method: str = "valley", s
                    start_lr=start_lr, end_lr=end_lr, out=out)
 
 
-def shards(data: str | Path, out: str | Path, *, shard_size: int = 1000, val_split: float = 0.2, seed: int = 0,
-           progress: bool = True) -> dict:
+def shards(data: str | Path, out: str | Path, *, shard_size: int = 1000, val_split: float = TrainConfig.val_split,
+           seed: int = TrainConfig.seed, progress: bool = True) -> dict:
     """Write `data` (any layout `train` reads) as WebDataset tar shards OUT/{train,val,test}/SPLIT-NNNNNN.tar,
     `shard_size` images each, with the same split `train` would use; returns the manifest (OUT/shards.json).
     `train(OUT)` then reads them in place."""
@@ -193,10 +193,10 @@ def export_model(run: str | Path, format: str = "onnx", *, out: str | Path | Non
 
 def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, **limits: Any) -> None:
     """Serve `model` (run directory or .onnx) over HTTP until interrupted: POST /predict, GET /health, GET /
-    (upload page). `limits`: the fields of export.serve.ServeLimits (max_upload_mb, max_files, max_pixels,
+    (upload page). `limits`: the fields of export.limits.ServeLimits (max_upload_mb, max_files, max_pixels,
     max_batch, top_k, header_timeout, body_timeout, max_connections, max_client_connections), all checked
     before the model loads."""
-    from transferlab.export.serve import ServeLimits
+    from transferlab.export.limits import ServeLimits
     from transferlab.export.serve import serve as _serve
 
     _serve(model, host=host, port=port, limits=ServeLimits(**limits))
