@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from transferlab.classifier import PREDICT_BATCH, TOP_K
 from transferlab.config import TrainConfig
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.abstain import DEFAULT_TARGET_PRECISION, Abstainer, AbstainOptions
@@ -105,7 +106,7 @@ def shards(data: str | Path, out: str | Path, *, shard_size: int = 1000, val_spl
     return write_shards(data, out, shard_size=shard_size, val_split=val_split, seed=seed, progress=progress)
 
 
-def predict(model: str | Path, inputs: Iterable[str | Path], *, top_k: int = 3, batch_size: int = 32,
+def predict(model: str | Path, inputs: Iterable[str | Path], *, top_k: int = TOP_K, batch_size: int = PREDICT_BATCH,
             on_entry: Callable[[dict], None] | None = None, unknown: str | float | None = None,
             target_precision: float = DEFAULT_TARGET_PRECISION, sets: float | None = None,
             explain: str | Path | None = None) -> list[dict]:
@@ -139,8 +140,8 @@ def abstain_rule(model: str | Path, unknown: str | float | None = None,
     return Abstainer.build(options, model_calibration(model), str(model)) if options.active else None
 
 
-def predict_to_file(model: str | Path, inputs: Iterable[str | Path], out: str | Path, *, top_k: int = 3,
-                    batch_size: int = 32, on_entry: Callable[[dict], None] | None = None,
+def predict_to_file(model: str | Path, inputs: Iterable[str | Path], out: str | Path, *, top_k: int = TOP_K,
+                    batch_size: int = PREDICT_BATCH, on_entry: Callable[[dict], None] | None = None,
                     unknown: str | float | None = None, target_precision: float = DEFAULT_TARGET_PRECISION,
                     sets: float | None = None, explain: str | Path | None = None) -> dict[str, int]:
     """Like `predict`, streamed into `out` (.csv or .json) in constant memory; returns {"images", "failed"}."""

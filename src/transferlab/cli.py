@@ -37,9 +37,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from transferlab.config import (DATA, FINETUNE, HARDWARE, MODEL, OUTPUT, TRAINING, TrainConfig, field_default,
-                                option_fields)
 from transferlab import api
+from transferlab.config import DATA, HARDWARE, MODEL, OUTPUT, TRAINING, TrainConfig, field_default, option_fields
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.doctor import DoctorOptions
 from transferlab.export.bench_infer import RUNTIMES
@@ -86,26 +85,27 @@ def _defaults(owner) -> SimpleNamespace:
                               if p.default is not p.empty})
 
 
-def _config_option(name: str) -> inspect.Parameter:
-    """The command-line option of TrainConfig field `name`: type, flags, help and panel from the field's
-    `config.option`, default from TrainConfig."""
-    f = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
+def _config_option(f: dataclasses.Field, hint) -> inspect.Parameter:
+    """The command-line option of TrainConfig field `f` (annotated `hint`): flags, help and panel from its
+    `config.option` metadata, default from TrainConfig."""
     spec = f.metadata["option"]
     info = typer.Option(*spec.flags, help=spec.help, rich_help_panel=spec.panel, metavar=spec.metavar)
-    annotation = spec.cli_type or typing.get_type_hints(TrainConfig)[name]
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=field_default(f),
-                             annotation=Annotated[annotation, info])
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=field_default(f),
+                             annotation=Annotated[spec.cli_type or hint, info])
 
 
 def _config_options(*names: str):
     """Decorator: the command's `**options` become one option per TrainConfig field in `names`, placed
     after its arguments (typer reads `__signature__`); the command gets them back in `options`."""
+    fields, hints = {f.name: f for f in dataclasses.fields(TrainConfig)}, typing.get_type_hints(TrainConfig)
+
     def add(command):
         signature = inspect.signature(command, eval_str=True)
         params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
         first = [p for p in params if p.kind is not p.KEYWORD_ONLY]
         rest = [p for p in params if p.kind is p.KEYWORD_ONLY]
-        command.__signature__ = signature.replace(parameters=[*first, *map(_config_option, names), *rest])
+        generated = [_config_option(fields[name], hints[name]) for name in names]
+        command.__signature__ = signature.replace(parameters=[*first, *generated, *rest])
         return command
     return add
 
@@ -631,11 +631,14 @@ def evaluate(
                       highlight=False, soft_wrap=True)
 
 
+_REPORT = _defaults(api.report)
+
+
 @app.command(rich_help_panel=_MODEL_VERBS)
 def report(
     runs: Annotated[list[Path], typer.Argument(help="One or more run directories (several: a comparison)")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="HTML file (default: RUN/report.html for one run, ./report.html for several)")] = _defaults(api.report).out,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = _defaults(api.report).progress,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="HTML file (default: RUN/report.html for one run, ./report.html for several)")] = _REPORT.out,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = _REPORT.progress,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """One self-contained HTML page (images inline, no scripts) for one run or comparing several.
@@ -676,6 +679,7 @@ def _selection_table(result) -> Table:
     return table
 
 
+# select probes the candidates on the data as train would read it (its features feed train's cache).
 @app.command(rich_help_panel=_DATA_VERBS)
 def select(
     data: Annotated[Path, typer.Argument(help=_DATA_HELP)],
@@ -852,11 +856,14 @@ def _compare_table(result) -> Table:
     return table
 
 
+_COMPARE = _defaults(api.compare)
+
+
 @app.command(rich_help_panel=_TRAIN_VERBS)
 def compare(
     data: Annotated[Path, typer.Argument(help=_DATA_HELP)],
     backbones: Annotated[str, typer.Option(help="Comma-separated backbones (e.g. efficientnet_lite0,resnet50)", rich_help_panel=_CANDIDATES)],
-    strategies: Annotated[str, typer.Option(help="Comma-separated, from: head-only, two-stage, full, scratch", rich_help_panel=_CANDIDATES)] = ",".join(_defaults(api.compare).strategies),
+    strategies: Annotated[str, typer.Option(help="Comma-separated, from: head-only, two-stage, full, scratch", rich_help_panel=_CANDIDATES)] = ",".join(_COMPARE.strategies),
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder; re-run with the same one to skip finished runs and resume interrupted ones (default runs/compare-<time>)", rich_help_panel=OUTPUT)] = None,
     epochs_frozen: Annotated[int | None, typer.Option(help="Head epochs on cached frozen features", rich_help_panel=TRAINING)] = None,
     epochs_finetune: Annotated[int | None, typer.Option(help="Fine-tuning epochs", rich_help_panel=TRAINING)] = None,

@@ -112,7 +112,7 @@ PANELS = (MODEL, TRAINING, FINETUNE, DATA, HARDWARE, OUTPUT, TRACKING)
 class Option:
     """How a TrainConfig field shows on the command line. `flags` and `metavar` only where typer's spelling
     from the field's name is not the one wanted; `cli_type` where the command line reads another type than
-    the field holds (a Path, written back as text)."""
+    the field holds (a path, kept as text; --lr-finetune's text, read by parse_lr_finetune)."""
 
     help: str
     panel: str
@@ -121,17 +121,16 @@ class Option:
     cli_type: Any = None
 
 
-def option(default: Any = dataclasses.MISSING, *, help: str, panel: str, flags: tuple[str, ...] = (),
-           metavar: str | None = None, cli_type: Any = None, factory: Any = dataclasses.MISSING) -> Any:
-    """A TrainConfig field that is also a `train` option: its default, help text and panel in one place,
-    so the command line, the Python API and config.yaml read one definition."""
-    return field(default=default, default_factory=factory,
-                 metadata={"option": Option(help, panel, tuple(flags), metavar, cli_type)})
+def option(panel: str, help: str, *, flags: tuple[str, ...] = (), metavar: str | None = None,
+           cli_type: Any = None) -> dict[str, Option]:
+    """The metadata of a TrainConfig field that is also a `train` option: `field(default=..., metadata=option(
+    PANEL, HELP))` keeps its help text and --help panel beside its default, read by the command line."""
+    return {"option": Option(help, panel, tuple(flags), metavar, cli_type)}
 
 
-def internal(default: Any = dataclasses.MISSING, *, why: str, factory: Any = dataclasses.MISSING) -> Any:
-    """A TrainConfig field that is no `train` option of its own (`why` says how it is set instead)."""
-    return field(default=default, default_factory=factory, metadata={"internal": why})
+def internal(why: str) -> dict[str, str]:
+    """The metadata of a TrainConfig field that is no `train` option of its own (`why` says how it is set)."""
+    return {"internal": why}
 
 
 def option_fields() -> list[dataclasses.Field]:
@@ -155,114 +154,120 @@ class TrainConfig:
     """Everything that decides a run. Defaults are the measured fastest recipe that keeps accuracy; each
     option's help text and --help panel sit beside its default (`option`), read by the command line."""
 
-    data: str = internal("", why="the command's DATA argument")
-    out: str | None = option(None, flags=("--out", "-o"), cli_type=Path | None, panel=OUTPUT,
-                             help="Run directory (default: a new folder in runs/ named by time and backbone)")
+    data: str = field(default="", metadata=internal("the command's DATA argument"))
+    out: str | None = field(default=None, metadata=option(
+        OUTPUT, "Run directory (default: a new folder in runs/ named by time and backbone)", flags=("--out", "-o"),
+        cli_type=Path | None))
     # model
-    backbone: str = option("efficientnet_lite0", panel=MODEL, help="Backbone: efficientnet_lite0|1|2 (offline), "
-                           "any timm name, hf-hub:ID, or tv:NAME")
-    pretrained: bool = option(True, panel=MODEL, help="Load pretrained weights")
-    head: str = option("linear", panel=MODEL, help="linear | mlp")
-    head_hidden: int = option(512, panel=MODEL, help="MLP head hidden size")
-    head_dropout: float = option(0.2, panel=MODEL, help="Dropout before the head's last layer")
-    img_size: int | None = option(None, panel=MODEL, help="Training input size (default: the backbone's)")
+    backbone: str = field(default="efficientnet_lite0", metadata=option(
+        MODEL, "Backbone: efficientnet_lite0|1|2 (offline), any timm name, hf-hub:ID, or tv:NAME"))
+    pretrained: bool = field(default=True, metadata=option(MODEL, "Load pretrained weights"))
+    head: str = field(default="linear", metadata=option(MODEL, "linear | mlp"))
+    head_hidden: int = field(default=512, metadata=option(MODEL, "MLP head hidden size"))
+    head_dropout: float = field(default=0.2, metadata=option(MODEL, "Dropout before the head's last layer"))
+    img_size: int | None = field(default=None, metadata=option(MODEL, "Training input size (default: the backbone's)"))
     # Resolution of frozen features, validation, prediction and export; default: the backbone's test
     # size when it has a measured one and img_size is not set (efficientnet_lite0: 288), else img_size.
-    eval_size: int | None = option(None, panel=MODEL, help="Size for frozen features, validation and prediction "
-                                   "(default: the backbone's measured test size, 288 for efficientnet_lite0, "
-                                   "else --img-size)")
+    eval_size: int | None = field(default=None, metadata=option(
+        MODEL, "Size for frozen features, validation and prediction (default: the backbone's measured test size, 288 "
+        "for efficientnet_lite0, else --img-size)"))
     # schedule
-    strategy: str = option("two-stage", panel=TRAINING, help="two-stage | head-only | full | scratch")
-    epochs_frozen: int = option(16, panel=TRAINING, help="Head epochs on cached frozen features")
-    epochs_finetune: int = option(4, panel=TRAINING, help="Fine-tuning epochs")
-    finetune: str = option("boundary", panel=FINETUNE, help="Two-stage fine-tuning: boundary (the top stages on "
-                           "cached activations) | full (the whole network, every epoch)")
-    boundary_stages: int = option(2, panel=FINETUNE, help="--finetune boundary: train the last N stages")
-    boundary_views: int = option(0, panel=FINETUNE, help="--finetune boundary: augmented views of each train "
-                                 "image cached beside the plain one (0: the plain view alone)")
-    finetune_when: str = option("underfit", panel=FINETUNE, help="--finetune boundary: underfit (only when the "
-                                "head's train error is at least half its val error) | always")
-    lr_head: float = option(1e-3, panel=TRAINING, help="Head learning rate")
-    lr_finetune: float | str | None = option(
-        None, cli_type=str | None, panel=FINETUNE,
-        help=f"Peak fine-tuning learning rate (top block; default {_lr(DEFAULT_LR_FINETUNE['boundary'])} for "
-             f"--finetune boundary, {_lr(DEFAULT_LR_FINETUNE['full'])} for full), or {AUTO_LR}: an LR range test "
-             "on the boundary cache picks it")
-    lr_decay: str = option("exp:3", panel=FINETUNE, help="Per-block LR toward the input: none | exp:F | "
-                           "linear:LOW | layer:D")
-    unfreeze: int | None = option(None, panel=FINETUNE, help="Unfreeze only the last K blocks (default: all)")
+    strategy: str = field(default="two-stage", metadata=option(TRAINING, "two-stage | head-only | full | scratch"))
+    epochs_frozen: int = field(default=16, metadata=option(TRAINING, "Head epochs on cached frozen features"))
+    epochs_finetune: int = field(default=4, metadata=option(TRAINING, "Fine-tuning epochs"))
+    finetune: str = field(default="boundary", metadata=option(
+        FINETUNE, "Two-stage fine-tuning: boundary (the top stages on cached activations) | full (the whole network, "
+        "every epoch)"))
+    boundary_stages: int = field(default=2, metadata=option(FINETUNE, "--finetune boundary: train the last N stages"))
+    boundary_views: int = field(default=0, metadata=option(
+        FINETUNE, "--finetune boundary: augmented views of each train image cached beside the plain one (0: the plain "
+        "view alone)"))
+    finetune_when: str = field(default="underfit", metadata=option(
+        FINETUNE, "--finetune boundary: underfit (only when the head's train error is at least half its val error) | "
+        "always"))
+    lr_head: float = field(default=1e-3, metadata=option(TRAINING, "Head learning rate"))
+    lr_finetune: float | str | None = field(default=None, metadata=option(
+        FINETUNE, f"Peak fine-tuning learning rate (top block; default {_lr(DEFAULT_LR_FINETUNE['boundary'])} for "
+        f"--finetune boundary, {_lr(DEFAULT_LR_FINETUNE['full'])} for full), or {AUTO_LR}: an LR range test "
+        "on the boundary cache picks it", cli_type=str | None))
+    lr_decay: str = field(default="exp:3", metadata=option(
+        FINETUNE, "Per-block LR toward the input: none | exp:F | linear:LOW | layer:D"))
+    unfreeze: int | None = field(default=None, metadata=option(
+        FINETUNE, "Unfreeze only the last K blocks (default: all)"))
     # LR for the backbone blocks --unfreeze leaves out, instead of freezing them (and no block is
     # frozen for a negligible LR): the published Flowers-102 recipe gives such parameters 1e-8.
-    lr_floor: float | None = option(None, panel=FINETUNE, help="LR for the blocks --unfreeze leaves out, "
-                                    "instead of freezing them (e.g. 1e-8)")
-    optimizer: str = option("adamw", panel=TRAINING, help="adamw | adam | sgd")
-    weight_decay: float = option(1e-2, panel=TRAINING, help="Weight decay (not on biases/norms)")
-    schedule: str = option("onecycle", panel=TRAINING, help="onecycle | cosine | constant")
-    label_smoothing: float = option(0.1, panel=TRAINING, help="Label smoothing")
-    early_stop: int | None = option(
-        None, panel=FINETUNE,
-        help=f"Stop fine-tuning after N epochs without val-loss gain (0: off; default "
-             f"{DEFAULT_EARLY_STOP['boundary']} for --finetune boundary, counted once an epoch beat the head, "
-             f"{DEFAULT_EARLY_STOP['full']} for full)")
+    lr_floor: float | None = field(default=None, metadata=option(
+        FINETUNE, "LR for the blocks --unfreeze leaves out, instead of freezing them (e.g. 1e-8)"))
+    optimizer: str = field(default="adamw", metadata=option(TRAINING, "adamw | adam | sgd"))
+    weight_decay: float = field(default=1e-2, metadata=option(TRAINING, "Weight decay (not on biases/norms)"))
+    schedule: str = field(default="onecycle", metadata=option(TRAINING, "onecycle | cosine | constant"))
+    label_smoothing: float = field(default=0.1, metadata=option(TRAINING, "Label smoothing"))
+    early_stop: int | None = field(default=None, metadata=option(
+        FINETUNE, f"Stop fine-tuning after N epochs without val-loss gain (0: off; default "
+        f"{DEFAULT_EARLY_STOP['boundary']} for --finetune boundary, counted once an epoch beat the head, "
+        f"{DEFAULT_EARLY_STOP['full']} for full)"))
     # two-stage: fine-tuning stops after this many epochs unless one beat the frozen stage's val
     # loss (ants/bees: it never does). Two, not one: the first epoch of the one-cycle schedule ends
     # near its peak LR, where the digits demo's val loss is still above the head's at seeds 0, 1, 2
     # (0.44-0.56 vs 0.40-0.45) before epoch 2 beats it (0.17-0.21, 0.986-0.992 after 3). 0: every epoch runs.
-    finetune_gate: int = option(2, panel=FINETUNE, help="Two-stage: stop fine-tuning after N epochs unless one "
-                                "beat the frozen stage's val loss (0: off)")
-    progressive_resize: float | None = option(None, panel=FINETUNE, help="Fine-tune from this fraction of the "
-                                              "image size up to full (e.g. 0.5)")
-    time_budget: str | None = option(None, panel=TRAINING, help="Whole-run time budget, e.g. 2m, 90s, 1h30m: "
-                                     "fine-tuning epochs are planned to fit")
-    bn: str = option("auto", panel=FINETUNE, help="BatchNorm while fine-tuning: auto | eval | train")
+    finetune_gate: int = field(default=2, metadata=option(
+        FINETUNE, "Two-stage: stop fine-tuning after N epochs unless one beat the frozen stage's val loss (0: off)"))
+    progressive_resize: float | None = field(default=None, metadata=option(
+        FINETUNE, "Fine-tune from this fraction of the image size up to full (e.g. 0.5)"))
+    time_budget: str | None = field(default=None, metadata=option(
+        TRAINING, "Whole-run time budget, e.g. 2m, 90s, 1h30m: fine-tuning epochs are planned to fit"))
+    bn: str = field(default="auto", metadata=option(FINETUNE, "BatchNorm while fine-tuning: auto | eval | train"))
     # data
-    augment: str = option("standard", panel=DATA, help="none | light | standard | strong | classic | padcrop "
-                          "(train only)")
+    augment: str = field(default="standard", metadata=option(
+        DATA, "none | light | standard | strong | classic | padcrop (train only)"))
     # Overrides of the backbone's preprocessing (mean, std, interpolation, crop_pct, crop_mode), e.g. a
     # dataset's own normalisation; saved in model.json, so predict/export reproduce it.
-    preprocess: dict[str, Any] = internal(factory=dict, why="a mapping: --config, or --set 'preprocess={crop_pct: 1.0}'")
-    feature_views: int = option(0, panel=DATA, help="Extra augmented views cached for the head stage")
-    val_split: float = option(0.2, panel=DATA, help="Validation fraction when the data has no val/ folder")
-    csv_anywhere: bool = option(False, flags=("--csv-anywhere",), panel=DATA,
-                                help="Let a CSV's rows name files outside the CSV's folder")
+    preprocess: dict[str, Any] = field(default_factory=dict, metadata=internal(
+        "a mapping: --config, or --set 'preprocess={crop_pct: 1.0}'"))
+    feature_views: int = field(default=0, metadata=option(DATA, "Extra augmented views cached for the head stage"))
+    val_split: float = field(default=0.2, metadata=option(DATA, "Validation fraction when the data has no val/ folder"))
+    csv_anywhere: bool = field(default=False, metadata=option(
+        DATA, "Let a CSV's rows name files outside the CSV's folder", flags=("--csv-anywhere",)))
     # a run's config.yaml holds the task it resolved to, so --resume and evaluate read the data alike
-    task: str = option("auto", panel=DATA, help="auto (multilabel when a CSV cell lists several labels) | single "
-                       "| multilabel (sigmoid per label, thresholds tuned on val)")
-    label_sep: str | None = option(None, panel=DATA, help="Multi-label CSV: the character separating a cell's "
-                                   "labels (default: ';' or '|', detected)")
-    thresholds: str = option("f1", panel=TRAINING, help="Multi-label: per-label thresholds on val maximise f1, "
-                             "or reach precision:P (e.g. precision:0.9)")
-    batch_size: int = option(32, panel=DATA, help="Batch size")
-    num_workers: int | None = option(None, panel=DATA, help="Data-loader workers (default: by core count)")
-    decode_cache: bool = option(True, panel=DATA, help="Keep decoded images in memory across epochs "
-                                "(in-process loading only)")
-    compile: str = option("auto", panel=HARDWARE, help="torch.compile the frozen forward: auto (CPU, >= 20k "
-                          "images) | on | off")
-    decode_cache_mb: float = internal(2048.0, why="a tuning knob of --decode-cache: --set or --config")
+    task: str = field(default="auto", metadata=option(
+        DATA, "auto (multilabel when a CSV cell lists several labels) | single | multilabel (sigmoid per label, "
+        "thresholds tuned on val)"))
+    label_sep: str | None = field(default=None, metadata=option(
+        DATA, "Multi-label CSV: the character separating a cell's labels (default: ';' or '|', detected)"))
+    thresholds: str = field(default="f1", metadata=option(
+        TRAINING, "Multi-label: per-label thresholds on val maximise f1, or reach precision:P (e.g. precision:0.9)"))
+    batch_size: int = field(default=32, metadata=option(DATA, "Batch size"))
+    num_workers: int | None = field(default=None, metadata=option(DATA, "Data-loader workers (default: by core count)"))
+    decode_cache: bool = field(default=True, metadata=option(
+        DATA, "Keep decoded images in memory across epochs (in-process loading only)"))
+    compile: str = field(default="auto", metadata=option(
+        HARDWARE, "torch.compile the frozen forward: auto (CPU, >= 20k images) | on | off"))
+    decode_cache_mb: float = field(default=2048.0, metadata=internal(
+        "a tuning knob of --decode-cache: --set or --config"))
     # machinery
-    seed: int = option(0, panel=TRAINING, help="Random seed")
-    precision: str = option("auto", panel=HARDWARE, help="auto | 32-true | bf16-mixed | 16-mixed")
-    device: str = option("auto", panel=HARDWARE, help="auto | cpu | cuda | mps")
-    devices: int = option(1, panel=HARDWARE, help="Devices (processes) per node; >1 runs DDP/FSDP through "
-                          "Lightning")
-    num_nodes: int = option(1, panel=HARDWARE, help="Nodes (machines); launch with torchrun or SLURM srun, "
-                            "see README")
-    dist_strategy: str = option("auto", panel=HARDWARE, help="How fine-tuning spreads over devices: auto | ddp "
-                                "| fsdp (--strategy is the training recipe)")
-    feature_cache: str = option("disk", panel=HARDWARE, help="disk | memory")
-    cache_dir: str | None = option(None, cli_type=Path | None, panel=HARDWARE, help="Feature cache directory")
-    max_memory: str | None = option(None, panel=HARDWARE, help="Activation memory per pass, e.g. 8G; over it "
-                                    "(or on out-of-memory) batches are halved")
-    progress: bool = option(True, panel=OUTPUT, help="Progress bars on an interactive terminal")
-    report: bool = option(True, panel=OUTPUT, help="Write report.html at the end")
-    loggers: list[str] = option(
-        factory=list, flags=("--logger",), metavar="NAME", panel=TRACKING,
-        help="Also send the config, every epoch and the results to: csv | tensorboard | mlflow (repeatable or "
-             "comma-separated). The last two need pip install 'transferlab\\[tensorboard]' or "
-             "'transferlab\\[mlflow]'")
-    calibrate: bool = option(True, panel=TRAINING, help="Fit temperature scaling on the val logits after "
-                             "training (predict, evaluate and exports apply it)")
-    extra: dict[str, Any] = internal(factory=dict, why="a free-form mapping: --config or --set")
+    seed: int = field(default=0, metadata=option(TRAINING, "Random seed"))
+    precision: str = field(default="auto", metadata=option(HARDWARE, "auto | 32-true | bf16-mixed | 16-mixed"))
+    device: str = field(default="auto", metadata=option(HARDWARE, "auto | cpu | cuda | mps"))
+    devices: int = field(default=1, metadata=option(
+        HARDWARE, "Devices (processes) per node; >1 runs DDP/FSDP through Lightning"))
+    num_nodes: int = field(default=1, metadata=option(
+        HARDWARE, "Nodes (machines); launch with torchrun or SLURM srun, see README"))
+    dist_strategy: str = field(default="auto", metadata=option(
+        HARDWARE, "How fine-tuning spreads over devices: auto | ddp | fsdp (--strategy is the training recipe)"))
+    feature_cache: str = field(default="disk", metadata=option(HARDWARE, "disk | memory"))
+    cache_dir: str | None = field(default=None, metadata=option(
+        HARDWARE, "Feature cache directory", cli_type=Path | None))
+    max_memory: str | None = field(default=None, metadata=option(
+        HARDWARE, "Activation memory per pass, e.g. 8G; over it (or on out-of-memory) batches are halved"))
+    progress: bool = field(default=True, metadata=option(OUTPUT, "Progress bars on an interactive terminal"))
+    report: bool = field(default=True, metadata=option(OUTPUT, "Write report.html at the end"))
+    loggers: list[str] = field(default_factory=list, metadata=option(
+        TRACKING, "Also send the config, every epoch and the results to: csv | tensorboard | mlflow (repeatable or "
+        "comma-separated). The last two need pip install 'transferlab\\[tensorboard]' or 'transferlab\\[mlflow]'",
+        flags=("--logger",), metavar="NAME"))
+    calibrate: bool = field(default=True, metadata=option(
+        TRAINING, "Fit temperature scaling on the val logits after training (predict, evaluate and exports apply it)"))
+    extra: dict[str, Any] = field(default_factory=dict, metadata=internal("a free-form mapping: --config or --set"))
 
     def __post_init__(self) -> None:
         self.loggers = split_names(self.loggers)  # the API may pass "csv,tensorboard" as --logger takes it
