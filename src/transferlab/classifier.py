@@ -189,8 +189,8 @@ class Classifier:
                                    "Load the run directory it was exported from for one.")
         return model
 
-    def predict(self, inputs: Any, *, top_k: int = TOP_K, batch_size: int = PREDICT_BATCH, unknown: str | float | None = None,
-                target_precision: float = DEFAULT_TARGET_PRECISION,
+    def predict(self, inputs: Any, *, top_k: int = TOP_K, batch_size: int = PREDICT_BATCH,
+                unknown: str | float | None = None, target_precision: float = DEFAULT_TARGET_PRECISION,
                 sets: float | None = None) -> Prediction | list[Prediction]:
         """Predict one input (an image file, a PIL image, an HxWx3 uint8 array) → a Prediction, or many (a
         list or tuple of those, a folder, a glob) → a list in input order. A file or glob that yields
