@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from transferlab.classifier import PREDICT_BATCH, TOP_K
 from transferlab.config import TrainConfig
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.abstain import DEFAULT_TARGET_PRECISION, Abstainer, AbstainOptions
@@ -95,8 +96,8 @@ def lr_find(data: str | Path, *, num_steps: int = 100, method: str = "valley", s
                    start_lr=start_lr, end_lr=end_lr, out=out)
 
 
-def shards(data: str | Path, out: str | Path, *, shard_size: int = 1000, val_split: float = 0.2, seed: int = 0,
-           progress: bool = True) -> dict:
+def shards(data: str | Path, out: str | Path, *, shard_size: int = 1000, val_split: float = TrainConfig.val_split,
+           seed: int = TrainConfig.seed, progress: bool = True) -> dict:
     """Write `data` (any layout `train` reads) as WebDataset tar shards OUT/{train,val,test}/SPLIT-NNNNNN.tar,
     `shard_size` images each, with the same split `train` would use; returns the manifest (OUT/shards.json).
     `train(OUT)` then reads them in place."""
@@ -105,7 +106,7 @@ def shards(data: str | Path, out: str | Path, *, shard_size: int = 1000, val_spl
     return write_shards(data, out, shard_size=shard_size, val_split=val_split, seed=seed, progress=progress)
 
 
-def predict(model: str | Path, inputs: Iterable[str | Path], *, top_k: int = 3, batch_size: int = 32,
+def predict(model: str | Path, inputs: Iterable[str | Path], *, top_k: int = TOP_K, batch_size: int = PREDICT_BATCH,
             on_entry: Callable[[dict], None] | None = None, unknown: str | float | None = None,
             target_precision: float = DEFAULT_TARGET_PRECISION, sets: float | None = None,
             explain: str | Path | None = None) -> list[dict]:
@@ -139,8 +140,8 @@ def abstain_rule(model: str | Path, unknown: str | float | None = None,
     return Abstainer.build(options, model_calibration(model), str(model)) if options.active else None
 
 
-def predict_to_file(model: str | Path, inputs: Iterable[str | Path], out: str | Path, *, top_k: int = 3,
-                    batch_size: int = 32, on_entry: Callable[[dict], None] | None = None,
+def predict_to_file(model: str | Path, inputs: Iterable[str | Path], out: str | Path, *, top_k: int = TOP_K,
+                    batch_size: int = PREDICT_BATCH, on_entry: Callable[[dict], None] | None = None,
                     unknown: str | float | None = None, target_precision: float = DEFAULT_TARGET_PRECISION,
                     sets: float | None = None, explain: str | Path | None = None) -> dict[str, int]:
     """Like `predict`, streamed into `out` (.csv or .json) in constant memory; returns {"images", "failed"}."""
@@ -193,10 +194,10 @@ def export_model(run: str | Path, format: str = "onnx", *, out: str | Path | Non
 
 def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, **limits: Any) -> None:
     """Serve `model` (run directory or .onnx) over HTTP until interrupted: POST /predict, GET /health, GET /
-    (upload page). `limits`: the fields of export.serve.ServeLimits (max_upload_mb, max_files, max_pixels,
+    (upload page). `limits`: the fields of export.limits.ServeLimits (max_upload_mb, max_files, max_pixels,
     max_batch, top_k, header_timeout, body_timeout, max_connections, max_client_connections), all checked
     before the model loads."""
-    from transferlab.export.serve import ServeLimits
+    from transferlab.export.limits import ServeLimits
     from transferlab.export.serve import serve as _serve
 
     _serve(model, host=host, port=port, limits=ServeLimits(**limits))

@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Candidate", "Classifier", "Explanation", "Prediction", "load"]
 
+# `predict` unless asked otherwise (here and in transferlab.predict): labels per image, images per forward pass.
+TOP_K, PREDICT_BATCH = 3, 32
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -186,8 +189,8 @@ class Classifier:
                                    "Load the run directory it was exported from for one.")
         return model
 
-    def predict(self, inputs: Any, *, top_k: int = 3, batch_size: int = 32, unknown: str | float | None = None,
-                target_precision: float = DEFAULT_TARGET_PRECISION,
+    def predict(self, inputs: Any, *, top_k: int = TOP_K, batch_size: int = PREDICT_BATCH,
+                unknown: str | float | None = None, target_precision: float = DEFAULT_TARGET_PRECISION,
                 sets: float | None = None) -> Prediction | list[Prediction]:
         """Predict one input (an image file, a PIL image, an HxWx3 uint8 array) → a Prediction, or many (a
         list or tuple of those, a folder, a glob) → a list in input order. A file or glob that yields

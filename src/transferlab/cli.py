@@ -22,10 +22,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import logging
 import sys
+import typing
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated
 
 import typer
@@ -33,9 +37,13 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from transferlab.config import TrainConfig
+from transferlab import api
+from transferlab.config import DATA, HARDWARE, MODEL, OUTPUT, TRAINING, TrainConfig, field_default, option_fields
 from transferlab.errors import TransferlabError
-from transferlab.evaluation.abstain import DEFAULT_TARGET_PRECISION
+from transferlab.evaluation.doctor import DoctorOptions
+from transferlab.export.bench_infer import RUNTIMES
+from transferlab.export.bench_infer import bench_infer as bench_infer_run
+from transferlab.export.limits import ServeLimits
 from transferlab.logs import PLAIN_FORMAT, StderrHandler
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -46,11 +54,8 @@ console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 out_console = Console(width=None if sys.stdout.isatty() else 160)
 
 
-# --help panels: the options of the long verbs grouped by what they decide (typer's rich_help_panel);
-# an option without one lands in the default "Options" panel.
-_MODEL, _DATA, _TRAINING, _FINETUNE = "Model", "Data", "Training", "Fine-tuning (after the head)"
-_HARDWARE, _OUTPUT = "Hardware and caches", "Output and run"
-_CANDIDATES, _CHECKS, _RANGE_TEST, _TRACKING = "Candidates", "Checks", "Range test", "Experiment tracking"
+# --help panels of the verbs' own options, beside those TrainConfig's options carry (config.PANELS).
+_CANDIDATES, _CHECKS, _RANGE_TEST = "Candidates", "Checks", "Range test"
 _TRAIN_VERBS, _MODEL_VERBS, _DATA_VERBS = "Train", "Use a trained model", "Data and backbones"
 
 
@@ -68,8 +73,46 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_print_ver
     """Transfer learning for image classification: train, predict, explore backbones."""
 
 
-# The option defaults of `train` are TrainConfig's own: one place for each (config.py), read here.
+# Every option default is written once, where the work is done, and read here: TrainConfig's fields for
+# the training options, the signature of the library function (or options dataclass) a verb calls for its own.
 _TRAIN = TrainConfig()
+_DATA_HELP = "ImageFolder tree (train/ val/ \\[test/]), class folders, or a CSV of path,label"
+
+
+def _defaults(owner) -> SimpleNamespace:
+    """The keyword defaults of a function or dataclass, by name: `_defaults(api.predict).top_k`."""
+    return SimpleNamespace(**{name: p.default for name, p in inspect.signature(owner).parameters.items()
+                              if p.default is not p.empty})
+
+
+def _config_option(f: dataclasses.Field, hint) -> inspect.Parameter:
+    """The command-line option of TrainConfig field `f` (annotated `hint`): flags, help and panel from its
+    `config.option` metadata, default from TrainConfig."""
+    spec = f.metadata["option"]
+    info = typer.Option(*spec.flags, help=spec.help, rich_help_panel=spec.panel, metavar=spec.metavar)
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=field_default(f),
+                             annotation=Annotated[spec.cli_type or hint, info])
+
+
+def _config_options(*names: str):
+    """Decorator: the command's `**options` become one option per TrainConfig field in `names`, placed
+    after its arguments (typer reads `__signature__`); the command gets them back in `options`."""
+    fields, hints = {f.name: f for f in dataclasses.fields(TrainConfig)}, typing.get_type_hints(TrainConfig)
+
+    def add(command):
+        signature = inspect.signature(command, eval_str=True)
+        params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        first = [p for p in params if p.kind is not p.KEYWORD_ONLY]
+        rest = [p for p in params if p.kind is p.KEYWORD_ONLY]
+        generated = [_config_option(fields[name], hints[name]) for name in names]
+        command.__signature__ = signature.replace(parameters=[*first, *generated, *rest])
+        return command
+    return add
+
+
+def _as_config(options: dict) -> dict:
+    """Options as TrainConfig holds them: a path option's value as text."""
+    return {name: str(value) if isinstance(value, Path) else value for name, value in options.items()}
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -102,67 +145,17 @@ def _report_train(result) -> None:
 
 
 @app.command(rich_help_panel=_TRAIN_VERBS)
+@_config_options(*(f.name for f in option_fields()))
 def train(
     ctx: typer.Context,
-    data: Annotated[Path | None, typer.Argument(help="ImageFolder tree (train/ val/ \\[test/]), class folders, or a CSV of path,label")] = None,
-    backbone: Annotated[str, typer.Option(help="Backbone: efficientnet_lite0|1|2 (offline), any timm name, hf-hub:ID, or tv:NAME", rich_help_panel=_MODEL)] = _TRAIN.backbone,
-    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights", rich_help_panel=_MODEL)] = _TRAIN.pretrained,
-    head: Annotated[str, typer.Option(help="linear | mlp", rich_help_panel=_MODEL)] = _TRAIN.head,
-    head_hidden: Annotated[int, typer.Option(help="MLP head hidden size", rich_help_panel=_MODEL)] = _TRAIN.head_hidden,
-    head_dropout: Annotated[float, typer.Option(help="Dropout before the head's last layer", rich_help_panel=_MODEL)] = _TRAIN.head_dropout,
-    strategy: Annotated[str, typer.Option(help="two-stage | head-only | full | scratch", rich_help_panel=_TRAINING)] = _TRAIN.strategy,
-    epochs_frozen: Annotated[int, typer.Option(help="Head epochs on cached frozen features", rich_help_panel=_TRAINING)] = _TRAIN.epochs_frozen,
-    epochs_finetune: Annotated[int, typer.Option(help="Fine-tuning epochs", rich_help_panel=_TRAINING)] = _TRAIN.epochs_finetune,
-    finetune: Annotated[str, typer.Option(help="Two-stage fine-tuning: boundary (the top stages on cached activations) | full (the whole network, every epoch)", rich_help_panel=_FINETUNE)] = _TRAIN.finetune,
-    boundary_stages: Annotated[int, typer.Option(help="--finetune boundary: train the last N stages", rich_help_panel=_FINETUNE)] = _TRAIN.boundary_stages,
-    boundary_views: Annotated[int, typer.Option(help="--finetune boundary: augmented views of each train image cached beside the plain one (0: the plain view alone)", rich_help_panel=_FINETUNE)] = _TRAIN.boundary_views,
-    finetune_when: Annotated[str, typer.Option(help="--finetune boundary: underfit (only when the head's train error is at least half its val error) | always", rich_help_panel=_FINETUNE)] = _TRAIN.finetune_when,
-    lr_head: Annotated[float, typer.Option(help="Head learning rate", rich_help_panel=_TRAINING)] = _TRAIN.lr_head,
-    lr_finetune: Annotated[str | None, typer.Option(help="Peak fine-tuning learning rate (top block; default 1e-3 for --finetune boundary, 1e-4 for full), or auto: an LR range test on the boundary cache picks it", rich_help_panel=_FINETUNE)] = _TRAIN.lr_finetune,
-    lr_decay: Annotated[str, typer.Option(help="Per-block LR toward the input: none | exp:F | linear:LOW | layer:D", rich_help_panel=_FINETUNE)] = _TRAIN.lr_decay,
-    unfreeze: Annotated[int | None, typer.Option(help="Unfreeze only the last K blocks (default: all)", rich_help_panel=_FINETUNE)] = _TRAIN.unfreeze,
-    lr_floor: Annotated[float | None, typer.Option(help="LR for the blocks --unfreeze leaves out, instead of freezing them (e.g. 1e-8)", rich_help_panel=_FINETUNE)] = _TRAIN.lr_floor,
-    optimizer: Annotated[str, typer.Option(help="adamw | adam | sgd", rich_help_panel=_TRAINING)] = _TRAIN.optimizer,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay (not on biases/norms)", rich_help_panel=_TRAINING)] = _TRAIN.weight_decay,
-    schedule: Annotated[str, typer.Option(help="onecycle | cosine | constant", rich_help_panel=_TRAINING)] = _TRAIN.schedule,
-    label_smoothing: Annotated[float, typer.Option(help="Label smoothing", rich_help_panel=_TRAINING)] = _TRAIN.label_smoothing,
-    early_stop: Annotated[int | None, typer.Option(help="Stop fine-tuning after N epochs without val-loss gain (0: off; default 1 for --finetune boundary, counted once an epoch beat the head, 3 for full)", rich_help_panel=_FINETUNE)] = _TRAIN.early_stop,
-    finetune_gate: Annotated[int, typer.Option(help="Two-stage: stop fine-tuning after N epochs unless one beat the frozen stage's val loss (0: off)", rich_help_panel=_FINETUNE)] = _TRAIN.finetune_gate,
-    progressive_resize: Annotated[float | None, typer.Option(help="Fine-tune from this fraction of the image size up to full (e.g. 0.5)", rich_help_panel=_FINETUNE)] = _TRAIN.progressive_resize,
-    time_budget: Annotated[str | None, typer.Option(help="Whole-run time budget, e.g. 2m, 90s, 1h30m: fine-tuning epochs are planned to fit", rich_help_panel=_TRAINING)] = _TRAIN.time_budget,
-    bn: Annotated[str, typer.Option(help="BatchNorm while fine-tuning: auto | eval | train", rich_help_panel=_FINETUNE)] = _TRAIN.bn,
-    augment: Annotated[str, typer.Option(help="none | light | standard | strong | classic | padcrop (train only)", rich_help_panel=_DATA)] = _TRAIN.augment,
-    feature_views: Annotated[int, typer.Option(help="Extra augmented views cached for the head stage", rich_help_panel=_DATA)] = _TRAIN.feature_views,
-    img_size: Annotated[int | None, typer.Option(help="Training input size (default: the backbone's)", rich_help_panel=_MODEL)] = _TRAIN.img_size,
-    eval_size: Annotated[int | None, typer.Option(help="Size for frozen features, validation and prediction (default: the backbone's measured test size, 288 for efficientnet_lite0, else --img-size)", rich_help_panel=_MODEL)] = _TRAIN.eval_size,
-    val_split: Annotated[float, typer.Option(help="Validation fraction when the data has no val/ folder", rich_help_panel=_DATA)] = _TRAIN.val_split,
-    batch_size: Annotated[int, typer.Option(help="Batch size", rich_help_panel=_DATA)] = _TRAIN.batch_size,
-    num_workers: Annotated[int | None, typer.Option(help="Data-loader workers (default: by core count)", rich_help_panel=_DATA)] = _TRAIN.num_workers,
-    compile: Annotated[str, typer.Option(help="torch.compile the frozen forward: auto (CPU, >= 20k images) | on | off", rich_help_panel=_HARDWARE)] = _TRAIN.compile,
-    decode_cache: Annotated[bool, typer.Option("--decode-cache/--no-decode-cache", help="Keep decoded images in memory across epochs (in-process loading only)", rich_help_panel=_DATA)] = _TRAIN.decode_cache,
-    seed: Annotated[int, typer.Option(help="Random seed", rich_help_panel=_TRAINING)] = _TRAIN.seed,
-    precision: Annotated[str, typer.Option(help="auto | 32-true | bf16-mixed | 16-mixed", rich_help_panel=_HARDWARE)] = _TRAIN.precision,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps", rich_help_panel=_HARDWARE)] = _TRAIN.device,
-    devices: Annotated[int, typer.Option(help="Devices (processes) per node; >1 runs DDP/FSDP through Lightning", rich_help_panel=_HARDWARE)] = _TRAIN.devices,
-    num_nodes: Annotated[int, typer.Option(help="Nodes (machines); launch with torchrun or SLURM srun, see README", rich_help_panel=_HARDWARE)] = _TRAIN.num_nodes,
-    dist_strategy: Annotated[str, typer.Option(help="How fine-tuning spreads over devices: auto | ddp | fsdp (--strategy is the training recipe)", rich_help_panel=_HARDWARE)] = _TRAIN.dist_strategy,
-    feature_cache: Annotated[str, typer.Option(help="disk | memory", rich_help_panel=_HARDWARE)] = _TRAIN.feature_cache,
-    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache directory", rich_help_panel=_HARDWARE)] = _TRAIN.cache_dir,
-    max_memory: Annotated[str | None, typer.Option(help="Activation memory per pass, e.g. 8G; over it (or on out-of-memory) batches are halved", rich_help_panel=_HARDWARE)] = _TRAIN.max_memory,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: a new folder in runs/ named by time and backbone)", rich_help_panel=_OUTPUT)] = _TRAIN.out,
-    csv_anywhere: Annotated[bool, typer.Option("--csv-anywhere", help="Let a CSV's rows name files outside the CSV's folder", rich_help_panel=_DATA)] = _TRAIN.csv_anywhere,
-    task: Annotated[str, typer.Option(help="auto (multilabel when a CSV cell lists several labels) | single | multilabel (sigmoid per label, thresholds tuned on val)", rich_help_panel=_DATA)] = _TRAIN.task,
-    label_sep: Annotated[str | None, typer.Option(help="Multi-label CSV: the character separating a cell's labels (default: ';' or '|', detected)", rich_help_panel=_DATA)] = _TRAIN.label_sep,
-    thresholds: Annotated[str, typer.Option(help="Multi-label: per-label thresholds on val maximise f1, or reach precision:P (e.g. precision:0.9)", rich_help_panel=_TRAINING)] = _TRAIN.thresholds,
-    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run directory", rich_help_panel=_OUTPUT)] = None,
-    allow_changed_data: Annotated[bool, typer.Option("--allow-changed-data", help="With --resume: continue even though the data changed since the run started", rich_help_panel=_OUTPUT)] = False,
-    logger: Annotated[list[str] | None, typer.Option("--logger", metavar="NAME", help="Also send the config, every epoch and the results to: csv | tensorboard | mlflow (repeatable or comma-separated). The last two need pip install 'transferlab\\[tensorboard]' or 'transferlab\\[mlflow]'", rich_help_panel=_TRACKING)] = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", rich_help_panel=_OUTPUT)] = _TRAIN.progress,
-    report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html at the end", rich_help_panel=_OUTPUT)] = _TRAIN.report,
-    calibrate: Annotated[bool, typer.Option("--calibrate/--no-calibrate", help="Fit temperature scaling on the val logits after training (predict, evaluate and exports apply it)", rich_help_panel=_TRAINING)] = _TRAIN.calibrate,
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML of train options used as defaults (a run's config.yaml works, data included); options given on the command line win", rich_help_panel=_OUTPUT)] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="Set any training option by its config.yaml name (YAML value), e.g. --set head_dropout=0.3; wins over --config and the options", rich_help_panel=_OUTPUT)] = None,
+    data: Annotated[Path | None, typer.Argument(help=_DATA_HELP)] = None,
+    *,
+    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run directory", rich_help_panel=OUTPUT)] = None,
+    allow_changed_data: Annotated[bool, typer.Option("--allow-changed-data", help="With --resume: continue even though the data changed since the run started", rich_help_panel=OUTPUT)] = False,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML of train options used as defaults (a run's config.yaml works, data included); options given on the command line win", rich_help_panel=OUTPUT)] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="Set any training option by its config.yaml name (YAML value), e.g. --set head_dropout=0.3; wins over --config and the options", rich_help_panel=OUTPUT)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    **options,
 ) -> None:
     """Train a classifier from a folder of labelled images (two-stage transfer learning).
 
@@ -184,23 +177,10 @@ def train(
         raise TransferlabError("Missing DATA: give a folder of images or a CSV file (or --resume RUN).")
     try:
         result = _train_or_resume(api, data, resume, allow_changed_data, _layered(ctx, defaults, sets, {
-            "backbone": backbone, "pretrained": pretrained, "head": head, "head_hidden": head_hidden,
-            "head_dropout": head_dropout, "strategy": strategy, "epochs_frozen": epochs_frozen,
-            "epochs_finetune": epochs_finetune, "finetune": finetune, "boundary_stages": boundary_stages,
-            "boundary_views": boundary_views, "finetune_when": finetune_when, "lr_head": lr_head, "lr_finetune": parse_lr_finetune(lr_finetune), "lr_decay": lr_decay,
-            "unfreeze": unfreeze, "lr_floor": lr_floor, "optimizer": optimizer, "weight_decay": weight_decay, "schedule": schedule,
-            "label_smoothing": label_smoothing, "early_stop": early_stop, "finetune_gate": finetune_gate, "time_budget": time_budget, "progressive_resize": progressive_resize, "bn": bn, "augment": augment,
-            "feature_views": feature_views, "img_size": img_size, "eval_size": eval_size, "val_split": val_split, "csv_anywhere": csv_anywhere,
-            "task": task, "label_sep": label_sep, "thresholds": thresholds, "batch_size": batch_size,
-            "num_workers": num_workers, "decode_cache": decode_cache, "compile": compile, "seed": seed, "precision": precision, "device": device, "devices": devices,
-            "num_nodes": num_nodes, "dist_strategy": dist_strategy,
-            "loggers": logger or [],
-            "feature_cache": feature_cache, "cache_dir": str(cache_dir) if cache_dir else None, "max_memory": max_memory,
-            "out": str(out) if out else None, "progress": progress, "report": report, "calibrate": calibrate,
-        }))
+            **_as_config(options), "lr_finetune": parse_lr_finetune(options["lr_finetune"])}))
     except KeyboardInterrupt:
         # Typer would print "Aborted!"; say instead how to continue: every finished epoch is saved.
-        where = resume or out or "RUN_DIR (the run directory printed at the start)"
+        where = resume or options["out"] or "RUN_DIR (the run directory printed at the start)"
         console.print(f"[yellow]interrupted[/] — continue with `transferlab train --resume {where}`")
         raise typer.Exit(130) from None
     if result.is_global_zero:  # one line per run, not one per process
@@ -211,7 +191,7 @@ def _layered(ctx: typer.Context, defaults: dict, sets: dict, options: dict) -> d
     """The options `train` runs with: the command's defaults, then the --config file's values, then the
     options given on the command line, then --set (timm's order: a file of defaults, the command wins)."""
     def given(name: str) -> bool:
-        source = ctx.get_parameter_source({"loggers": "logger"}.get(name, name))
+        source = ctx.get_parameter_source(name)
         return getattr(source, "name", None) == "COMMANDLINE"  # typer may carry its own copy of click's enum
 
     layered = {**options, **{k: v for k, v in defaults.items() if k != "data" and not given(k)}, **sets}
@@ -234,34 +214,27 @@ def _train_or_resume(api, data, resume, allow_changed_data: bool, options: dict)
     return api.train(data, **options)
 
 
+# The training options the range test honours: those shaping the data, the model and the head it starts
+# from, and the machinery; their help and defaults are train's.
+_LR_FIND_OPTIONS = ("backbone", "pretrained", "head", "img_size", "eval_size", "epochs_frozen", "lr_head", "seed",
+                    "boundary_stages", "boundary_views", "augment", "val_split", "batch_size", "num_workers",
+                    "precision", "device", "cache_dir", "progress")
+_LR_FIND = _defaults(api.lr_find)
+
+
 @app.command("lr-find", rich_help_panel=_TRAIN_VERBS)
+@_config_options(*_LR_FIND_OPTIONS)
 def lr_find(
-    data: Annotated[Path, typer.Argument(help="ImageFolder tree (train/ val/ \\[test/]), class folders, or a CSV of path,label")],
-    backbone: Annotated[str, typer.Option(help="Backbone: efficientnet_lite0|1|2 (offline), any timm name, hf-hub:ID, or tv:NAME", rich_help_panel=_MODEL)] = "efficientnet_lite0",
-    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights", rich_help_panel=_MODEL)] = True,
-    head: Annotated[str, typer.Option(help="linear | mlp", rich_help_panel=_MODEL)] = "linear",
-    epochs_frozen: Annotated[int, typer.Option(help="Head epochs on cached frozen features (the head the test starts from)", rich_help_panel=_TRAINING)] = _TRAIN.epochs_frozen,
-    lr_head: Annotated[float, typer.Option(help="Head learning rate (for fitting the head)", rich_help_panel=_TRAINING)] = 1e-3,
-    boundary_stages: Annotated[int, typer.Option(help="The last N stages fine-tune (as train --boundary-stages)", rich_help_panel=_TRAINING)] = 2,
-    boundary_views: Annotated[int, typer.Option(help="Augmented views of each train image cached beside the plain one", rich_help_panel=_TRAINING)] = 0,
-    augment: Annotated[str, typer.Option(help="none | light | standard | strong | classic | padcrop (the augmented views)", rich_help_panel=_TRAINING)] = "standard",
-    img_size: Annotated[int | None, typer.Option(help="Training input size (default: the backbone's)", rich_help_panel=_MODEL)] = None,
-    eval_size: Annotated[int | None, typer.Option(help="Size of the frozen features and the boundary cache (default as train)", rich_help_panel=_MODEL)] = None,
-    val_split: Annotated[float, typer.Option(help="Validation fraction when the data has no val/ folder", rich_help_panel=_TRAINING)] = 0.2,
-    batch_size: Annotated[int, typer.Option(help="Batch size (of the head's epochs and of each test step)", rich_help_panel=_TRAINING)] = 32,
-    seed: Annotated[int, typer.Option(help="Random seed (same seed, same curve)", rich_help_panel=_TRAINING)] = 0,
-    num_steps: Annotated[int, typer.Option(help="Steps of the range test (at least 10)", rich_help_panel=_RANGE_TEST)] = 100,
-    method: Annotated[str, typer.Option(help="Suggestion rule: valley | steep | minimum", rich_help_panel=_RANGE_TEST)] = "valley",
-    start_lr: Annotated[float, typer.Option(help="The body's LR at the first step", rich_help_panel=_RANGE_TEST)] = 1e-7,
-    end_lr: Annotated[float, typer.Option(help="The body's LR at the last step", rich_help_panel=_RANGE_TEST)] = 1.0,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for lr_find.png and lr_find.json (default runs/lr-find-<time>)", rich_help_panel=_OUTPUT)] = None,
-    num_workers: Annotated[int | None, typer.Option(help="Data-loader workers (default: by core count)", rich_help_panel=_HARDWARE)] = None,
-    precision: Annotated[str, typer.Option(help="auto | 32-true | bf16-mixed | 16-mixed", rich_help_panel=_HARDWARE)] = "auto",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps", rich_help_panel=_HARDWARE)] = "auto",
-    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache directory (shared with train)", rich_help_panel=_HARDWARE)] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print lr_find.json instead of the summary", rich_help_panel=_OUTPUT)] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", rich_help_panel=_OUTPUT)] = True,
+    data: Annotated[Path, typer.Argument(help=_DATA_HELP)],
+    *,
+    num_steps: Annotated[int, typer.Option(help="Steps of the range test (at least 10)", rich_help_panel=_RANGE_TEST)] = _LR_FIND.num_steps,
+    method: Annotated[str, typer.Option(help="Suggestion rule: valley | steep | minimum", rich_help_panel=_RANGE_TEST)] = _LR_FIND.method,
+    start_lr: Annotated[float, typer.Option(help="The body's LR at the first step", rich_help_panel=_RANGE_TEST)] = _LR_FIND.start_lr,
+    end_lr: Annotated[float, typer.Option(help="The body's LR at the last step", rich_help_panel=_RANGE_TEST)] = _LR_FIND.end_lr,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for lr_find.png and lr_find.json (default runs/lr-find-<time>)", rich_help_panel=OUTPUT)] = _LR_FIND.out,
+    as_json: Annotated[bool, typer.Option("--json", help="Print lr_find.json instead of the summary", rich_help_panel=OUTPUT)] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    **options,
 ) -> None:
     """Suggest --lr-finetune by an LR range test, and plot the loss against the LR.
 
@@ -275,11 +248,7 @@ def lr_find(
 
     _setup_logging(verbose)
     result = api.lr_find(data, num_steps=num_steps, method=method, start_lr=start_lr, end_lr=end_lr, out=out,
-                         backbone=backbone, pretrained=pretrained, head=head, epochs_frozen=epochs_frozen,
-                         lr_head=lr_head, boundary_stages=boundary_stages, boundary_views=boundary_views,
-                         augment=augment, img_size=img_size, eval_size=eval_size, val_split=val_split,
-                         batch_size=batch_size, seed=seed, num_workers=num_workers, precision=precision,
-                         device=device, cache_dir=str(cache_dir) if cache_dir else None, progress=progress)
+                         **_as_config(options))
     if as_json:
         out_console.print_json(json.dumps(result.to_dict()))
         return
@@ -310,14 +279,17 @@ def _report_lr_find(result) -> None:
                       markup=False, highlight=False, soft_wrap=True)
 
 
+_SHARDS = _defaults(api.shards)
+
+
 @app.command(rich_help_panel=_DATA_VERBS)
 def shards(
     data: Annotated[Path, typer.Argument(help="ImageFolder tree, class folders, or a CSV of path,label")],
     out: Annotated[Path, typer.Argument(help="Output folder: OUT/train/train-000000.tar, OUT/val/*.tar, OUT/shards.json")],
-    shard_size: Annotated[int, typer.Option(help="Images per shard")] = 1000,
-    val_split: Annotated[float, typer.Option(help="Validation fraction when the data has no val/ folder")] = 0.2,
-    seed: Annotated[int, typer.Option(help="Random seed (split and shuffle)")] = 0,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    shard_size: Annotated[int, typer.Option(help="Images per shard")] = _SHARDS.shard_size,
+    val_split: Annotated[float, typer.Option(help="Validation fraction when the data has no val/ folder")] = _SHARDS.val_split,
+    seed: Annotated[int, typer.Option(help="Random seed (split and shuffle)")] = _SHARDS.seed,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = _SHARDS.progress,
 ) -> None:
     """Write a dataset as WebDataset tar shards (KEY.jpg + KEY.cls + KEY.json), split as `train` splits it.
 
@@ -333,19 +305,22 @@ def shards(
     out_console.print(f"classes={len(manifest['classes'])} out={out}", highlight=False)
 
 
+_PREDICT = _defaults(api.predict)
+
+
 @app.command(rich_help_panel=_MODEL_VERBS)
 def predict(
     model: Annotated[Path, typer.Argument(help="Run directory, its model.safetensors, or an exported .onnx")],
     inputs: Annotated[list[str], typer.Argument(help="Images, folders or glob patterns")],
-    top_k: Annotated[int, typer.Option(help="How many labels per image")] = 3,
+    top_k: Annotated[int, typer.Option(help="How many labels per image")] = _PREDICT.top_k,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Stream results to a .csv or .json file instead of printing them")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass")] = 32,
-    unknown: Annotated[str | None, typer.Option(help="Answer 'unknown' (keeping the candidates) when the top probability is below a threshold: auto (chosen on val for --target-precision) or a probability")] = None,
-    target_precision: Annotated[float, typer.Option(help="--unknown auto: the precision the answered val images reach")] = DEFAULT_TARGET_PRECISION,
-    sets: Annotated[float | None, typer.Option(help="Also give each image's conformal prediction set holding the true label with this probability (e.g. 0.9; calibrated on val)")] = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
-    explain: Annotated[Path | None, typer.Option(help="Write a class-activation overlay PNG per image into this folder (a run only); --json names each")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass")] = _PREDICT.batch_size,
+    unknown: Annotated[str | None, typer.Option(help="Answer 'unknown' (keeping the candidates) when the top probability is below a threshold: auto (chosen on val for --target-precision) or a probability")] = _PREDICT.unknown,
+    target_precision: Annotated[float, typer.Option(help="--unknown auto: the precision the answered val images reach")] = _PREDICT.target_precision,
+    sets: Annotated[float | None, typer.Option(help="Also give each image's conformal prediction set holding the true label with this probability (e.g. 0.9; calibrated on val)")] = _PREDICT.sets,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = _TRAIN.progress,  # the bar is the command line's: on as in train
+    explain: Annotated[Path | None, typer.Option(help="Write a class-activation overlay PNG per image into this folder (a run only); --json names each")] = _PREDICT.explain,
 ) -> None:
     """Predict labels for images with a trained run or an exported ONNX model.
 
@@ -450,14 +425,18 @@ class _progress_bar:
             self.bar.__exit__(*exc)
 
 
+_MODELS = _defaults(api.list_models)
+MODEL_ROWS = 50  # `models` rows a terminal shows before it says how many more match; --json has all
+
+
 @app.command(rich_help_panel=_DATA_VERBS)
 def models(
-    search: Annotated[str | None, typer.Option(help="Substring or wildcard filter")] = None,
-    offline: Annotated[bool, typer.Option("--offline", help="Only backbones whose weights are usable now")] = False,
-    max_params: Annotated[str | None, typer.Option(help="At most this many parameters: 30M, 5e6, 500k")] = None,
-    max_gflops: Annotated[float | None, typer.Option(help="At most this many GFLOPs (multiply-adds) at the input size")] = None,
+    search: Annotated[str | None, typer.Option(help="Substring or wildcard filter")] = _MODELS.search,
+    offline: Annotated[bool, typer.Option("--offline", help="Only backbones whose weights are usable now")] = _MODELS.offline_only,
+    max_params: Annotated[str | None, typer.Option(help="At most this many parameters: 30M, 5e6, 500k")] = _MODELS.max_params,
+    max_gflops: Annotated[float | None, typer.Option(help="At most this many GFLOPs (multiply-adds) at the input size")] = _MODELS.max_gflops,
     as_json: Annotated[bool, typer.Option("--json")] = False,
-    limit: Annotated[int, typer.Option(help="Show at most N rows")] = 50,
+    limit: Annotated[int, typer.Option(help="Show at most N rows")] = MODEL_ROWS,
 ) -> None:
     """List pretrained backbones: size, GFLOPs, input, head, feature dim, ImageNet top-1, offline use.
 
@@ -602,17 +581,20 @@ def _multilabel_tables(result) -> list[Table]:
     return [overall, table]
 
 
+_EVALUATE = _defaults(api.evaluate)
+
+
 @app.command(rich_help_panel=_MODEL_VERBS)
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run directory")],
     data: Annotated[Path | None, typer.Argument(help="Labelled images: ImageFolder tree, class folders or CSV (default: the run's own data, split as in training)")] = None,
-    split: Annotated[str, typer.Option(help="val | test | train: split of the run's data, or DATA's train/ val/ test/ folder")] = "val",
-    tta: Annotated[bool, typer.Option("--tta", help="Also score with test-time augmentation (flip × full/centre crop)")] = False,
-    top_losses: Annotated[int, typer.Option(help="How many worst-predicted images to keep")] = 16,
-    batch_size: Annotated[int, typer.Option(help="Batch size")] = 64,
+    split: Annotated[str, typer.Option(help="val | test | train: split of the run's data, or DATA's train/ val/ test/ folder")] = _EVALUATE.split,
+    tta: Annotated[bool, typer.Option("--tta", help="Also score with test-time augmentation (flip × full/centre crop)")] = _EVALUATE.tta,
+    top_losses: Annotated[int, typer.Option(help="How many worst-predicted images to keep")] = _EVALUATE.top_losses,
+    batch_size: Annotated[int, typer.Option(help="Batch size")] = _EVALUATE.batch_size,
     as_json: Annotated[bool, typer.Option("--json", help="Print the evaluation JSON instead of tables")] = False,
-    calibrate: Annotated[bool | None, typer.Option("--calibrate/--no-calibrate", help="Refit the temperature (and the val scores --unknown/--sets use) on the run's val split and store it in model.json; --no-calibrate resets T to 1")] = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    calibrate: Annotated[bool | None, typer.Option("--calibrate/--no-calibrate", help="Refit the temperature (and the val scores --unknown/--sets use) on the run's val split and store it in model.json; --no-calibrate resets T to 1")] = _EVALUATE.calibrate,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = _EVALUATE.progress,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Metrics, calibration and worst errors of a trained run on labelled data (saved as eval-<name>.json).
@@ -649,11 +631,14 @@ def evaluate(
                       highlight=False, soft_wrap=True)
 
 
+_REPORT = _defaults(api.report)
+
+
 @app.command(rich_help_panel=_MODEL_VERBS)
 def report(
     runs: Annotated[list[Path], typer.Argument(help="One or more run directories (several: a comparison)")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="HTML file (default: RUN/report.html for one run, ./report.html for several)")] = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="HTML file (default: RUN/report.html for one run, ./report.html for several)")] = _REPORT.out,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = _REPORT.progress,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """One self-contained HTML page (images inline, no scripts) for one run or comparing several.
@@ -694,21 +679,22 @@ def _selection_table(result) -> Table:
     return table
 
 
+# select probes the candidates on the data as train would read it (its features feed train's cache).
 @app.command(rich_help_panel=_DATA_VERBS)
 def select(
-    data: Annotated[Path, typer.Argument(help="ImageFolder tree (train/ val/ \\[test/]), class folders, or a CSV of path,label")],
+    data: Annotated[Path, typer.Argument(help=_DATA_HELP)],
     backbones: Annotated[str | None, typer.Option(help="Comma-separated candidates (e.g. efficientnet_lite0,resnet50)", rich_help_panel=_CANDIDATES)] = None,
     max_params: Annotated[str | None, typer.Option(help="Candidates from the catalog with at most this many parameters (30M, 5e6)", rich_help_panel=_CANDIDATES)] = None,
     search: Annotated[str | None, typer.Option(help="Candidates from the catalog matching this substring or wildcard", rich_help_panel=_CANDIDATES)] = None,
     budget_ms: Annotated[float | None, typer.Option(help="Latency budget at batch 1 (ms) for the recommendation", rich_help_panel=_CANDIDATES)] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default runs/select-<time>)", rich_help_panel=_OUTPUT)] = None,
-    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights", rich_help_panel=_CANDIDATES)] = True,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default runs/select-<time>)", rich_help_panel=OUTPUT)] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights", rich_help_panel=_CANDIDATES)] = _TRAIN.pretrained,
     img_size: Annotated[int | None, typer.Option(help="Input size (default: each backbone's)", rich_help_panel=_CANDIDATES)] = None,
-    val_split: Annotated[float, typer.Option(help="Validation fraction when the data has no val/ folder", rich_help_panel=_DATA)] = 0.2,
-    seed: Annotated[int, typer.Option(help="Random seed", rich_help_panel=_DATA)] = 0,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps", rich_help_panel=_HARDWARE)] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print selection.json instead of the table", rich_help_panel=_OUTPUT)] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", rich_help_panel=_OUTPUT)] = True,
+    val_split: Annotated[float, typer.Option(help="Validation fraction when the data has no val/ folder", rich_help_panel=DATA)] = _TRAIN.val_split,
+    seed: Annotated[int, typer.Option(help="Random seed", rich_help_panel=DATA)] = _TRAIN.seed,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps", rich_help_panel=HARDWARE)] = _TRAIN.device,
+    as_json: Annotated[bool, typer.Option("--json", help="Print selection.json instead of the table", rich_help_panel=OUTPUT)] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", rich_help_panel=OUTPUT)] = _TRAIN.progress,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Rank backbones on your data by a linear probe on frozen features.
@@ -788,26 +774,29 @@ def _doctor_tables(result) -> list[Table]:
     return tables
 
 
+_DOCTOR, _CHECKS_AT = _defaults(api.doctor), _defaults(DoctorOptions)
+
+
 @app.command(rich_help_panel=_DATA_VERBS)
 def doctor(
     data: Annotated[Path, typer.Argument(help="ImageFolder tree (train/ val/ \\[test/]), class folders, a CSV of path,label, or a run directory (its data and settings)")],
-    backbone: Annotated[str | None, typer.Option(help="Backbone whose frozen features describe the images (default: train's, efficientnet_lite0)", rich_help_panel=_MODEL)] = None,
-    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained", help="Pretrained weights (default: yes)", rich_help_panel=_MODEL)] = None,
-    img_size: Annotated[int | None, typer.Option(help="As train's --img-size (default: the backbone's)", rich_help_panel=_MODEL)] = None,
-    eval_size: Annotated[int | None, typer.Option(help="As train's --eval-size: the size features are extracted at", rich_help_panel=_MODEL)] = None,
-    val_split: Annotated[float | None, typer.Option(help="Validation fraction when the data has no val/ folder (default 0.2)", rich_help_panel=_DATA)] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed of the split and the probe (default 0)", rich_help_panel=_DATA)] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | mps", rich_help_panel=_HARDWARE)] = None,
-    precision: Annotated[str | None, typer.Option(help="auto | 32-true | bf16-mixed | 16-mixed", rich_help_panel=_HARDWARE)] = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache directory (default: train's)", rich_help_panel=_HARDWARE)] = None,
-    similarity: Annotated[float, typer.Option(help="Near-duplicates: cosine similarity of the embeddings at or above this", rich_help_panel=_CHECKS)] = 0.97,
-    folds: Annotated[int, typer.Option(help="Label issues: folds of the out-of-fold probe", rich_help_panel=_CHECKS)] = 5,
-    imbalance: Annotated[float, typer.Option(help="Class imbalance: a class with under this fraction of the largest class's images", rich_help_panel=_CHECKS)] = 0.2,
-    outlier_z: Annotated[float, typer.Option(help="Size outliers: robust z-score of log area or log aspect above this", rich_help_panel=_CHECKS)] = 3.5,
-    top: Annotated[int, typer.Option(help="Findings shown per kind (the CSV has all)", rich_help_panel=_CHECKS)] = 20,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default runs/doctor-<time>; a run: RUN/doctor)", rich_help_panel=_OUTPUT)] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print doctor.json instead of the tables", rich_help_panel=_OUTPUT)] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", rich_help_panel=_OUTPUT)] = True,
+    backbone: Annotated[str | None, typer.Option(help="Backbone whose frozen features describe the images (default: train's, efficientnet_lite0)", rich_help_panel=MODEL)] = None,
+    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained", help="Pretrained weights (default: yes)", rich_help_panel=MODEL)] = None,
+    img_size: Annotated[int | None, typer.Option(help="As train's --img-size (default: the backbone's)", rich_help_panel=MODEL)] = None,
+    eval_size: Annotated[int | None, typer.Option(help="As train's --eval-size: the size features are extracted at", rich_help_panel=MODEL)] = None,
+    val_split: Annotated[float | None, typer.Option(help="Validation fraction when the data has no val/ folder (default 0.2)", rich_help_panel=DATA)] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed of the split and the probe (default 0)", rich_help_panel=DATA)] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | mps", rich_help_panel=HARDWARE)] = None,
+    precision: Annotated[str | None, typer.Option(help="auto | 32-true | bf16-mixed | 16-mixed", rich_help_panel=HARDWARE)] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache directory (default: train's)", rich_help_panel=HARDWARE)] = None,
+    similarity: Annotated[float, typer.Option(help="Near-duplicates: cosine similarity of the embeddings at or above this", rich_help_panel=_CHECKS)] = _CHECKS_AT.similarity,
+    folds: Annotated[int, typer.Option(help="Label issues: folds of the out-of-fold probe", rich_help_panel=_CHECKS)] = _CHECKS_AT.folds,
+    imbalance: Annotated[float, typer.Option(help="Class imbalance: a class with under this fraction of the largest class's images", rich_help_panel=_CHECKS)] = _CHECKS_AT.imbalance,
+    outlier_z: Annotated[float, typer.Option(help="Size outliers: robust z-score of log area or log aspect above this", rich_help_panel=_CHECKS)] = _CHECKS_AT.outlier_z,
+    top: Annotated[int, typer.Option(help="Findings shown per kind (the CSV has all)", rich_help_panel=_CHECKS)] = _CHECKS_AT.top,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default runs/doctor-<time>; a run: RUN/doctor)", rich_help_panel=OUTPUT)] = _DOCTOR.out,
+    as_json: Annotated[bool, typer.Option("--json", help="Print doctor.json instead of the tables", rich_help_panel=OUTPUT)] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", rich_help_panel=OUTPUT)] = _DOCTOR.progress,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Find what is wrong with a dataset before a model learns it.
@@ -867,20 +856,23 @@ def _compare_table(result) -> Table:
     return table
 
 
+_COMPARE = _defaults(api.compare)
+
+
 @app.command(rich_help_panel=_TRAIN_VERBS)
 def compare(
-    data: Annotated[Path, typer.Argument(help="ImageFolder tree (train/ val/ \\[test/]), class folders, or a CSV of path,label")],
+    data: Annotated[Path, typer.Argument(help=_DATA_HELP)],
     backbones: Annotated[str, typer.Option(help="Comma-separated backbones (e.g. efficientnet_lite0,resnet50)", rich_help_panel=_CANDIDATES)],
-    strategies: Annotated[str, typer.Option(help="Comma-separated, from: head-only, two-stage, full, scratch", rich_help_panel=_CANDIDATES)] = "head-only,two-stage",
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder; re-run with the same one to skip finished runs and resume interrupted ones (default runs/compare-<time>)", rich_help_panel=_OUTPUT)] = None,
-    epochs_frozen: Annotated[int | None, typer.Option(help="Head epochs on cached frozen features", rich_help_panel=_TRAINING)] = None,
-    epochs_finetune: Annotated[int | None, typer.Option(help="Fine-tuning epochs", rich_help_panel=_TRAINING)] = None,
+    strategies: Annotated[str, typer.Option(help="Comma-separated, from: head-only, two-stage, full, scratch", rich_help_panel=_CANDIDATES)] = ",".join(_COMPARE.strategies),
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder; re-run with the same one to skip finished runs and resume interrupted ones (default runs/compare-<time>)", rich_help_panel=OUTPUT)] = None,
+    epochs_frozen: Annotated[int | None, typer.Option(help="Head epochs on cached frozen features", rich_help_panel=TRAINING)] = None,
+    epochs_finetune: Annotated[int | None, typer.Option(help="Fine-tuning epochs", rich_help_panel=TRAINING)] = None,
     img_size: Annotated[int | None, typer.Option(help="Input size (default: each backbone's)", rich_help_panel=_CANDIDATES)] = None,
-    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights", rich_help_panel=_CANDIDATES)] = True,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size", rich_help_panel=_TRAINING)] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed", rich_help_panel=_TRAINING)] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps", rich_help_panel=_HARDWARE)] = "auto",
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", rich_help_panel=_OUTPUT)] = True,
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights", rich_help_panel=_CANDIDATES)] = _TRAIN.pretrained,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size", rich_help_panel=TRAINING)] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed", rich_help_panel=TRAINING)] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps", rich_help_panel=HARDWARE)] = _TRAIN.device,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", rich_help_panel=OUTPUT)] = _TRAIN.progress,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train every backbone × strategy and compare them: one table, plots and a self-contained compare.html.
@@ -948,15 +940,18 @@ def recipe_show(
     out_console.print(describe(api.recipe_show(name, override or [])), markup=False, highlight=False, soft_wrap=True)
 
 
+_RECIPE = _defaults(api.recipe_run)
+
+
 @recipe_app.command("run")
 def recipe_run(
     name: Annotated[str, typer.Argument(help="Recipe name (see `transferlab recipe list`) or a recipe .yaml")],
-    data_root: Annotated[Path | None, typer.Option(help="Folder holding (or to receive) the dataset in its official layout (default: datasets/ in $TRANSFERLAB_HOME)")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Folder holding (or to receive) the dataset in its official layout (default: datasets/ in $TRANSFERLAB_HOME)")] = _RECIPE.data_root,
     override: Annotated[list[str] | None, typer.Option("--override", help=_OVERRIDE_HELP)] = None,
-    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights")] = True,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (compare recipes: output folder; default runs/<recipe>-<time>)")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Load pretrained weights")] = _TRAIN.pretrained,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (compare recipes: output folder; default runs/<recipe>-<time>)")] = _RECIPE.out,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = _RECIPE.device,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = _RECIPE.progress,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a recipe: dataset (downloaded through torchvision when missing and online), then train or compare.
@@ -992,15 +987,18 @@ def recipe_run(
     out_console.print(f"recipe={result.recipe.name} out={result.out_dir}", markup=False, highlight=False, soft_wrap=True)
 
 
+_EXPORT = _defaults(api.export_model)
+
+
 @app.command(rich_help_panel=_MODEL_VERBS)
 def export(
     run: Annotated[Path, typer.Argument(help="Run directory (or its model.safetensors)")],
-    format: Annotated[str, typer.Option("--format", "-f", help="onnx | torchscript")] = "onnx",
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Model file (default: model.onnx, model-fp16.onnx or model.pt in RUN/export); metadata goes to FILE.json")] = None,
-    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch/--fixed-batch", help="Any batch size (default), or a fixed batch of 1: the edge/mobile shape some runtimes need")] = True,
-    fp16: Annotated[bool, typer.Option("--fp16", help="Half-precision weights and arithmetic (fp32 input/output; parity tolerance 1e-2)")] = False,
-    opset: Annotated[int | None, typer.Option(help="ONNX opset (default 17)")] = None,
-    parity_images: Annotated[int, typer.Option(help="Validation images the parity check runs on")] = 8,
+    format: Annotated[str, typer.Option("--format", "-f", help="onnx | torchscript")] = _EXPORT.format,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Model file (default: model.onnx, model-fp16.onnx or model.pt in RUN/export); metadata goes to FILE.json")] = _EXPORT.out,
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch/--fixed-batch", help="Any batch size (default), or a fixed batch of 1: the edge/mobile shape some runtimes need")] = _EXPORT.dynamic_batch,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Half-precision weights and arithmetic (fp32 input/output; parity tolerance 1e-2)")] = _EXPORT.fp16,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default 17)")] = _EXPORT.opset,
+    parity_images: Annotated[int, typer.Option(help="Validation images the parity check runs on")] = _EXPORT.parity_images,
     as_json: Annotated[bool, typer.Option("--json", help="Print the sidecar JSON")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -1035,22 +1033,25 @@ def export(
                       soft_wrap=True)
 
 
+_SERVE, _LIMITS = _defaults(api.serve), _defaults(ServeLimits)
+
+
 @app.command(rich_help_panel=_MODEL_VERBS)
 def serve(
     model: Annotated[Path, typer.Argument(help="Run directory, its model.safetensors, or an exported .onnx")],
-    host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0: every interface, no authentication)")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
-    top_k: Annotated[int, typer.Option(help="Labels per image unless the request says ?top_k=N")] = 3,
-    max_upload_mb: Annotated[float, typer.Option(help="Largest request body (413 above)")] = 20.0,
-    max_files: Annotated[int, typer.Option(help="Most images per request")] = 16,
-    max_pixels: Annotated[int, typer.Option(help="Most pixels per image, checked before decoding (413 above)")] = 50_000_000,
-    max_batch: Annotated[int, typer.Option(help="Most images per forward pass (concurrent requests share batches)")] = 32,
-    max_connections: Annotated[int, typer.Option(help="Most open connections in all (503 above)")] = 256,
+    host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0: every interface, no authentication)")] = _SERVE.host,
+    port: Annotated[int, typer.Option(help="TCP port")] = _SERVE.port,
+    top_k: Annotated[int, typer.Option(help="Labels per image unless the request says ?top_k=N")] = _LIMITS.top_k,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request body (413 above)")] = _LIMITS.max_upload_mb,
+    max_files: Annotated[int, typer.Option(help="Most images per request")] = _LIMITS.max_files,
+    max_pixels: Annotated[int, typer.Option(help="Most pixels per image, checked before decoding (413 above)")] = _LIMITS.max_pixels,
+    max_batch: Annotated[int, typer.Option(help="Most images per forward pass (concurrent requests share batches)")] = _LIMITS.max_batch,
+    max_connections: Annotated[int, typer.Option(help="Most open connections in all (503 above)")] = _LIMITS.max_connections,
     max_client_connections: Annotated[int | None, typer.Option(
         help="Most open connections per client IP (429 above; 0: no limit, e.g. behind a proxy); "
-             "default: an eighth of --max-connections", show_default=False)] = None,
-    header_timeout: Annotated[float, typer.Option(help="Seconds for a request's headers (connection closed after)")] = 10.0,
-    body_timeout: Annotated[float, typer.Option(help="Seconds for a request's body after its headers (408 after)")] = 60.0,
+             "default: an eighth of --max-connections", show_default=False)] = _LIMITS.max_client_connections,
+    header_timeout: Annotated[float, typer.Option(help="Seconds for a request's headers (connection closed after)")] = _LIMITS.header_timeout,
+    body_timeout: Annotated[float, typer.Option(help="Seconds for a request's body after its headers (408 after)")] = _LIMITS.body_timeout,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Serve a model over HTTP: POST /predict (images → top-k JSON), GET /health, GET /.
@@ -1070,14 +1071,17 @@ def serve(
               body_timeout=body_timeout)
 
 
+_BENCH = _defaults(bench_infer_run)
+
+
 @app.command("bench-infer", rich_help_panel=_MODEL_VERBS)
 def bench_infer(
     run: Annotated[Path, typer.Argument(help="Run directory (or its model.safetensors)")],
-    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes")] = "1,32",
-    runtimes: Annotated[str, typer.Option(help="Comma-separated: pytorch,torchscript,onnxruntime")] = "pytorch,torchscript,onnxruntime",
-    seconds: Annotated[float, typer.Option(help="Timed seconds per runtime and batch size")] = 3.0,
-    min_runs: Annotated[int, typer.Option(help="At least this many timed calls per cell")] = 5,
-    threads: Annotated[int | None, typer.Option(help="Threads for every runtime (default: physical cores)")] = None,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes")] = ",".join(map(str, _BENCH.batch_sizes)),
+    runtimes: Annotated[str, typer.Option(help=f"Comma-separated: {','.join(RUNTIMES)}")] = ",".join(_BENCH.runtimes or RUNTIMES),
+    seconds: Annotated[float, typer.Option(help="Timed seconds per runtime and batch size")] = _BENCH.seconds,
+    min_runs: Annotated[int, typer.Option(help="At least this many timed calls per cell")] = _BENCH.min_runs,
+    threads: Annotated[int | None, typer.Option(help="Threads for every runtime (default: physical cores)")] = _BENCH.threads,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:

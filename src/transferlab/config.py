@@ -101,84 +101,173 @@ def parse_lr_finetune(text: str | float | None) -> float | str | None:
         return raw
 
 
+# --help panels: `train` and `lr-find` group their options by what they decide, in this order (an option
+# without one lands in typer's default "Options" panel).
+MODEL, TRAINING, FINETUNE, DATA = "Model", "Training", "Fine-tuning (after the head)", "Data"
+HARDWARE, OUTPUT, TRACKING = "Hardware and caches", "Output and run", "Experiment tracking"
+PANELS = (MODEL, TRAINING, FINETUNE, DATA, HARDWARE, OUTPUT, TRACKING)
+
+
+@dataclass(frozen=True)
+class Option:
+    """How a TrainConfig field shows on the command line. `flags` and `metavar` only where typer's spelling
+    from the field's name is not the one wanted; `cli_type` where the command line reads another type than
+    the field holds (a path, kept as text; --lr-finetune's text, read by parse_lr_finetune)."""
+
+    help: str
+    panel: str
+    flags: tuple[str, ...] = ()
+    metavar: str | None = None
+    cli_type: Any = None
+
+
+def option(panel: str, help: str, *, flags: tuple[str, ...] = (), metavar: str | None = None,
+           cli_type: Any = None) -> dict[str, Option]:
+    """The metadata of a TrainConfig field that is also a `train` option: `field(default=..., metadata=option(
+    PANEL, HELP))` keeps its help text and --help panel beside its default, read by the command line."""
+    return {"option": Option(help, panel, tuple(flags), metavar, cli_type)}
+
+
+def internal(why: str) -> dict[str, str]:
+    """The metadata of a TrainConfig field that is no `train` option of its own (`why` says how it is set)."""
+    return {"internal": why}
+
+
+def option_fields() -> list[dataclasses.Field]:
+    """TrainConfig's command-line options, panel by panel (PANELS order), in field order within a panel."""
+    fields = [f for f in dataclasses.fields(TrainConfig) if "option" in f.metadata]
+    return sorted(fields, key=lambda f: PANELS.index(f.metadata["option"].panel))
+
+
+def _lr(value: float) -> str:
+    """1e-3, not 0.001: a learning rate as people write it."""
+    return f"{value:.0e}".replace("e-0", "e-")
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    """A field's default value (a fresh one for a default_factory)."""
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
 @dataclass
 class TrainConfig:
-    """Everything that decides a run. Defaults are the measured fastest recipe that keeps accuracy."""
+    """Everything that decides a run. Defaults are the measured fastest recipe that keeps accuracy; each
+    option's help text and --help panel sit beside its default (`option`), read by the command line."""
 
-    data: str = ""
-    out: str | None = None
+    data: str = field(default="", metadata=internal("the command's DATA argument"))
+    out: str | None = field(default=None, metadata=option(
+        OUTPUT, "Run directory (default: a new folder in runs/ named by time and backbone)", flags=("--out", "-o"),
+        cli_type=Path | None))
     # model
-    backbone: str = "efficientnet_lite0"
-    pretrained: bool = True
-    head: str = "linear"
-    head_hidden: int = 512
-    head_dropout: float = 0.2
-    img_size: int | None = None  # training resolution (fine-tuning crops); default: the backbone's
+    backbone: str = field(default="efficientnet_lite0", metadata=option(
+        MODEL, "Backbone: efficientnet_lite0|1|2 (offline), any timm name, hf-hub:ID, or tv:NAME"))
+    pretrained: bool = field(default=True, metadata=option(MODEL, "Load pretrained weights"))
+    head: str = field(default="linear", metadata=option(MODEL, "linear | mlp"))
+    head_hidden: int = field(default=512, metadata=option(MODEL, "MLP head hidden size"))
+    head_dropout: float = field(default=0.2, metadata=option(MODEL, "Dropout before the head's last layer"))
+    img_size: int | None = field(default=None, metadata=option(MODEL, "Training input size (default: the backbone's)"))
     # Resolution of frozen features, validation, prediction and export; default: the backbone's test
     # size when it has a measured one and img_size is not set (efficientnet_lite0: 288), else img_size.
-    eval_size: int | None = None
+    eval_size: int | None = field(default=None, metadata=option(
+        MODEL, "Size for frozen features, validation and prediction (default: the backbone's measured test size, 288 "
+        "for efficientnet_lite0, else --img-size)"))
     # schedule
-    strategy: str = "two-stage"
-    epochs_frozen: int = 16
-    epochs_finetune: int = 4
-    finetune: str = "boundary"
-    boundary_stages: int = 2  # finetune boundary: the last N stages (and what follows them) train
-    boundary_views: int = 0  # finetune boundary: augmented views of every train image cached beside the plain one (0: the plain view alone)
-    finetune_when: str = "underfit"  # finetune boundary: "underfit" skips it when the head fits train far better than val
-    lr_head: float = 1e-3
-    lr_finetune: float | str | None = None  # default by --finetune mode: DEFAULT_LR_FINETUNE; "auto": AUTO_LR
-    lr_decay: str = "exp:3"
-    unfreeze: int | None = None
+    strategy: str = field(default="two-stage", metadata=option(TRAINING, "two-stage | head-only | full | scratch"))
+    epochs_frozen: int = field(default=16, metadata=option(TRAINING, "Head epochs on cached frozen features"))
+    epochs_finetune: int = field(default=4, metadata=option(TRAINING, "Fine-tuning epochs"))
+    finetune: str = field(default="boundary", metadata=option(
+        FINETUNE, "Two-stage fine-tuning: boundary (the top stages on cached activations) | full (the whole network, "
+        "every epoch)"))
+    boundary_stages: int = field(default=2, metadata=option(FINETUNE, "--finetune boundary: train the last N stages"))
+    boundary_views: int = field(default=0, metadata=option(
+        FINETUNE, "--finetune boundary: augmented views of each train image cached beside the plain one (0: the plain "
+        "view alone)"))
+    finetune_when: str = field(default="underfit", metadata=option(
+        FINETUNE, "--finetune boundary: underfit (only when the head's train error is at least half its val error) | "
+        "always"))
+    lr_head: float = field(default=1e-3, metadata=option(TRAINING, "Head learning rate"))
+    lr_finetune: float | str | None = field(default=None, metadata=option(
+        FINETUNE, f"Peak fine-tuning learning rate (top block; default {_lr(DEFAULT_LR_FINETUNE['boundary'])} for "
+        f"--finetune boundary, {_lr(DEFAULT_LR_FINETUNE['full'])} for full), or {AUTO_LR}: an LR range test "
+        "on the boundary cache picks it", cli_type=str | None))
+    lr_decay: str = field(default="exp:3", metadata=option(
+        FINETUNE, "Per-block LR toward the input: none | exp:F | linear:LOW | layer:D"))
+    unfreeze: int | None = field(default=None, metadata=option(
+        FINETUNE, "Unfreeze only the last K blocks (default: all)"))
     # LR for the backbone blocks --unfreeze leaves out, instead of freezing them (and no block is
     # frozen for a negligible LR): the published Flowers-102 recipe gives such parameters 1e-8.
-    lr_floor: float | None = None
-    optimizer: str = "adamw"
-    weight_decay: float = 1e-2
-    schedule: str = "onecycle"
-    label_smoothing: float = 0.1
-    early_stop: int | None = None  # default by --finetune mode: DEFAULT_EARLY_STOP; 0: off
+    lr_floor: float | None = field(default=None, metadata=option(
+        FINETUNE, "LR for the blocks --unfreeze leaves out, instead of freezing them (e.g. 1e-8)"))
+    optimizer: str = field(default="adamw", metadata=option(TRAINING, "adamw | adam | sgd"))
+    weight_decay: float = field(default=1e-2, metadata=option(TRAINING, "Weight decay (not on biases/norms)"))
+    schedule: str = field(default="onecycle", metadata=option(TRAINING, "onecycle | cosine | constant"))
+    label_smoothing: float = field(default=0.1, metadata=option(TRAINING, "Label smoothing"))
+    early_stop: int | None = field(default=None, metadata=option(
+        FINETUNE, f"Stop fine-tuning after N epochs without val-loss gain (0: off; default "
+        f"{DEFAULT_EARLY_STOP['boundary']} for --finetune boundary, counted once an epoch beat the head, "
+        f"{DEFAULT_EARLY_STOP['full']} for full)"))
     # two-stage: fine-tuning stops after this many epochs unless one beat the frozen stage's val
     # loss (ants/bees: it never does). Two, not one: the first epoch of the one-cycle schedule ends
     # near its peak LR, where the digits demo's val loss is still above the head's at seeds 0, 1, 2
     # (0.44-0.56 vs 0.40-0.45) before epoch 2 beats it (0.17-0.21, 0.986-0.992 after 3). 0: every epoch runs.
-    finetune_gate: int = 2
-    progressive_resize: float | None = None  # e.g. 0.5: fine-tune from half the size up to full
-    time_budget: str | None = None  # e.g. "2m", "90s", "1h30m": the whole run, planned to fit
-    bn: str = "auto"
+    finetune_gate: int = field(default=2, metadata=option(
+        FINETUNE, "Two-stage: stop fine-tuning after N epochs unless one beat the frozen stage's val loss (0: off)"))
+    progressive_resize: float | None = field(default=None, metadata=option(
+        FINETUNE, "Fine-tune from this fraction of the image size up to full (e.g. 0.5)"))
+    time_budget: str | None = field(default=None, metadata=option(
+        TRAINING, "Whole-run time budget, e.g. 2m, 90s, 1h30m: fine-tuning epochs are planned to fit"))
+    bn: str = field(default="auto", metadata=option(FINETUNE, "BatchNorm while fine-tuning: auto | eval | train"))
     # data
-    augment: str = "standard"
+    augment: str = field(default="standard", metadata=option(
+        DATA, "none | light | standard | strong | classic | padcrop (train only)"))
     # Overrides of the backbone's preprocessing (mean, std, interpolation, crop_pct, crop_mode), e.g. a
     # dataset's own normalisation; saved in model.json, so predict/export reproduce it.
-    preprocess: dict[str, Any] = field(default_factory=dict)
-    feature_views: int = 0
-    val_split: float = 0.2
-    csv_anywhere: bool = False  # a CSV's rows may name files outside its folder
-    # auto | single | multilabel (a CSV whose cells list several labels: sigmoid head, BCE, mAP selection);
+    preprocess: dict[str, Any] = field(default_factory=dict, metadata=internal(
+        "a mapping: --config, or --set 'preprocess={crop_pct: 1.0}'"))
+    feature_views: int = field(default=0, metadata=option(DATA, "Extra augmented views cached for the head stage"))
+    val_split: float = field(default=0.2, metadata=option(DATA, "Validation fraction when the data has no val/ folder"))
+    csv_anywhere: bool = field(default=False, metadata=option(
+        DATA, "Let a CSV's rows name files outside the CSV's folder", flags=("--csv-anywhere",)))
     # a run's config.yaml holds the task it resolved to, so --resume and evaluate read the data alike
-    task: str = "auto"
-    label_sep: str | None = None  # multilabel: what separates a cell's labels (default: ';' or '|', detected)
-    thresholds: str = "f1"  # multilabel: per-label thresholds on val maximise F1, or "precision:P" reach P
-    batch_size: int = 32
-    num_workers: int | None = None
-    decode_cache: bool = True
-    compile: str = "auto"  # torch.compile the frozen forward: auto (CPU, >= 20k images) | on | off
-    decode_cache_mb: float = 2048.0
+    task: str = field(default="auto", metadata=option(
+        DATA, "auto (multilabel when a CSV cell lists several labels) | single | multilabel (sigmoid per label, "
+        "thresholds tuned on val)"))
+    label_sep: str | None = field(default=None, metadata=option(
+        DATA, "Multi-label CSV: the character separating a cell's labels (default: ';' or '|', detected)"))
+    thresholds: str = field(default="f1", metadata=option(
+        TRAINING, "Multi-label: per-label thresholds on val maximise f1, or reach precision:P (e.g. precision:0.9)"))
+    batch_size: int = field(default=32, metadata=option(DATA, "Batch size"))
+    num_workers: int | None = field(default=None, metadata=option(DATA, "Data-loader workers (default: by core count)"))
+    decode_cache: bool = field(default=True, metadata=option(
+        DATA, "Keep decoded images in memory across epochs (in-process loading only)"))
+    compile: str = field(default="auto", metadata=option(
+        HARDWARE, "torch.compile the frozen forward: auto (CPU, >= 20k images) | on | off"))
+    decode_cache_mb: float = field(default=2048.0, metadata=internal(
+        "a tuning knob of --decode-cache: --set or --config"))
     # machinery
-    seed: int = 0
-    precision: str = "auto"
-    device: str = "auto"
-    devices: int = 1  # per node
-    num_nodes: int = 1
-    dist_strategy: str = "auto"
-    feature_cache: str = "disk"
-    cache_dir: str | None = None
-    max_memory: str | None = None  # e.g. "8G": activation budget per pass; over it, batches are halved
-    progress: bool = True
-    report: bool = True
-    loggers: list[str] = field(default_factory=list)  # also log to: csv | tensorboard | mlflow (LOGGERS)
-    # fit temperature scaling on the val logits after training (evaluation/calibration.py); off: T = 1
-    calibrate: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    seed: int = field(default=0, metadata=option(TRAINING, "Random seed"))
+    precision: str = field(default="auto", metadata=option(HARDWARE, "auto | 32-true | bf16-mixed | 16-mixed"))
+    device: str = field(default="auto", metadata=option(HARDWARE, "auto | cpu | cuda | mps"))
+    devices: int = field(default=1, metadata=option(
+        HARDWARE, "Devices (processes) per node; >1 runs DDP/FSDP through Lightning"))
+    num_nodes: int = field(default=1, metadata=option(
+        HARDWARE, "Nodes (machines); launch with torchrun or SLURM srun, see README"))
+    dist_strategy: str = field(default="auto", metadata=option(
+        HARDWARE, "How fine-tuning spreads over devices: auto | ddp | fsdp (--strategy is the training recipe)"))
+    feature_cache: str = field(default="disk", metadata=option(HARDWARE, "disk | memory"))
+    cache_dir: str | None = field(default=None, metadata=option(
+        HARDWARE, "Feature cache directory", cli_type=Path | None))
+    max_memory: str | None = field(default=None, metadata=option(
+        HARDWARE, "Activation memory per pass, e.g. 8G; over it (or on out-of-memory) batches are halved"))
+    progress: bool = field(default=True, metadata=option(OUTPUT, "Progress bars on an interactive terminal"))
+    report: bool = field(default=True, metadata=option(OUTPUT, "Write report.html at the end"))
+    loggers: list[str] = field(default_factory=list, metadata=option(
+        TRACKING, "Also send the config, every epoch and the results to: csv | tensorboard | mlflow (repeatable or "
+        "comma-separated). The last two need pip install 'transferlab\\[tensorboard]' or 'transferlab\\[mlflow]'",
+        flags=("--logger",), metavar="NAME"))
+    calibrate: bool = field(default=True, metadata=option(
+        TRAINING, "Fit temperature scaling on the val logits after training (predict, evaluate and exports apply it)"))
+    extra: dict[str, Any] = field(default_factory=dict, metadata=internal("a free-form mapping: --config or --set"))
 
     def __post_init__(self) -> None:
         self.loggers = split_names(self.loggers)  # the API may pass "csv,tensorboard" as --logger takes it

@@ -31,7 +31,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from transferlab.data.images import PIXEL_LIMIT_REASONS, ImageError, load_image
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.abstain import DEFAULT_TARGET_PRECISION, Abstainer, AbstainOptions
 from transferlab.export.batch import label_entry
+from transferlab.export.limits import ServeLimits
 from transferlab.export.predictors import Predictor, load_predictor
 
 __all__ = ["ServeLimits", "create_app", "is_loopback", "serve"]
@@ -57,47 +58,6 @@ DECODE_THREADS = 2
 DRAIN_FACTOR = 4  # a refused body is read (and dropped) up to 4 x the upload limit, then the socket is closed
 RETRY_AFTER_S = 1  # a refused connection's slot frees as soon as another request is answered: a second, not minutes
 REFUSED_LINGER_S = 2.0  # how long a connection answered 429 is read from (and dropped) before it is closed
-
-
-@dataclass(frozen=True)
-class ServeLimits:
-    """What one request, and one client, may cost. Pixels: 50 MP covers every phone camera; 150 MB of RGB
-    once decoded."""
-
-    max_upload_mb: float = 20.0
-    max_files: int = 16
-    max_pixels: int = 50_000_000
-    max_batch: int = 32
-    top_k: int = 3
-    header_timeout: float = 10.0  # seconds for a request's headers to arrive (from connect, or the last response)
-    body_timeout: float = 60.0  # seconds for its body, from its headers: 20 MB at 2.8 Mbit/s
-    max_connections: int = 256  # open connections in all: 503 past it
-    # open connections per client IP (0: no limit): 429 past it, so one client cannot hold every connection
-    # while the others wait. None: an eighth of max_connections (32 of 256: room for a browser's 6 per host
-    # times several tabs, while it takes 8 clients at their cap to fill the server)
-    max_client_connections: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_client_connections is None and self.max_connections >= 1:
-            object.__setattr__(self, "max_client_connections", max(1, self.max_connections // 8))
-        rules = [("--max-upload-mb", self.max_upload_mb, self.max_upload_mb > 0, "a positive number"),
-                 ("--max-files", self.max_files, self.max_files >= 1, "at least 1"),
-                 ("--max-pixels", self.max_pixels, self.max_pixels >= 1, "at least 1"),
-                 ("--max-batch", self.max_batch, self.max_batch >= 1, "at least 1"),
-                 ("--top-k", self.top_k, self.top_k >= 1, "at least 1"),
-                 ("--header-timeout", self.header_timeout, self.header_timeout > 0, "a positive number of seconds"),
-                 ("--body-timeout", self.body_timeout, self.body_timeout > 0, "a positive number of seconds"),
-                 ("--max-connections", self.max_connections, self.max_connections >= 1, "at least 1"),
-                 ("--max-client-connections", self.max_client_connections,
-                  self.max_client_connections is not None and 0 <= self.max_client_connections <= self.max_connections,
-                  f"between 1 and --max-connections ({self.max_connections}), or 0 for no per-client limit")]
-        for option, value, ok, rule in rules:
-            if not ok:  # also catches NaN, which fails every comparison
-                raise TransferlabError(f"serve {option} must be {rule}; got {value}.")
-
-    @property
-    def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * 1024 * 1024)
 
 
 class RequestError(Exception):
