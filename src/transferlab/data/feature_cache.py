@@ -28,8 +28,8 @@ from transferlab.data.images import ImageError, file_digest
 from transferlab.data.sources import Sample
 from transferlab.data.threaded import threaded_batches
 from transferlab.data.transforms import EvalView
+from transferlab.io import load_tensors, save_tensors, tensor_metadata
 from transferlab.models.heads import features_only, head_slot
-from transferlab.training.io import load_tensors, save_tensors, tensor_metadata
 from transferlab.training.memory import AdaptiveBatch, activation_budget, forward_in_passes
 
 log = logging.getLogger("transferlab")

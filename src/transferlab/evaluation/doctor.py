@@ -296,7 +296,7 @@ class DoctorResult:
 
 def load_doctor(path: Path) -> dict[str, Any]:
     """A saved doctor.json (the ``to_dict()`` form)."""
-    from transferlab.training.io import read_json
+    from transferlab.io import read_json
 
     data = read_json(path)
     if not isinstance(data, dict) or data.get("format") != DOCTOR_FORMAT:
@@ -342,9 +342,9 @@ def run_doctor(cfg: TrainConfig, options: DoctorOptions, *, out: str | Path | No
     from transferlab import _runtime
     from transferlab.data.multilabel import refuse_multilabel
     from transferlab.data.sources import load_splits, require_data
+    from transferlab.io import ensure_writable_dir
     from transferlab.models.registry import resolve_backbone
     from transferlab.training.features import resolve_sizes
-    from transferlab.training.io import ensure_writable_dir
 
     options.validate()
     # the plain view alone: augmented views are for training the head, not for describing the data
@@ -455,7 +455,7 @@ def _image_sizes(paths: Sequence[Path], progress: bool) -> list[tuple[int, int] 
 
 
 def _write(result: DoctorResult, out_dir: Path) -> None:
-    from transferlab.training.io import atomic_write_json, atomic_write_text
+    from transferlab.io import atomic_write_json, atomic_write_text
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")

@@ -41,7 +41,7 @@ from transferlab.evaluation.multilabel_metrics import multilabel_metrics, worst_
 from transferlab.evaluation.predict import load_inference_model
 from transferlab.evaluation.samples import eval_data
 from transferlab.evaluation.tta import TTA_VIEWS, tta_logits
-from transferlab.training.io import atomic_write_json, read_json
+from transferlab.io import atomic_write_json, read_json
 from transferlab.training.memory import AdaptiveBatch, forward_in_passes
 
 __all__ = ["EVAL_FORMAT", "EvalResult", "eval_json_paths", "evaluate_run", "load_eval"]

@@ -26,8 +26,8 @@ def load_run_model(run: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     finite are refused."""
     import torch
 
+    from transferlab.io import load_tensors, read_json, tensor_shapes
     from transferlab.models.heads import build_classifier
-    from transferlab.training.io import load_tensors, read_json, tensor_shapes
 
     run = Path(run)
     if not run.exists():

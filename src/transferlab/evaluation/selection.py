@@ -185,7 +185,7 @@ def _evaluate_candidate(spec, splits, *, seed: int, device: str, autocast, cache
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
-    from transferlab.training.io import atomic_write_text
+    from transferlab.io import atomic_write_text
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
@@ -224,9 +224,9 @@ def select(
     from transferlab.data import feature_cache
     from transferlab.data.multilabel import refuse_multilabel
     from transferlab.data.sources import load_splits
+    from transferlab.io import atomic_write_json, ensure_writable_dir
     from transferlab.models.registry import resolve_backbone
     from transferlab.reporting.selection_plots import plot_learning_curves, plot_selection
-    from transferlab.training.io import atomic_write_json, ensure_writable_dir
 
     start = time.perf_counter()
     import_seconds = start - imports_start

@@ -135,7 +135,7 @@ def _load_cache(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _save_cache(path: Path, entries: Mapping[str, Any]) -> None:
-    from transferlab.training.io import atomic_write_json
+    from transferlab.io import atomic_write_json
 
     merged = {**_load_cache(path), **entries}  # another process may have measured others meanwhile
     try:

@@ -36,8 +36,8 @@ from torch import nn
 
 from transferlab.data.transforms import INTERPOLATIONS, Preprocessing
 from transferlab.errors import BackboneUnavailable
+from transferlab.io import weights_only_loads
 from transferlab.models import offline
-from transferlab.training.io import weights_only_loads
 
 __all__ = [
     "SOURCES",

@@ -40,6 +40,14 @@ from transferlab.data.multilabel import resolve_task
 from transferlab.data.sources import DataSplits, load_splits
 from transferlab.data.transforms import eval_transform, eval_view, train_transform
 from transferlab.errors import RunDirError, TransferlabError
+from transferlab.io import (
+    atomic_write_json,
+    atomic_write_text,
+    ensure_writable_dir,
+    load_tensors,
+    read_json,
+    save_tensors,
+)
 from transferlab.models.fold_bn import folded_for_inference
 from transferlab.models.heads import HeadConfig, build_classifier, head_slot
 from transferlab.models.param_groups import discriminative_param_groups, freeze_backbone, unfreeze
@@ -53,14 +61,6 @@ from transferlab.training.features import check_any_input_size, decoded_images, 
 from transferlab.training.finetune import FineTuneModule, TrainingDiverged
 from transferlab.training.gate import FrozenStageGate
 from transferlab.training.head_stage import selection_score, train_head
-from transferlab.training.io import (
-    atomic_write_json,
-    atomic_write_text,
-    ensure_writable_dir,
-    load_tensors,
-    read_json,
-    save_tensors,
-)
 from transferlab.training.memory import parse_size
 from transferlab.training.progressive import ProgressiveResize, progressive_sizes
 from transferlab.training.run_lock import RunLock

@@ -90,8 +90,8 @@ def _train_cell(run_dir: Path, status: str, data: str | Path, options: Mapping[s
     """Train or resume one cell, recording its peak memory beside it. Returns what was done."""
     from transferlab.config import TrainConfig
     from transferlab.evaluation.benchmark import PeakMemory
+    from transferlab.io import atomic_write_json
     from transferlab.training.run import train
-    from transferlab.training.io import atomic_write_json
 
     with PeakMemory(device) as peak:
         if status == "unfinished":
@@ -129,7 +129,7 @@ def _cell_row(run_dir: Path, backbone: str, strategy: str, status: str, device: 
     from transferlab import _runtime
     from transferlab.evaluation.benchmark import inference_cost
     from transferlab.evaluation.predict import load_run_model
-    from transferlab.training.io import read_json
+    from transferlab.io import read_json
 
     summary = read_json(run_dir / "summary.json")
     metrics = _read_metrics(run_dir / "metrics.csv")
@@ -168,8 +168,8 @@ def compare(
     from transferlab import _runtime
     from transferlab.config import TrainConfig
     from transferlab.errors import TransferlabError
+    from transferlab.io import atomic_write_json, ensure_writable_dir
     from transferlab.reporting.compare_report import plot_compare_accuracy, plot_compare_curves, write_compare_html
-    from transferlab.training.io import atomic_write_json, ensure_writable_dir
 
     names, strats = _split(backbones), _split(strategies)
     if not names or not strats:
