@@ -42,7 +42,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from transferlab import _runtime
 from transferlab.config import TrainConfig
-from transferlab.data.feature_cache import extract_features
+from transferlab.training.feature_cache import extract_features
 from transferlab.data.images import load_image
 from transferlab.data.sources import load_splits
 from transferlab.data.transforms import eval_transform

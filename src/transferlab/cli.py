@@ -36,7 +36,7 @@ from rich.table import Table
 from transferlab.config import TrainConfig
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.abstain import DEFAULT_TARGET_PRECISION
-from transferlab.logs import PLAIN_FORMAT, StderrHandler
+from transferlab.logs import PLAIN_FORMAT, StderrHandler, progress_bar
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
@@ -375,7 +375,7 @@ def predict(
         console.print(f"unknown below top probability {rule.threshold:.4f} ({escape(on_val)})")
 
     failures: list[dict] = []
-    with _progress_bar(progress, "predicting", lambda: count_inputs(inputs)) as advance:
+    with progress_bar(progress, "predicting", lambda: count_inputs(inputs)) as advance:
         def seen(entry: dict) -> None:
             advance()
             if "error" in entry:
@@ -424,30 +424,6 @@ def predict(
     if explain is not None:
         console.print(f"class-activation overlays → [bold]{escape(str(explain))}[/]")
     raise typer.Exit(1 if failures else 0)  # 1: some inputs could not be used (each one listed above)
-
-
-class _progress_bar:
-    """``with _progress_bar(on, label, total) as advance:`` a transient bar on an interactive stderr, else nothing
-    (logs and pipes get no control characters). `total` is a callable: counting is skipped when no bar shows."""
-
-    def __init__(self, enabled: bool, label: str, total) -> None:
-        self.enabled = enabled and console.is_terminal
-        self.label, self.total = label, total
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                            console=console, transient=True)
-        self.bar.__enter__()
-        task = self.bar.add_task(self.label, total=self.total())
-        return lambda: self.bar.advance(task)
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self.bar.__exit__(*exc)
 
 
 @app.command(rich_help_panel=_DATA_VERBS)

@@ -29,9 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import track
-
 from transferlab.data import multilabel
 from transferlab.data.images import (
     IMAGE_EXTENSIONS,
@@ -45,6 +42,8 @@ from transferlab.data.images import (
 )
 from transferlab.data.splits import SPLIT_ALIASES, SPLITS
 from transferlab.errors import DataError
+from transferlab.logs import progress_bar
+from transferlab.paths import is_hidden
 
 __all__ = [
     "LAYOUT_CLASS_FOLDERS",
@@ -64,7 +63,6 @@ LAYOUT_CLASS_FOLDERS = "class folders + val split"
 LAYOUT_CSV = "csv"
 LAYOUT_SHARDS = "webdataset shards"
 
-_IGNORED_DIRS = frozenset({"__MACOSX"})  # resource forks left by macOS zip archives
 _PROGRESS_MIN_FILES = 200
 _MAX_DUPLICATE_WARNINGS = 20
 _MAX_WORKERS = 4
@@ -350,10 +348,6 @@ def load_splits(
 # --- reading layouts ---------------------------------------------------------------------
 
 
-def _is_ignored(name: str) -> bool:
-    return name.startswith(".") or name in _IGNORED_DIRS
-
-
 def _subdirs(folder: Path) -> list[Path]:
     try:
         entries = list(folder.iterdir())
@@ -361,14 +355,14 @@ def _subdirs(folder: Path) -> list[Path]:
         raise DataError(
             f"Cannot read folder {folder}: {exc.strerror or exc}. Check permissions."
         ) from exc
-    return sorted(p for p in entries if not _is_ignored(p.name) and p.is_dir())
+    return sorted(p for p in entries if not is_hidden(p.name) and p.is_dir())
 
 
 def _loose_images(folder: Path) -> list[Path]:
     return sorted(
         p
         for p in folder.iterdir()
-        if not _is_ignored(p.name) and has_image_extension(p) and not p.is_dir()
+        if not is_hidden(p.name) and has_image_extension(p) and not p.is_dir()
     )
 
 
@@ -384,13 +378,13 @@ def _walk_images(folder: Path, found: _Found) -> list[Path]:
             dirnames[:] = []
             continue
         visited.add(real)
-        dirnames[:] = [name for name in dirnames if not _is_ignored(name) and not _is_loop(Path(dirpath, name), real, found)]
+        dirnames[:] = [name for name in dirnames if not is_hidden(name) and not _is_loop(Path(dirpath, name), real, found)]
         for name in filenames:
             path = Path(dirpath, name)
-            if not _is_ignored(name) and (reason := unsupported_format(path)):
+            if not is_hidden(name) and (reason := unsupported_format(path)):
                 found.skip(path, reason)
                 continue
-            if _is_ignored(name) or (path.suffix and not has_image_extension(path)):
+            if is_hidden(name) or (path.suffix and not has_image_extension(path)):
                 continue
             if not path.exists():
                 found.skip(path, "broken symlink")
@@ -621,13 +615,10 @@ def _inspect_all(
 
 
 def _with_progress(items: Iterable[Any], total: int) -> Iterator[Any]:
-    yield from track(
-        items,
-        total=total,
-        description="Checking images",
-        console=Console(stderr=True),
-        transient=True,
-    )
+    with progress_bar(True, "Checking images", total) as advance:
+        for item in items:
+            yield item
+            advance()
 
 
 def _display(path: Path, root: Path) -> str:

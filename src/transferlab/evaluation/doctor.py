@@ -410,10 +410,10 @@ def _frozen_features(cfg: TrainConfig, spec, train_pre, splits: DataSplits, acce
     import torch
 
     from transferlab import _runtime
-    from transferlab.data.feature_cache import cached_features, transform_tag, usable_cache_dir
     from transferlab.data.transforms import eval_transform
     from transferlab.models.heads import HeadConfig, build_classifier
     from transferlab.training import distributed
+    from transferlab.training.feature_cache import cached_features, transform_tag, usable_cache_dir
     from transferlab.training.features import frozen_features
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # as train: a random-init backbone is the same one

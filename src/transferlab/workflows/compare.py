@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import csv
 import logging
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from transferlab.paths import slug
 
 __all__ = ["COMPARE_COLUMNS", "CompareResult", "cell_dir", "cell_status", "compare"]
 
@@ -59,8 +60,7 @@ def _split(values: str | Iterable[str]) -> list[str]:
 
 def cell_dir(out_dir: Path, backbone: str, strategy: str) -> Path:
     """DIR/<backbone>__<strategy>; characters a folder name cannot hold become '-'."""
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", backbone).strip("-")
-    return Path(out_dir) / f"{slug}__{strategy}"
+    return Path(out_dir) / f"{slug(backbone)}__{strategy}"
 
 
 def cell_status(run_dir: Path) -> str:
