@@ -21,13 +21,13 @@ from transferlab.logs import api_logging
 if TYPE_CHECKING:  # the heavy stack (torch, Lightning) loads only when a command needs it
     from transferlab.evaluation.doctor import DoctorResult
     from transferlab.evaluation.evaluate import EvalResult
-    from transferlab.workflows.select import SelectionResult
     from transferlab.export.exporter import ExportResult
     from transferlab.recipes import Recipe
     from transferlab.training.lr_find import LRFindResult
     from transferlab.training.run import TrainResult
     from transferlab.workflows.compare import CompareResult
     from transferlab.workflows.recipe import RecipeResult
+    from transferlab.workflows.select import SelectionResult
 
 # The demo: the embedded default backbone on a real dataset that an installed package ships
 # (scikit-learn's 1 797 handwritten digits, upsampled). Measured choices (see README):

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
-__all__ = ["PLAIN_FORMAT", "StderrHandler", "api_logging", "progress_bar"]
+__all__ = ["PLAIN_FORMAT", "StderrHandler", "api_logging", "progress_bar", "tracked"]
 
 PLAIN_FORMAT = "%(levelname)-8s %(message)s"
+TRACKED_MIN_ITEMS = 200  # a bar over fewer quick items would only flicker
+
+T = TypeVar("T")
 
 
 class StderrHandler(logging.StreamHandler):
@@ -70,3 +74,11 @@ def progress_bar(enabled: bool, description: str, total: int | Callable[[], int]
                   console=console, transient=True) as bar:
         task = bar.add_task(description, total=total() if callable(total) else total)
         yield lambda n=1: bar.advance(task, n)
+
+
+def tracked(items: Iterable[T], enabled: bool, description: str, total: int) -> Iterator[T]:
+    """`items`, advancing a :func:`progress_bar` per item; no bar for fewer than TRACKED_MIN_ITEMS."""
+    with progress_bar(enabled and total > TRACKED_MIN_ITEMS, description, total) as advance:
+        for item in items:
+            yield item
+            advance()

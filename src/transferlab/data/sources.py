@@ -23,7 +23,7 @@ import os
 import random
 import stat
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +42,7 @@ from transferlab.data.images import (
 )
 from transferlab.data.splits import SPLIT_ALIASES, SPLITS
 from transferlab.errors import DataError
-from transferlab.logs import progress_bar
+from transferlab.logs import tracked
 from transferlab.paths import is_hidden
 
 __all__ = [
@@ -63,7 +63,6 @@ LAYOUT_CLASS_FOLDERS = "class folders + val split"
 LAYOUT_CSV = "csv"
 LAYOUT_SHARDS = "webdataset shards"
 
-_PROGRESS_MIN_FILES = 200
 _MAX_DUPLICATE_WARNINGS = 20
 _MAX_WORKERS = 4
 
@@ -609,16 +608,8 @@ def _inspect_all(
     workers = max(1, min(_MAX_WORKERS, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results: Iterable[tuple[str | None, str | None]] = pool.map(_inspect, paths)
-        if progress and len(paths) > _PROGRESS_MIN_FILES:
-            results = _with_progress(results, len(paths))
+        results = tracked(results, progress, "Checking images", len(paths))
         return dict(zip(paths, results, strict=True))
-
-
-def _with_progress(items: Iterable[Any], total: int) -> Iterator[Any]:
-    with progress_bar(True, "Checking images", total) as advance:
-        for item in items:
-            yield item
-            advance()
 
 
 def _display(path: Path, root: Path) -> str:

@@ -46,6 +46,7 @@ from transferlab.data.images import ImageError, image_size
 from transferlab.data.sources import DataSplits, Sample
 from transferlab.data.splits import SPLITS
 from transferlab.errors import RunDirError, TransferlabError
+from transferlab.logs import tracked
 
 __all__ = ["CHECKS", "CSV_COLUMNS", "DOCTOR_FORMAT", "DoctorOptions", "DoctorResult", "Finding", "cached_by", "doctor_run",
            "is_run_dir", "load_doctor", "run_doctor"]
@@ -57,7 +58,6 @@ CSV_COLUMNS = ["kind", "path", "score", "partner", "suggested_label", "split", "
 JSON_NAME, CSV_NAME = "doctor.json", "findings.csv"
 RUN_SUBDIR = "doctor"  # a run's doctor writes into RUN/doctor/
 _SIZE_WORKERS = 4  # image headers are read on a few threads (file system latency, not CPU)
-_PROGRESS_MIN_FILES = 200
 
 
 @dataclass(frozen=True)
@@ -445,12 +445,7 @@ def _image_sizes(paths: Sequence[Path], progress: bool) -> list[tuple[int, int] 
     workers = max(1, min(_SIZE_WORKERS, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(size, paths)
-        if progress and len(paths) > _PROGRESS_MIN_FILES:
-            from rich.console import Console
-            from rich.progress import track
-
-            results = track(results, total=len(paths), description="Reading image sizes",
-                            console=Console(stderr=True), transient=True)
+        results = tracked(results, progress, "Reading image sizes", len(paths))
         return list(results)
 
 
