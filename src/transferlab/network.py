@@ -1,12 +1,25 @@
-"""Can a host be reached? One bounded TCP connect per host and process, shared by the model registry
-(weights) and the public datasets (downloads), so both decide "offline" the same way."""
+"""Can a host be reached? The environment switches that say no, then one bounded TCP connect per host and
+process, shared by the model registry (weights) and the public datasets (downloads), so both decide
+"offline" the same way."""
 
 from __future__ import annotations
 
 import functools
+import os
 import socket
 import threading
 from urllib.parse import urlparse
+
+_TRUTHY = {"1", "true", "yes", "on"}
+
+
+def offline_by_env(names: tuple[str, ...] = ("TRANSFERLAB_OFFLINE",)) -> str | None:
+    """Which of the environment variables `names` forces offline, as "NAME=1 is set"; None when none does
+    (read on every call: a test or a caller may set them at any time)."""
+    for name in names:
+        if os.environ.get(name, "").strip().lower() in _TRUTHY:
+            return f"{name}=1 is set"
+    return None
 
 
 def address(url: str) -> tuple[str, int]:

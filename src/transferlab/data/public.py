@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from transferlab.errors import DataError
-from transferlab.network import address, probe
+from transferlab.network import address, offline_by_env, probe
 
 __all__ = ["DATASETS", "PublicDataset", "dataset_missing", "ensure_dataset", "missing_message", "offline_reason",
            "prepare_dataset"]
@@ -264,8 +264,8 @@ def dataset_missing(name: str, root: Path) -> list[str]:
 
 
 def offline_reason(urls: Sequence[str]) -> str | None:
-    if os.environ.get("TRANSFERLAB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
-        return "TRANSFERLAB_OFFLINE=1 is set"
+    if reason := offline_by_env():
+        return reason
     for url in urls:
         host, port = address(url)
         if not probe(host, port, 3.0):

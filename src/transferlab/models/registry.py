@@ -34,7 +34,7 @@ from transferlab.data.transforms import INTERPOLATIONS, Preprocessing
 from transferlab.errors import BackboneUnavailable
 from transferlab.io import weights_only_loads
 from transferlab.models import offline
-from transferlab.network import address, probe
+from transferlab.network import address, offline_by_env, probe
 
 __all__ = [
     "SOURCES",
@@ -51,7 +51,6 @@ log = logging.getLogger("transferlab")
 
 HF_HUB_PREFIX = "hf-hub:"
 TV_PREFIX = "tv:"
-_TRUTHY = {"1", "true", "yes", "on"}
 _OFFLINE_ENV_VARS = ("TRANSFERLAB_OFFLINE", "HF_HUB_OFFLINE")
 _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _MAX_LISTED = 25  # offline names quoted in an error message
@@ -116,10 +115,7 @@ class Source:
 
 
 def _env_offline() -> str | None:
-    for var in _OFFLINE_ENV_VARS:
-        if os.environ.get(var, "").strip().lower() in _TRUTHY:
-            return f"{var}=1 is set"
-    return None
+    return offline_by_env(_OFFLINE_ENV_VARS)
 
 
 def _hub_url() -> str:

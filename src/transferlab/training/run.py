@@ -853,8 +853,8 @@ def _cache_boundary(split: boundary.BoundarySplit, splits: DataSplits, cfg: Trai
     for k, n in (("train", len(splits.train)), ("val", len(splits.val))):
         if reuse[k] is not None and tuple(reuse[k].shape) != (n, *expected):
             reuse[k] = None  # not this split's activations (cannot happen in one run; never trust it blindly)
-    with progress_bar(cfg.progress, f"caching {split.cut}-stage boundary", (with_val and reuse["val"] is None)
-                      * len(splits.val) + (views + (reuse["train"] is None)) * len(splits.train)) as advance:
+    total = (with_val and reuse["val"] is None) * len(splits.val) + (views + (reuse["train"] is None)) * len(splits.train)
+    with progress_bar(cfg.progress, f"caching {split.cut}-stage boundary", total) as advance:
         val_x = reuse["val"]
         if val_x is None and with_val:
             val_x = boundary.cache_activations(bottom, val_ds, batch_size=batch, autocast=autocast, progress=advance)
