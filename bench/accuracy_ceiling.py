@@ -42,15 +42,15 @@ from torchvision.transforms.v2 import functional as TF
 
 from transferlab import _runtime
 from transferlab.config import TrainConfig
-from transferlab.data.feature_cache import extract_features
+from transferlab.training.feature_cache import extract_features
 from transferlab.data.images import load_image
 from transferlab.data.sources import load_splits
 from transferlab.data.transforms import eval_transform
+from transferlab.io import load_tensors
 from transferlab.models.heads import HEADS, HeadConfig, build_classifier
 from transferlab.models.param_groups import freeze_backbone
 from transferlab.models.registry import resolve_backbone
 from transferlab.training.head_stage import selection_score, train_head
-from transferlab.training.io import load_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 WISE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)

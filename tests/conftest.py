@@ -50,7 +50,7 @@ def isolated_home(tmp_path_factory, monkeypatch):
 @pytest.fixture
 def extraction_calls(monkeypatch) -> list[int]:
     """Spy on frozen-backbone passes: one entry (number of images) per `extract_features` call."""
-    from transferlab.data import feature_cache
+    from transferlab.training import feature_cache
 
     calls: list[int] = []
     real = feature_cache.extract_features

@@ -131,11 +131,11 @@ def disk_feature_cache(tmp_path: Path):
     the features, a function asking the cache again -> (features, hit)) — for the corrupt-cache guarantees."""
     from conftest import make_image_folder
 
-    from transferlab.data import feature_cache
     from transferlab.data.sources import load_splits
     from transferlab.data.transforms import eval_transform
     from transferlab.models.heads import HeadConfig, build_classifier
     from transferlab.models.registry import resolve_backbone
+    from transferlab.training import feature_cache
 
     data = make_image_folder(tmp_path / "data", per_class=(4, 2))
     samples = load_splits(data, progress=False).train

@@ -123,7 +123,7 @@ def test_boundary_run_fine_tunes_the_top_and_saves_a_model_that_evaluates_as_val
 
 
 def test_boundary_stage_moves_only_the_top_stages(tiny_data, tmp_path):
-    from transferlab.training.io import load_tensors
+    from transferlab.io import load_tensors
 
     run = transferlab.train(tiny_data, out=str(tmp_path / "run"),
                             **{**BOUNDARY, "boundary_stages": 1, "lr_finetune": 5e-2}).run_dir

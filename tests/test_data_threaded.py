@@ -14,9 +14,9 @@ from test_training import metrics_without_timings
 from torch.utils.data import DataLoader
 
 import transferlab
-from transferlab.data import feature_cache
 from transferlab.data.datasets import DecodedImages
 from transferlab.data.threaded import threaded_batches
+from transferlab.training import feature_cache
 
 
 class _Items:

@@ -11,9 +11,9 @@ from PIL import Image
 
 import transferlab
 from transferlab.config import TrainConfig
-from transferlab.data import feature_cache
 from transferlab.errors import TransferlabError
 from transferlab.models.registry import BackboneSpec, _timm_test_size, resolve_backbone
+from transferlab.training import feature_cache
 from transferlab.training.features import resolve_sizes
 
 

@@ -31,8 +31,8 @@ from guarantees import (
 from PIL import Image
 
 import transferlab
+from transferlab import io as io_module
 from transferlab.data.images import MAX_PIXELS, load_image
-from transferlab.training import io as io_module
 from transferlab.training.checkpoint import load_training_state
 from transferlab.training.finetune import FineTuneModule
 

@@ -14,11 +14,11 @@ import torch
 from conftest import make_image_folder
 from guarantees import cli, disk_feature_cache, png_bytes, png_claiming
 
-from transferlab.data import feature_cache
 from transferlab.data.sources import load_splits
 from transferlab.data.transforms import eval_transform
 from transferlab.models.heads import HeadConfig, build_classifier
 from transferlab.models.registry import resolve_backbone
+from transferlab.training import feature_cache
 
 # --- TorchScript export of the default backbone (timm's TF-'SAME' convolutions) -----------------------
 

@@ -14,7 +14,8 @@ from conftest import TINY, make_image_folder
 from guarantees import TINY_FLAGS, cli, read_metrics
 
 import transferlab
-from transferlab.training.memory import AdaptiveBatch, OutOfMemory, parse_size
+from transferlab.config import parse_size
+from transferlab.training.memory import AdaptiveBatch, OutOfMemory
 
 # dropout off and BatchNorm statistics frozen: then splitting a batch changes nothing but float rounding
 EXACT = {**TINY, "head_dropout": 0.0, "bn": "eval", "epochs_frozen": 1}

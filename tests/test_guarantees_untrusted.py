@@ -19,8 +19,8 @@ from guarantees import cli, disk_feature_cache
 from safetensors.torch import save_file
 
 import transferlab
-from transferlab.data import feature_cache
 from transferlab.models.registry import create_backbone, resolve_backbone
+from transferlab.training import feature_cache
 from transferlab.training.checkpoint import tensors_path
 
 SRC = Path(transferlab.__file__).parent

@@ -1,5 +1,5 @@
-"""The package's modules form layers: no import circle, counting imports inside functions, and every
-module imports on its own."""
+"""The package's modules form layers: none imports from a layer above its own, there is no import circle
+(imports inside functions counted), and every module imports on its own."""
 
 from __future__ import annotations
 
@@ -11,6 +11,27 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+
+# Lowest first. A module may import from its own layer and the layers below, never from one above. A name
+# claims a module or a whole subpackage (relative to transferlab; "" is the package itself); the longest
+# claim wins, so one module can sit above the rest of its folder.
+LAYERS: list[tuple[str, ...]] = [
+    ("_version", "errors", "_testing", "_runtime", "io", "paths", "network", "logs"),
+    ("data",),
+    ("models",),
+    ("config",),
+    ("recipes",),
+    ("training",),
+    ("evaluation",),
+    ("reporting", "export"),
+    ("classifier",),
+    # training.run is the train workflow (it ends by evaluating, writing the report and returning a
+    # Classifier), and training.lr_find_run the lr-find workflow built from its stages
+    ("workflows", "training.run", "training.lr_find_run"),
+    ("api",),
+    ("cli",),
+    ("", "__main__"),
+]
 
 
 def _modules() -> dict[str, Path]:
@@ -46,6 +67,25 @@ def _imported(module: str, path: Path, mods: dict[str, Path]) -> set[str]:
             if name in mods and name != module and name.startswith("transferlab"):
                 targets.add(name)
     return targets
+
+
+def _layer(module: str) -> int | None:
+    """The index in LAYERS of the longest claim on `module`; None when nothing claims it."""
+    rel = module.removeprefix("transferlab").removeprefix(".")
+    claims = [(len(claim), i) for i, names in enumerate(LAYERS) for claim in names
+              if rel == claim or (claim and rel.startswith(f"{claim}."))]
+    return max(claims)[1] if claims else None
+
+
+def _upward(edges: dict[str, set[str]]) -> list[str]:
+    """Every import of a module from a layer above its own, as 'a imports b (layer i < j)'."""
+    found = []
+    for module in sorted(edges):
+        for target in sorted(edges[module]):
+            low, high = _layer(module), _layer(target)
+            if low is not None and high is not None and high > low:
+                found.append(f"{module} imports {target} (layer {low} < {high}: {LAYERS[high]})")
+    return found
 
 
 def _circles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -89,6 +129,33 @@ def test_no_import_circle_counting_imports_inside_functions():
     circles = _circles(edges)
     detail = "; ".join(" -> ".join(f"{m} imports {sorted(edges[m] & set(c))}" for m in c) for c in circles)
     assert not circles, f"import circles: {detail}"
+
+
+def test_every_module_has_a_layer():
+    unclaimed = sorted(m for m in _modules() if _layer(m) is None)
+    assert not unclaimed, f"place these modules in LAYERS: {unclaimed}"
+
+
+def test_no_module_imports_from_a_layer_above_its_own():
+    mods = _modules()
+    upward = _upward({m: _imported(m, p, mods) for m, p in mods.items()})
+    assert not upward, "imports from a higher layer:\n" + "\n".join(upward)
+
+
+def test_the_layer_check_names_an_import_hidden_in_a_function(tmp_path):
+    source = tmp_path / "lister.py"
+    source.write_text("def f():\n    from transferlab.training import run\n    return run\n", encoding="utf-8")
+    mods = {**_modules(), "transferlab.data.lister": source}
+    edges = {"transferlab.data.lister": _imported("transferlab.data.lister", source, mods)}
+    assert edges["transferlab.data.lister"] == {"transferlab.training.run"}
+    run_layer = _layer("transferlab.training.run")
+    expected = f"transferlab.data.lister imports transferlab.training.run (layer 1 < {run_layer}: {LAYERS[run_layer]})"
+    assert _upward(edges) == [expected]
+
+
+def test_a_longer_claim_lifts_one_module_above_its_folder():
+    assert _layer("transferlab.training.memory") < _layer("transferlab.classifier") < _layer("transferlab.training.run")
+    assert _layer("transferlab") == len(LAYERS) - 1 and _layer("transferlab.nowhere") is None
 
 
 def test_the_check_sees_a_circle_hidden_in_a_function():

@@ -86,9 +86,9 @@ def test_predict_and_evaluate_run_the_folded_model(tiny_run):
 
 
 def test_the_feature_pass_folds_a_copy_and_leaves_the_training_model_and_the_rng_alone(tiny_data, monkeypatch):
-    from transferlab.data import feature_cache
     from transferlab.data.sources import load_splits
     from transferlab.data.transforms import eval_transform
+    from transferlab.training import feature_cache
 
     model = _with_trained_statistics(build_classifier(resolve_backbone("test_efficientnet", pretrained=False, img_size=32),
                                                       2, HeadConfig()))

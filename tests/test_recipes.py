@@ -245,7 +245,7 @@ def test_cifar10_recipe_trains_its_real_resnet18_with_the_mlp_head(tmp_path):
     assert meta["backbone"]["name"] == "tv:resnet18"
     assert meta["head"] == {"kind": "mlp", "hidden": 256, "dropout": 0.0}  # Linear(512,256)-ReLU-Linear(256,N)
     assert meta["preprocessing"]["crop_mode"] == "squash"
-    from transferlab.training.io import load_tensors
+    from transferlab.io import load_tensors
 
     shapes = {k: tuple(v.shape) for k, v in load_tensors(result.out_dir / "model.safetensors").items()
               if k.startswith("fc.head")}

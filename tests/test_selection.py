@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import transferlab
 from transferlab.cli import app
 from transferlab.evaluation.probe import cv_folds, learning_curve, learning_curve_sizes, linear_probe
-from transferlab.evaluation.selection import SELECTION_COLUMNS, candidate_names, pareto_front, rank_candidates
+from transferlab.workflows.select import SELECTION_COLUMNS, candidate_names, pareto_front, rank_candidates
 
 SELECT = {"pretrained": False, "img_size": 32, "progress": False}
 

@@ -210,7 +210,7 @@ def test_progressive_resizing_without_a_frozen_stage_does_not_warn(tiny_data, tm
 
 
 def test_compile_auto_only_for_large_cpu_passes():
-    from transferlab.data.feature_cache import COMPILE_MIN_IMAGES, should_compile
+    from transferlab.training.feature_cache import COMPILE_MIN_IMAGES, should_compile
 
     assert not should_compile("auto", "cpu", COMPILE_MIN_IMAGES - 1)
     assert should_compile("auto", "cpu", COMPILE_MIN_IMAGES)
@@ -224,11 +224,11 @@ def test_compiled_extraction_pads_the_last_batch_and_falls_back_to_eager_when_co
     equal to the eager ones, with a warning."""
     import torch
 
-    from transferlab.data import feature_cache
     from transferlab.data.sources import load_splits
     from transferlab.data.transforms import Preprocessing, eval_transform
     from transferlab.models.heads import HeadConfig, build_classifier
     from transferlab.models.registry import resolve_backbone
+    from transferlab.training import feature_cache
 
     def broken_compile(model, **kwargs):
         def fail(x):

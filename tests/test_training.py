@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import transferlab
 from transferlab.config import TrainConfig
-from transferlab.data import feature_cache
+from transferlab.training import feature_cache
 from transferlab.training import run as run_module
 from transferlab.training.checkpoint import load_training_state
 

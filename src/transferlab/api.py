@@ -22,13 +22,13 @@ from transferlab.logs import api_logging
 if TYPE_CHECKING:  # the heavy stack (torch, Lightning) loads only when a command needs it
     from transferlab.evaluation.doctor import DoctorResult
     from transferlab.evaluation.evaluate import EvalResult
-    from transferlab.evaluation.selection import SelectionResult
     from transferlab.export.exporter import ExportResult
     from transferlab.recipes import Recipe
     from transferlab.training.lr_find import LRFindResult
     from transferlab.training.run import TrainResult
     from transferlab.workflows.compare import CompareResult
     from transferlab.workflows.recipe import RecipeResult
+    from transferlab.workflows.select import SelectionResult
 
 # The demo: the embedded default backbone on a real dataset that an installed package ships
 # (scikit-learn's 1 797 handwritten digits, upsampled). Measured choices (see README):
@@ -289,8 +289,8 @@ def select(data: str | Path, backbones: str | Iterable[str] | None = None, **opt
     """Rank candidate backbones on `data` by linear-probe accuracy on frozen features (one forward pass
     per image, shared with training's feature cache), with latency, memory and a Pareto front; recommend
     the best within `budget_ms`. Options: max_params, search, budget_ms, out, pretrained, img_size,
-    val_split, seed, device, precision, batch_size, cache_dir, progress (see evaluation.selection.select)."""
-    from transferlab.evaluation.selection import select as _select
+    val_split, seed, device, precision, batch_size, cache_dir, progress (see workflows.select.select)."""
+    from transferlab.workflows.select import select as _select
 
     return _select(data, backbones, **options)
 

@@ -44,7 +44,7 @@ from transferlab.evaluation.doctor import DoctorOptions
 from transferlab.export.bench_infer import RUNTIMES
 from transferlab.export.bench_infer import bench_infer as bench_infer_run
 from transferlab.export.limits import ServeLimits
-from transferlab.logs import PLAIN_FORMAT, StderrHandler
+from transferlab.logs import PLAIN_FORMAT, StderrHandler, progress_bar
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
@@ -350,7 +350,7 @@ def predict(
         console.print(f"unknown below top probability {rule.threshold:.4f} ({escape(on_val)})")
 
     failures: list[dict] = []
-    with _progress_bar(progress, "predicting", lambda: count_inputs(inputs)) as advance:
+    with progress_bar(progress, "predicting", lambda: count_inputs(inputs)) as advance:
         def seen(entry: dict) -> None:
             advance()
             if "error" in entry:
@@ -401,33 +401,8 @@ def predict(
     raise typer.Exit(1 if failures else 0)  # 1: some inputs could not be used (each one listed above)
 
 
-class _progress_bar:
-    """``with _progress_bar(on, label, total) as advance:`` a transient bar on an interactive stderr, else nothing
-    (logs and pipes get no control characters). `total` is a callable: counting is skipped when no bar shows."""
-
-    def __init__(self, enabled: bool, label: str, total) -> None:
-        self.enabled = enabled and console.is_terminal
-        self.label, self.total = label, total
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                            console=console, transient=True)
-        self.bar.__enter__()
-        task = self.bar.add_task(self.label, total=self.total())
-        return lambda: self.bar.advance(task)
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self.bar.__exit__(*exc)
-
-
 _MODELS = _defaults(api.list_models)
 MODEL_ROWS = 50  # `models` rows a terminal shows before it says how many more match; --json has all
-
 
 @app.command(rich_help_panel=_DATA_VERBS)
 def models(

@@ -74,6 +74,23 @@ def parse_duration(text: str | float) -> float:
     return seconds
 
 
+SIZE_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'8G', '512M', '1.5GiB', '800MB', 123456 → bytes (binary units); None/'' → None."""
+    import re
+
+    if text is None or text == "":
+        return None
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:I?B)?\s*", str(text).upper())
+    if not match or float(match[1]) <= 0:
+        raise ValueError(f"max_memory '{text}' is not a size such as 8G, 512M or 1.5GB")
+    return int(float(match[1]) * SIZE_UNITS[match[2]])
+
+
 def split_names(values: str | Iterable[str] | None) -> list[str]:
     """'a,b' or ['a', 'b,c'] (a repeated option, each maybe a comma list) -> ['a', 'b', 'c']: stripped,
     empty items dropped, first occurrence kept."""
@@ -307,9 +324,8 @@ class TrainConfig:
             bad("val_split must be between 0 and 1")
         if self.batch_size < 1:
             bad("batch_size must be >= 1")
-        from transferlab.data.multilabel import check_task
+        from transferlab.data.multilabel import check_rule, check_task
         from transferlab.errors import DataError
-        from transferlab.training.thresholds import check_rule
 
         try:
             check_task(self.task, self.label_sep)
@@ -363,8 +379,6 @@ class TrainConfig:
         if self.eval_size is not None and not 16 <= self.eval_size <= MAX_INPUT_SIZE:
             bad(f"eval_size must be from 16 to {MAX_INPUT_SIZE} pixels")
         if self.max_memory is not None:
-            from transferlab.training.memory import parse_size
-
             try:
                 parse_size(self.max_memory)
             except ValueError as exc:
@@ -428,7 +442,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: Path) -> None:
-        from transferlab.training.io import atomic_write_text
+        from transferlab.io import atomic_write_text
 
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 

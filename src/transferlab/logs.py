@@ -1,4 +1,5 @@
-"""Where transferlab's log lines go: the CLI's plain stderr handler, and the Python API's own progress lines.
+"""Where transferlab's log lines and progress bars go: the CLI's plain stderr handler, the Python API's own
+progress lines, and the one progress bar every long loop shows.
 
 A library should not configure logging for its caller, so the API adds its handler only when nobody has
 configured any (no handler on the "transferlab" logger nor on the root), and only for the call; a caller
@@ -9,12 +10,16 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
-__all__ = ["PLAIN_FORMAT", "StderrHandler", "api_logging"]
+__all__ = ["PLAIN_FORMAT", "StderrHandler", "api_logging", "progress_bar", "tracked"]
 
 PLAIN_FORMAT = "%(levelname)-8s %(message)s"
+TRACKED_MIN_ITEMS = 200  # a bar over fewer quick items would only flicker
+
+T = TypeVar("T")
 
 
 class StderrHandler(logging.StreamHandler):
@@ -50,3 +55,30 @@ def api_logging(verbose: bool) -> Iterator[None]:
         if added is not None:
             logger.removeHandler(added)
         logger.setLevel(level)
+
+
+@contextmanager
+def progress_bar(enabled: bool, description: str, total: int | Callable[[], int]) -> Iterator[Callable[..., None]]:
+    """``with progress_bar(on, "evaluating", n) as advance: ... advance(k)``: a transient bar (description,
+    bar, done/total, time left) on an interactive stderr, else nothing, so logs and pipes get no control
+    characters. `total` may be a callable: counting is skipped when no bar shows."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not (enabled and console.is_terminal):
+        yield lambda n=1: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task(description, total=total() if callable(total) else total)
+        yield lambda n=1: bar.advance(task, n)
+
+
+def tracked(items: Iterable[T], enabled: bool, description: str, total: int) -> Iterator[T]:
+    """`items`, advancing a :func:`progress_bar` per item; no bar for fewer than TRACKED_MIN_ITEMS."""
+    with progress_bar(enabled and total > TRACKED_MIN_ITEMS, description, total) as advance:
+        for item in items:
+            yield item
+            advance()

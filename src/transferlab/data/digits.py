@@ -6,13 +6,14 @@ train end to end without any download, through exactly the same folder loader as
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from transferlab.paths import home
 
 __all__ = ["DIGITS_COUNT", "default_datasets_root", "materialize_digits"]
 
@@ -23,8 +24,7 @@ _MARKER = ".complete"  # hidden, so the folder loader ignores it
 
 def default_datasets_root() -> Path:
     """``$TRANSFERLAB_HOME/datasets``, defaulting to ``~/.cache/transferlab/datasets``."""
-    home = os.environ.get("TRANSFERLAB_HOME") or "~/.cache/transferlab"
-    return Path(home).expanduser() / "datasets"
+    return home() / "datasets"
 
 
 def _is_complete(folder: Path) -> bool:

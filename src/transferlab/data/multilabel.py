@@ -20,7 +20,7 @@ from pathlib import Path
 from transferlab.errors import DataError
 
 __all__ = ["DEFAULT_THRESHOLD", "LABEL_COLUMNS", "LABEL_SEPARATORS", "MIN_POSITIVES", "MULTILABEL", "SINGLE", "TASKS",
-           "check_task", "detect_separator", "few_positives", "holdout_split", "is_multilabel_model", "label_column",
+           "check_rule", "check_task", "detect_separator", "few_positives", "holdout_split", "is_multilabel_model", "label_column",
            "model_thresholds", "read_label_cells", "refuse_multilabel", "resolve_task", "split_cell"]
 
 TASKS = ("auto", "single", "multilabel")
@@ -76,6 +76,20 @@ def check_task(task: str, label_sep: str | None) -> None:
                         f"(e.g. ';' or '|'), got {label_sep!r}.")
     if label_sep is not None and task == SINGLE:
         raise DataError("--label-sep splits several labels per image: it needs --task multilabel (or auto).")
+
+
+def check_rule(rule: str) -> str | None:
+    """Why `rule` is not a threshold rule (None when it is): 'f1' or 'precision:P' with 0 < P <= 1."""
+    if rule == "f1":
+        return None
+    kind, _, value = rule.partition(":")
+    try:
+        target = float(value)
+    except ValueError:
+        target = -1.0
+    if kind != "precision" or not 0.0 < target <= 1.0:
+        return f"thresholds '{rule}' is not 'f1' or 'precision:P' with P in (0, 1], e.g. precision:0.9"
+    return None
 
 
 def resolve_task(task: str, data: str | Path, label_sep: str | None = None) -> tuple[str, str | None]:

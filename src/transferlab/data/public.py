@@ -23,11 +23,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 
 from transferlab.errors import DataError
+from transferlab.network import address, offline_by_env, probe
 
 __all__ = ["DATASETS", "PublicDataset", "dataset_missing", "ensure_dataset", "missing_message", "offline_reason",
            "prepare_dataset"]
@@ -264,15 +264,12 @@ def dataset_missing(name: str, root: Path) -> list[str]:
 
 
 def offline_reason(urls: Sequence[str]) -> str | None:
-    if os.environ.get("TRANSFERLAB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
-        return "TRANSFERLAB_OFFLINE=1 is set"
-    from transferlab.models.registry import _probe  # one bounded TCP connect, cached per process
-
+    if reason := offline_by_env():
+        return reason
     for url in urls:
-        parts = urlparse(url)
-        port = parts.port or (80 if parts.scheme == "http" else 443)
-        if not _probe(parts.hostname or "", port, 3.0):
-            return f"{parts.hostname} cannot be reached"
+        host, port = address(url)
+        if not probe(host, port, 3.0):
+            return f"{host} cannot be reached"
     return None
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from transferlab.data.sources import load_splits
 from transferlab.data.storage import SHARD_SUFFIX, member_bytes
 from transferlab.errors import DataError
-from transferlab.training.io import atomic_write_json
+from transferlab.io import atomic_write_json
 
 __all__ = ["write_shards"]
 

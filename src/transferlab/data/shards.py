@@ -26,6 +26,7 @@ from transferlab.data.images import has_image_extension
 from transferlab.data.splits import SPLIT_ALIASES
 from transferlab.data.storage import SHARD_SUFFIX, member_bytes, shard_index
 from transferlab.errors import DataError
+from transferlab.paths import is_hidden
 
 log = logging.getLogger("transferlab")
 
@@ -74,7 +75,7 @@ def _children(folder: Path) -> list[Path]:
 
 
 def _shards_in(folder: Path) -> list[Path]:
-    return [p for p in _children(folder) if p.is_file() and p.suffix.lower() == SHARD_SUFFIX]
+    return [p for p in _children(folder) if p.is_file() and p.suffix.lower() == SHARD_SUFFIX and not is_hidden(p)]
 
 
 def shard_lists(data: str | Path) -> dict[str, list[Path]]:

@@ -23,14 +23,11 @@ import os
 import random
 import stat
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from rich.console import Console
-from rich.progress import track
 
 from transferlab.data import multilabel
 from transferlab.data.images import (
@@ -45,6 +42,8 @@ from transferlab.data.images import (
 )
 from transferlab.data.splits import SPLIT_ALIASES, SPLITS
 from transferlab.errors import DataError
+from transferlab.logs import tracked
+from transferlab.paths import is_hidden
 
 __all__ = [
     "LAYOUT_CLASS_FOLDERS",
@@ -64,8 +63,6 @@ LAYOUT_CLASS_FOLDERS = "class folders + val split"
 LAYOUT_CSV = "csv"
 LAYOUT_SHARDS = "webdataset shards"
 
-_IGNORED_DIRS = frozenset({"__MACOSX"})  # resource forks left by macOS zip archives
-_PROGRESS_MIN_FILES = 200
 _MAX_DUPLICATE_WARNINGS = 20
 _MAX_WORKERS = 4
 
@@ -350,10 +347,6 @@ def load_splits(
 # --- reading layouts ---------------------------------------------------------------------
 
 
-def _is_ignored(name: str) -> bool:
-    return name.startswith(".") or name in _IGNORED_DIRS
-
-
 def _subdirs(folder: Path) -> list[Path]:
     try:
         entries = list(folder.iterdir())
@@ -361,14 +354,14 @@ def _subdirs(folder: Path) -> list[Path]:
         raise DataError(
             f"Cannot read folder {folder}: {exc.strerror or exc}. Check permissions."
         ) from exc
-    return sorted(p for p in entries if not _is_ignored(p.name) and p.is_dir())
+    return sorted(p for p in entries if not is_hidden(p.name) and p.is_dir())
 
 
 def _loose_images(folder: Path) -> list[Path]:
     return sorted(
         p
         for p in folder.iterdir()
-        if not _is_ignored(p.name) and has_image_extension(p) and not p.is_dir()
+        if not is_hidden(p.name) and has_image_extension(p) and not p.is_dir()
     )
 
 
@@ -384,13 +377,13 @@ def _walk_images(folder: Path, found: _Found) -> list[Path]:
             dirnames[:] = []
             continue
         visited.add(real)
-        dirnames[:] = [name for name in dirnames if not _is_ignored(name) and not _is_loop(Path(dirpath, name), real, found)]
+        dirnames[:] = [name for name in dirnames if not is_hidden(name) and not _is_loop(Path(dirpath, name), real, found)]
         for name in filenames:
             path = Path(dirpath, name)
-            if not _is_ignored(name) and (reason := unsupported_format(path)):
+            if not is_hidden(name) and (reason := unsupported_format(path)):
                 found.skip(path, reason)
                 continue
-            if _is_ignored(name) or (path.suffix and not has_image_extension(path)):
+            if is_hidden(name) or (path.suffix and not has_image_extension(path)):
                 continue
             if not path.exists():
                 found.skip(path, "broken symlink")
@@ -615,19 +608,8 @@ def _inspect_all(
     workers = max(1, min(_MAX_WORKERS, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results: Iterable[tuple[str | None, str | None]] = pool.map(_inspect, paths)
-        if progress and len(paths) > _PROGRESS_MIN_FILES:
-            results = _with_progress(results, len(paths))
+        results = tracked(results, progress, "Checking images", len(paths))
         return dict(zip(paths, results, strict=True))
-
-
-def _with_progress(items: Iterable[Any], total: int) -> Iterator[Any]:
-    yield from track(
-        items,
-        total=total,
-        description="Checking images",
-        console=Console(stderr=True),
-        transient=True,
-    )
 
 
 def _display(path: Path, root: Path) -> str:

@@ -2,7 +2,7 @@
 
 Latency is the median of timed forward passes after warm-up (the first calls pay for allocator growth,
 oneDNN kernel selection, CUDA context set-up), on a random input at the model's real size, in the
-precision and memory format feature extraction uses (see ``data/feature_cache.extract_features``).
+precision and memory format feature extraction uses (see ``training/feature_cache.extract_features``).
 
 Memory is the weights plus the peak the forward pass adds on top of them:
   * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.

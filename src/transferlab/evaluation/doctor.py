@@ -46,6 +46,7 @@ from transferlab.data.images import ImageError, image_size
 from transferlab.data.sources import DataSplits, Sample
 from transferlab.data.splits import SPLITS
 from transferlab.errors import RunDirError, TransferlabError
+from transferlab.logs import tracked
 
 __all__ = ["CHECKS", "CSV_COLUMNS", "DOCTOR_FORMAT", "DoctorOptions", "DoctorResult", "Finding", "cached_by", "doctor_run",
            "is_run_dir", "load_doctor", "run_doctor"]
@@ -57,7 +58,6 @@ CSV_COLUMNS = ["kind", "path", "score", "partner", "suggested_label", "split", "
 JSON_NAME, CSV_NAME = "doctor.json", "findings.csv"
 RUN_SUBDIR = "doctor"  # a run's doctor writes into RUN/doctor/
 _SIZE_WORKERS = 4  # image headers are read on a few threads (file system latency, not CPU)
-_PROGRESS_MIN_FILES = 200
 
 
 @dataclass(frozen=True)
@@ -296,7 +296,7 @@ class DoctorResult:
 
 def load_doctor(path: Path) -> dict[str, Any]:
     """A saved doctor.json (the ``to_dict()`` form)."""
-    from transferlab.training.io import read_json
+    from transferlab.io import read_json
 
     data = read_json(path)
     if not isinstance(data, dict) or data.get("format") != DOCTOR_FORMAT:
@@ -342,9 +342,9 @@ def run_doctor(cfg: TrainConfig, options: DoctorOptions, *, out: str | Path | No
     from transferlab import _runtime
     from transferlab.data.multilabel import refuse_multilabel
     from transferlab.data.sources import load_splits, require_data
+    from transferlab.io import ensure_writable_dir
     from transferlab.models.registry import resolve_backbone
     from transferlab.training.features import resolve_sizes
-    from transferlab.training.io import ensure_writable_dir
 
     options.validate()
     # the plain view alone: augmented views are for training the head, not for describing the data
@@ -410,10 +410,10 @@ def _frozen_features(cfg: TrainConfig, spec, train_pre, splits: DataSplits, acce
     import torch
 
     from transferlab import _runtime
-    from transferlab.data.feature_cache import cached_features, transform_tag, usable_cache_dir
     from transferlab.data.transforms import eval_transform
     from transferlab.models.heads import HeadConfig, build_classifier
     from transferlab.training import distributed
+    from transferlab.training.feature_cache import cached_features, transform_tag, usable_cache_dir
     from transferlab.training.features import frozen_features
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # as train: a random-init backbone is the same one
@@ -445,17 +445,12 @@ def _image_sizes(paths: Sequence[Path], progress: bool) -> list[tuple[int, int] 
     workers = max(1, min(_SIZE_WORKERS, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(size, paths)
-        if progress and len(paths) > _PROGRESS_MIN_FILES:
-            from rich.console import Console
-            from rich.progress import track
-
-            results = track(results, total=len(paths), description="Reading image sizes",
-                            console=Console(stderr=True), transient=True)
+        results = tracked(results, progress, "Reading image sizes", len(paths))
         return list(results)
 
 
 def _write(result: DoctorResult, out_dir: Path) -> None:
-    from transferlab.training.io import atomic_write_json, atomic_write_text
+    from transferlab.io import atomic_write_json, atomic_write_text
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,8 @@ from transferlab.evaluation.multilabel_metrics import multilabel_metrics, worst_
 from transferlab.evaluation.predict import load_inference_model
 from transferlab.evaluation.samples import eval_data
 from transferlab.evaluation.tta import TTA_VIEWS, tta_logits
-from transferlab.training.io import atomic_write_json, read_json
+from transferlab.io import atomic_write_json, read_json
+from transferlab.logs import progress_bar
 from transferlab.training.memory import AdaptiveBatch, forward_in_passes
 
 __all__ = ["EVAL_FORMAT", "EvalResult", "eval_json_paths", "evaluate_run", "load_eval"]
@@ -206,7 +206,7 @@ def evaluate_run(
     plain, averaged, kept = [], [], []
     passes = AdaptiveBatch("evaluation")
     skipped = list(chosen.skipped)
-    with _progress_bar(len(chosen.samples), enabled=progress) as advance:
+    with progress_bar(progress, "evaluating", len(chosen.samples)) as advance:
         offset = 0
         for batch, reasons in loader:
             ok = [i for i, r in enumerate(reasons) if not r]
@@ -287,18 +287,3 @@ def _store_calibration(meta_path: Path, meta: dict[str, Any], record: dict[str, 
     if "note" in record:
         log.info("calibration: %s", record["note"])
     return record
-
-
-@contextmanager
-def _progress_bar(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """A transient rich bar on stderr; yields advance(n). Disabled: a no-op."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("[bold]evaluating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("eval", total=total)
-        yield lambda n: bar.advance(task, n)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from transferlab.data.transforms import Preprocessing, eval_view
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.predict import load_inference_model
 from transferlab.models.heads import HeadNotFound, head_slot
+from transferlab.paths import slug
 
 __all__ = ["EXTRACTORS", "CamExplainer", "ExplainError", "TargetLayer", "check_method", "explain_entries",
            "explain_evaluation", "find_target_layer", "overlay_file_name", "overlay_folder", "render_overlay"]
@@ -216,8 +216,8 @@ def render_overlay(pixels: torch.Tensor | np.ndarray, heatmap: np.ndarray, capti
 
 def overlay_file_name(source: str | None, label: str, probability: float, taken: set[str]) -> str:
     """``<image stem>.<label>.<percent>.png``, made file-safe, and unique among `taken` (which it joins)."""
-    stem = re.sub(r"[^\w.-]+", "_", Path(source).stem if source else "image").strip("._") or "image"
-    safe_label = re.sub(r"[^\w.-]+", "_", label).strip("._") or "label"
+    stem = slug(Path(source).stem if source else "image", "image")
+    safe_label = slug(label, "label")
     base = f"{stem}.{safe_label}.{round(100 * probability)}pct"
     name, n = f"{base}.png", 1
     while name in taken:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from transferlab.data.images import IMAGE_EXTENSIONS
 from transferlab.errors import RunDirError
+from transferlab.paths import is_hidden
 
 if TYPE_CHECKING:
     import torch
@@ -26,8 +27,8 @@ def load_run_model(run: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     finite are refused."""
     import torch
 
+    from transferlab.io import load_tensors, read_json, tensor_shapes
     from transferlab.models.heads import build_classifier
-    from transferlab.training.io import load_tensors, read_json, tensor_shapes
 
     run = Path(run)
     if not run.exists():
@@ -125,7 +126,8 @@ def expand_inputs(inputs: Iterable[str | Path]) -> Iterator[tuple[Path, str | No
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                           and not any(is_hidden(part) for part in f.relative_to(p).parts))
             if not files:
                 yield p, "folder holds no images"
             yield from ((f, None) for f in files)

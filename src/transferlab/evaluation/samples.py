@@ -14,7 +14,6 @@ Two sources:
 from __future__ import annotations
 
 import csv
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from transferlab.data.images import has_image_extension
 from transferlab.data.sources import LAYOUT_SPLIT_FOLDERS, Sample, load_splits
 from transferlab.data.splits import SPLITS, split_folder_names
 from transferlab.errors import DataError, RunDirError
+from transferlab.paths import is_hidden, slug
 
 __all__ = ["EvalData", "eval_data"]
 
@@ -80,7 +80,7 @@ def eval_data(run_dir: Path, classes: Sequence[str], data: str | Path | None = N
     if split_used == ALL:
         warnings.append(f"{path} has no split folders or split column: all {len(pairs)} images are evaluated")
     name = f"{path.resolve().stem or 'data'}-{split_used}"
-    return EvalData(name=_slug(name), split=split_used, source=str(path), samples=samples, skipped=skipped,
+    return EvalData(name=slug(name, "data"), split=split_used, source=str(path), samples=samples, skipped=skipped,
                     warnings=warnings)
 
 
@@ -94,10 +94,6 @@ def _read_shards(data: str | Path, split: str) -> tuple[list[tuple[Path, str]], 
     if has_splits:
         return read.files.get(split, []), read.skipped, split
     return [pair for files in read.files.values() for pair in files], read.skipped, ALL
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "data"
 
 
 def _run_config(run_dir: Path) -> dict | None:
@@ -172,12 +168,8 @@ def _to_samples(pairs: Sequence[tuple[Path, str | tuple[str, ...]]], classes: Se
     return samples
 
 
-def _visible(path: Path) -> bool:
-    return not path.name.startswith(".") and path.name != "__MACOSX"
-
-
 def _read_folder(root: Path, split: str) -> tuple[list[tuple[Path, str]], list[dict[str, str]], str]:
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p))
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(p))
     by_name = {p.name.lower(): p for p in subdirs}
     split_dirs = {s: next((by_name[a] for a in aliases if a in by_name), None) for s, aliases in _SPLIT_FOLDERS.items()}
     present = [s for s, p in split_dirs.items() if p is not None]
@@ -186,14 +178,14 @@ def _read_folder(root: Path, split: str) -> tuple[list[tuple[Path, str]], list[d
         if folder is None:
             raise DataError(f"{root} has no {split}/ folder (it has {', '.join(f'{s}/' for s in present)}): "
                             f"choose one with --split.")
-        class_dirs, used = sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p)), split
+        class_dirs, used = sorted(p for p in folder.iterdir() if p.is_dir() and not is_hidden(p)), split
     else:
         class_dirs, used = subdirs, ALL
     pairs: list[tuple[Path, str]] = []
     skipped: list[dict[str, str]] = []
     for class_dir in class_dirs:
         for path in sorted(class_dir.rglob("*")):
-            if not has_image_extension(path) or not all(_visible(Path(p)) for p in path.relative_to(class_dir).parts):
+            if not has_image_extension(path) or any(is_hidden(p) for p in path.relative_to(class_dir).parts):
                 continue
             if path.is_file():
                 pairs.append((path, class_dir.name))

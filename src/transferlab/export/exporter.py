@@ -32,7 +32,7 @@ from transferlab.export.parity import ParityError, check_parity, parity_images
 from transferlab.export.predictors import task_of
 from transferlab.export.sidecar import SIDECAR_FORMAT, sidecar_path
 from transferlab.export.torchscript import export_torchscript, load_torchscript
-from transferlab.training.io import atomic_write_json, ensure_writable_dir
+from transferlab.io import atomic_write_json, ensure_writable_dir
 
 __all__ = ["FORMATS", "ExportFormat", "ExportResult", "export_run"]
 

@@ -192,7 +192,7 @@ def model_kind(path: str | Path) -> str:
     if not path.exists():
         raise RunDirError(f"Model '{path}' does not exist.")
     try:  # a pickle checkpoint deserves the security explanation, not just "unsupported"
-        from transferlab.training.io import refuse_pickle
+        from transferlab.io import refuse_pickle
     except ImportError:  # an ONNX-only install without torch
         pass
     else:
@@ -207,7 +207,7 @@ _LOADERS: dict[str, Callable[[Path], Predictor]] = {"run": TorchPredictor, "onnx
 def model_calibration(path: str | Path) -> dict[str, Any] | None:
     """The calibration entry of a model's metadata (model.json, or an export's sidecar) without loading
     the model; None when it has none (trained before calibration existed)."""
-    from transferlab.training.io import read_json
+    from transferlab.io import read_json
 
     path = Path(path)
     if model_kind(path) == "onnx":

@@ -30,6 +30,7 @@ from torch import nn
 
 from transferlab.errors import TransferlabError
 from transferlab.models.registry import BackboneSpec, create_backbone, list_backbones, resolve_backbone
+from transferlab.paths import home
 
 __all__ = [
     "MEASURE_LIMIT",
@@ -119,9 +120,7 @@ def measure_backbone(spec: BackboneSpec) -> dict[str, Any]:
 
 def meta_cache_path() -> Path:
     """$TRANSFERLAB_HOME/model_meta.json (default ~/.cache/transferlab), beside the feature cache."""
-    from transferlab.data.feature_cache import default_cache_dir
-
-    return default_cache_dir().parent / "model_meta.json"
+    return home() / "model_meta.json"
 
 
 def _load_cache(path: Path) -> dict[str, dict[str, Any]]:
@@ -135,7 +134,7 @@ def _load_cache(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _save_cache(path: Path, entries: Mapping[str, Any]) -> None:
-    from transferlab.training.io import atomic_write_json
+    from transferlab.io import atomic_write_json
 
     merged = {**_load_cache(path), **entries}  # another process may have measured others meanwhile
     try:

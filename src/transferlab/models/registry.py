@@ -18,13 +18,9 @@ import dataclasses
 import difflib
 import fnmatch
 import functools
-import hashlib
-import json
 import logging
 import os
 import pickle
-import socket
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +32,9 @@ from torch import nn
 
 from transferlab.data.transforms import INTERPOLATIONS, Preprocessing
 from transferlab.errors import BackboneUnavailable
+from transferlab.io import weights_only_loads
 from transferlab.models import offline
-from transferlab.training.io import weights_only_loads
+from transferlab.network import address, offline_by_env, probe
 
 __all__ = [
     "SOURCES",
@@ -54,7 +51,6 @@ log = logging.getLogger("transferlab")
 
 HF_HUB_PREFIX = "hf-hub:"
 TV_PREFIX = "tv:"
-_TRUTHY = {"1", "true", "yes", "on"}
 _OFFLINE_ENV_VARS = ("TRANSFERLAB_OFFLINE", "HF_HUB_OFFLINE")
 _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _MAX_LISTED = 25  # offline names quoted in an error message
@@ -103,22 +99,6 @@ class BackboneSpec:
             values["preprocessing"] = Preprocessing.from_dict(pre)
         return cls(**values)
 
-    def cache_key(self) -> str:
-        """Stable short hash of what determines the features a backbone computes (for feature caches).
-
-        ``pretrained`` is included: random-init features must never be served for pretrained ones.
-        """
-        payload = {
-            "name": self.name,
-            "source": self.source,
-            "architecture": self.architecture,
-            "pretrained": self.pretrained,
-            "weights": self.weights,
-            "preprocessing": self.preprocessing.to_dict(),
-        }
-        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
 
 @dataclass(frozen=True)
 class Source:
@@ -135,43 +115,13 @@ class Source:
 
 
 def _env_offline() -> str | None:
-    for var in _OFFLINE_ENV_VARS:
-        if os.environ.get(var, "").strip().lower() in _TRUTHY:
-            return f"{var}=1 is set"
-    return None
+    return offline_by_env(_OFFLINE_ENV_VARS)
 
 
 def _hub_url() -> str:
     from huggingface_hub import constants
 
     return constants.ENDPOINT
-
-
-def _address(url: str) -> tuple[str, int]:
-    parts = urlparse(url)
-    port = parts.port or (80 if parts.scheme == "http" else 443)
-    return parts.hostname or "", port
-
-
-@functools.cache
-def _probe(host: str, port: int, timeout: float) -> bool:
-    """One TCP connect, bounded by ``timeout`` in total: DNS lookups ignore socket timeouts, so the
-    attempt runs in a daemon thread that is abandoned if it takes longer."""
-    if not host:
-        return False
-    outcome: list[bool] = []
-
-    def attempt() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                outcome.append(True)
-        except OSError:
-            outcome.append(False)
-
-    thread = threading.Thread(target=attempt, name="transferlab-online-probe", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(outcome and outcome[0])
 
 
 def is_online(timeout: float = 1.5, url: str | None = None) -> bool:
@@ -182,16 +132,16 @@ def is_online(timeout: float = 1.5, url: str | None = None) -> bool:
     """
     if _env_offline():
         return False
-    host, port = _address(url or _hub_url())
-    return _probe(host, port, timeout)
+    host, port = address(url or _hub_url())
+    return probe(host, port, timeout)
 
 
-is_online.cache_clear = _probe.cache_clear  # type: ignore[attr-defined]
+is_online.cache_clear = probe.cache_clear  # type: ignore[attr-defined]
 
 
 def _offline_error(name: str, url: str | None = None) -> BackboneUnavailable:
     """Names the host the weights come from (``url``; default the HF hub): torchvision's are not on the hub."""
-    host, port = _address(url or _hub_url())
+    host, port = address(url or _hub_url())
     reason = _env_offline() or f"{host}:{port} is unreachable"
     usable = offline_backbones()
     shown = ", ".join(usable[:_MAX_LISTED]) or "none"
@@ -688,7 +638,7 @@ def create_backbone(spec: BackboneSpec) -> nn.Module:
         if not needs_download:
             raise
         raise BackboneUnavailable(
-            f"Could not download the weights of backbone '{spec.name}' from {_address(url or _hub_url())[0]}: {exc}. "
+            f"Could not download the weights of backbone '{spec.name}' from {address(url or _hub_url())[0]}: {exc}. "
             f"Usable offline now: {', '.join(offline_backbones())}. Or pass --no-pretrained for random init."
         ) from exc
     # TF-'SAME' convolutions of timm's tf_* ports without a padded copy of each input (same outputs)

@@ -19,10 +19,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from transferlab.io import atomic_write_text
 from transferlab.reporting.curves import PHASE_LABELS
 from transferlab.reporting.html import CSS, _esc, _fmt, _Html, _img, _table
 from transferlab.reporting.plots import _save
-from transferlab.training.io import atomic_write_text
 
 __all__ = ["plot_compare_accuracy", "plot_compare_curves", "write_compare_html"]
 

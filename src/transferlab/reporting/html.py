@@ -24,9 +24,9 @@ from transferlab.errors import RunDirError, TransferlabError
 from transferlab.evaluation.doctor import CHECKS, CSV_NAME, JSON_NAME, RUN_SUBDIR, doctor_run, load_doctor
 from transferlab.evaluation.evaluate import eval_json_paths, evaluate_run, load_eval
 from transferlab.evaluation.explain import explain_evaluation
+from transferlab.io import atomic_write_text, is_writable_dir, read_json
 from transferlab.reporting.curves import plot_curves
 from transferlab.reporting.plots import doctor_plots, eval_plots
-from transferlab.training.io import atomic_write_text, is_writable_dir, read_json
 
 __all__ = ["write_report"]
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from transferlab.errors import RunDirError
-from transferlab.training.io import atomic_write_json, load_tensors, read_json, save_tensors, tensor_metadata
+from transferlab.io import atomic_write_json, load_tensors, read_json, save_tensors, tensor_metadata
 
 
 def split_tensors(tree: Any, prefix: str, out: dict[str, torch.Tensor]) -> Any:

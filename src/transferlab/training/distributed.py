@@ -23,9 +23,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from transferlab.data import feature_cache
 from transferlab.errors import TransferlabError
 from transferlab.models.heads import head_slot
+from transferlab.training import feature_cache
 
 log = logging.getLogger("transferlab")
 

@@ -13,15 +13,15 @@ import logging
 import torch
 
 from transferlab import _runtime
-from transferlab.config import TrainConfig
+from transferlab.config import TrainConfig, parse_size
 from transferlab.data.datasets import DecodedImages, label_targets
-from transferlab.data.feature_cache import backbone_fingerprint, should_compile, transform_tag, usable_cache_dir
 from transferlab.data.sources import DataSplits
 from transferlab.data.transforms import Preprocessing, eval_transform, eval_view, train_transform
 from transferlab.errors import TransferlabError
+from transferlab.logs import progress_bar
 from transferlab.models.registry import BackboneSpec
 from transferlab.training import boundary, distributed
-from transferlab.training.memory import parse_size
+from transferlab.training.feature_cache import backbone_fingerprint, should_compile, transform_tag, usable_cache_dir
 
 log = logging.getLogger("transferlab")
 
@@ -75,8 +75,6 @@ def frozen_features(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneS
     Over several processes each extracts its shard; the result is on rank 0 (None elsewhere).
     `tap` (a module's name, one process): its activations of the plain train and the val images go
     into `tapped` under the split's name, for each split extracted (not read from the cache)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     device = ranks.device
     model.to(device)
     cache_dir = usable_cache_dir(cfg.cache_dir) if cfg.feature_cache == "disk" else None
@@ -100,10 +98,8 @@ def frozen_features(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneS
     results: dict[str, list[torch.Tensor]] = {"train": [], "val": []}
     n_extracted = 0
     total = sum(len(j[1]) for j in jobs)
-    with Progress(TextColumn("[bold]extracting features"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), disable=not cfg.progress or not ranks.is_zero, transient=True) as bar:
-        # rank 0 advances by its shard: the bar shows the share of the whole pass done
-        task = bar.add_task("features", total=-(-total // ranks.world_size))
+    # rank 0 advances by its shard: the bar shows the share of the whole pass done
+    with progress_bar(cfg.progress and ranks.is_zero, "extracting features", -(-total // ranks.world_size)) as advance:
         for split, samples, transform, tag, seed in jobs:
             if seed is not None:
                 torch.manual_seed(seed)
@@ -118,12 +114,12 @@ def frozen_features(model, splits: DataSplits, cfg: TrainConfig, spec: BackboneS
                 kept_view=eval_view(cfg_pre) if split == "val" else None,  # fine-tuning's validation reads them
                 # decoding on threads beside the forward pass; augmented views stay in one thread (RNG order)
                 decode_threads=_runtime.decode_threads() if seed is None else 1,
-                progress=lambda n: bar.advance(task, n), **tap_kwargs,
+                progress=advance, **tap_kwargs,
             )
             if chunks and tapped is not None:
                 tapped[split] = torch.cat(chunks)
             if hit:
-                bar.advance(task, -(-len(samples) // ranks.world_size))
+                advance(-(-len(samples) // ranks.world_size))
                 log.info("%s features: cache hit (%d images)", split, len(samples))
             else:
                 n_extracted += len(samples)

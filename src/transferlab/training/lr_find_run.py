@@ -25,13 +25,13 @@ from transferlab.config import TrainConfig
 from transferlab.data.multilabel import refuse_multilabel
 from transferlab.data.sources import load_splits, require_data
 from transferlab.errors import TransferlabError
+from transferlab.io import atomic_write_json, ensure_writable_dir
 from transferlab.models.heads import HeadConfig, build_classifier
 from transferlab.models.param_groups import freeze_backbone
 from transferlab.models.registry import resolve_backbone
 from transferlab.training import boundary, distributed
 from transferlab.training.features import check_any_input_size, decoded_images, frozen_features, resolve_sizes
 from transferlab.training.head_stage import selection_score
-from transferlab.training.io import atomic_write_json, ensure_writable_dir
 from transferlab.training.lr_find import SUGGESTIONS, LRFindResult, plot_lr_find
 from transferlab.training.run import (
     HEAD_LR_MULTIPLIER,

@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import gc
 import logging
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from transferlab.config import SIZE_UNITS
 from transferlab.errors import TransferlabError
 
 log = logging.getLogger("transferlab")
-
-_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-
 
 class OutOfMemory(TransferlabError):
     """Even a single image does not fit."""
@@ -39,22 +36,10 @@ class MemoryBudgetExceeded(RuntimeError):
     """The activation estimate of one pass went over ``--max-memory`` (treated as out-of-memory)."""
 
 
-def parse_size(text: str | int | None) -> int | None:
-    """'8G', '512M', '1.5GiB', '800MB', 123456 → bytes (binary units); None/'' → None."""
-    if text is None or text == "":
-        return None
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:I?B)?\s*", str(text).upper())
-    if not match or float(match[1]) <= 0:
-        raise ValueError(f"max_memory '{text}' is not a size such as 8G, 512M or 1.5GB")
-    return int(float(match[1]) * _UNITS[match[2]])
-
-
 def format_size(n: int) -> str:
     for unit in ("T", "G", "M", "K"):
-        if n >= _UNITS[unit]:
-            return f"{n / _UNITS[unit]:.3g}{unit}"
+        if n >= SIZE_UNITS[unit]:
+            return f"{n / SIZE_UNITS[unit]:.3g}{unit}"
     return f"{n}B"
 
 

@@ -19,7 +19,6 @@ import io
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -33,13 +32,22 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from transferlab import _runtime
-from transferlab.config import AUTO_LR, DEFAULT_LR_FINETUNE, TrainConfig, parse_duration
+from transferlab import _runtime, paths
+from transferlab.config import AUTO_LR, DEFAULT_LR_FINETUNE, TrainConfig, parse_duration, parse_size
 from transferlab.data.datasets import DecodedImages, ImageDataset, label_targets
 from transferlab.data.multilabel import resolve_task
 from transferlab.data.sources import DataSplits, load_splits
 from transferlab.data.transforms import eval_transform, eval_view, train_transform
 from transferlab.errors import RunDirError, TransferlabError
+from transferlab.io import (
+    atomic_write_json,
+    atomic_write_text,
+    ensure_writable_dir,
+    load_tensors,
+    read_json,
+    save_tensors,
+)
+from transferlab.logs import progress_bar
 from transferlab.models.fold_bn import folded_for_inference
 from transferlab.models.heads import HeadConfig, build_classifier, head_slot
 from transferlab.models.param_groups import discriminative_param_groups, freeze_backbone, unfreeze
@@ -53,15 +61,6 @@ from transferlab.training.features import check_any_input_size, decoded_images, 
 from transferlab.training.finetune import FineTuneModule, TrainingDiverged
 from transferlab.training.gate import FrozenStageGate
 from transferlab.training.head_stage import selection_score, train_head
-from transferlab.training.io import (
-    atomic_write_json,
-    atomic_write_text,
-    ensure_writable_dir,
-    load_tensors,
-    read_json,
-    save_tensors,
-)
-from transferlab.training.memory import parse_size
 from transferlab.training.progressive import ProgressiveResize, progressive_sizes
 from transferlab.training.run_lock import RunLock
 from transferlab.training.tracking import Tracker
@@ -135,7 +134,7 @@ class RunState:
 
 
 def default_run_dir(backbone: str) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", backbone).strip("-")
+    slug = paths.slug(backbone)
     return Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{slug}"
 
 
@@ -840,8 +839,6 @@ def _cache_boundary(split: boundary.BoundarySplit, splits: DataSplits, cfg: Trai
                     with_val: bool = True) -> tuple[list[torch.Tensor], torch.Tensor | None, bool]:
     """The bottom's activations at the evaluation size: [plain train view, `views` augmented ones], val's
     (None without `with_val`), and whether plain and val came from the feature pass (`tapped`)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     size = cfg.eval_size
     bottom = folded_for_inference(copy.deepcopy(split.bottom).eval(), size)
     bottom.to(memory_format=torch.channels_last)
@@ -856,11 +853,8 @@ def _cache_boundary(split: boundary.BoundarySplit, splits: DataSplits, cfg: Trai
     for k, n in (("train", len(splits.train)), ("val", len(splits.val))):
         if reuse[k] is not None and tuple(reuse[k].shape) != (n, *expected):
             reuse[k] = None  # not this split's activations (cannot happen in one run; never trust it blindly)
-    with Progress(TextColumn(f"[bold]caching {split.cut}-stage boundary"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), disable=not cfg.progress, transient=True) as bar:
-        task = bar.add_task("boundary", total=(with_val and reuse["val"] is None) * len(splits.val)
-                            + (views + (reuse["train"] is None)) * len(splits.train))
-        advance = lambda n: bar.advance(task, n)  # noqa: E731
+    total = (with_val and reuse["val"] is None) * len(splits.val) + (views + (reuse["train"] is None)) * len(splits.train)
+    with progress_bar(cfg.progress, f"caching {split.cut}-stage boundary", total) as advance:
         val_x = reuse["val"]
         if val_x is None and with_val:
             val_x = boundary.cache_activations(bottom, val_ds, batch_size=batch, autocast=autocast, progress=advance)

@@ -22,24 +22,9 @@ from transferlab.data.multilabel import DEFAULT_THRESHOLD  # a label with no val
 from transferlab.data.sources import Sample
 from transferlab.data.transforms import Preprocessing, eval_transform, eval_view
 
-__all__ = ["DEFAULT_THRESHOLD", "check_rule", "tune_thresholds", "validation_probabilities"]
+__all__ = ["DEFAULT_THRESHOLD", "tune_thresholds", "validation_probabilities"]
 
 log = logging.getLogger("transferlab")
-
-
-
-def check_rule(rule: str) -> str | None:
-    """Why `rule` is not a threshold rule (None when it is): 'f1' or 'precision:P' with 0 < P <= 1."""
-    if rule == "f1":
-        return None
-    kind, _, value = rule.partition(":")
-    try:
-        target = float(value)
-    except ValueError:
-        target = -1.0
-    if kind != "precision" or not 0.0 < target <= 1.0:
-        return f"thresholds '{rule}' is not 'f1' or 'precision:P' with P in (0, 1], e.g. precision:0.9"
-    return None
 
 
 def _cut_between(scores_desc: np.ndarray, k: int) -> float:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import csv
 import logging
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from transferlab.paths import slug
 
 __all__ = ["COMPARE_COLUMNS", "CompareResult", "cell_dir", "cell_status", "compare"]
 
@@ -59,8 +60,7 @@ def _split(values: str | Iterable[str]) -> list[str]:
 
 def cell_dir(out_dir: Path, backbone: str, strategy: str) -> Path:
     """DIR/<backbone>__<strategy>; characters a folder name cannot hold become '-'."""
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", backbone).strip("-")
-    return Path(out_dir) / f"{slug}__{strategy}"
+    return Path(out_dir) / f"{slug(backbone)}__{strategy}"
 
 
 def cell_status(run_dir: Path) -> str:
@@ -90,8 +90,8 @@ def _train_cell(run_dir: Path, status: str, data: str | Path, options: Mapping[s
     """Train or resume one cell, recording its peak memory beside it. Returns what was done."""
     from transferlab.config import TrainConfig
     from transferlab.evaluation.benchmark import PeakMemory
+    from transferlab.io import atomic_write_json
     from transferlab.training.run import train
-    from transferlab.training.io import atomic_write_json
 
     with PeakMemory(device) as peak:
         if status == "unfinished":
@@ -129,7 +129,7 @@ def _cell_row(run_dir: Path, backbone: str, strategy: str, status: str, device: 
     from transferlab import _runtime
     from transferlab.evaluation.benchmark import inference_cost
     from transferlab.evaluation.predict import load_run_model
-    from transferlab.training.io import read_json
+    from transferlab.io import read_json
 
     summary = read_json(run_dir / "summary.json")
     metrics = _read_metrics(run_dir / "metrics.csv")
@@ -168,8 +168,8 @@ def compare(
     from transferlab import _runtime
     from transferlab.config import TrainConfig
     from transferlab.errors import TransferlabError
+    from transferlab.io import atomic_write_json, ensure_writable_dir
     from transferlab.reporting.compare_report import plot_compare_accuracy, plot_compare_curves, write_compare_html
-    from transferlab.training.io import atomic_write_json, ensure_writable_dir
 
     names, strats = _split(backbones), _split(strategies)
     if not names or not strats:

@@ -69,7 +69,7 @@ def check_available(recipe: Recipe, data_root: str | Path | None = None) -> None
 
 
 def _write_recipe(folder: Path, recipe: Recipe, figures: list[dict[str, Any]], **extra: Any) -> None:
-    from transferlab.training.io import atomic_write_json, ensure_writable_dir
+    from transferlab.io import atomic_write_json, ensure_writable_dir
 
     ensure_writable_dir(folder)
     atomic_write_json(folder / RECIPE_FILE, {**recipe.to_dict(), "published": figures, **extra})

@@ -122,11 +122,6 @@ class SelectionResult:
     seconds: dict[str, Any]
     files: dict[str, Path] = field(default_factory=dict)
 
-    @property
-    def extraction_ratio(self) -> float | None:
-        """Total seconds / feature-extraction seconds (None when every feature came from the cache)."""
-        return self.seconds.get("ratio")
-
 
 def _evaluate_candidate(spec, splits, *, seed: int, device: str, autocast, cache_dir: Path | None,
                         batch_size: int, num_workers: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -135,12 +130,12 @@ def _evaluate_candidate(spec, splits, *, seed: int, device: str, autocast, cache
     import torch
 
     from transferlab import _runtime
-    from transferlab.data import feature_cache
     from transferlab.data.transforms import eval_transform
     from transferlab.evaluation.benchmark import inference_cost
     from transferlab.evaluation.probe import learning_curve, linear_probe
     from transferlab.models.catalog import measure_backbone
     from transferlab.models.heads import HeadConfig, build_classifier
+    from transferlab.training import feature_cache
 
     torch.manual_seed(seed)  # what training seeds before building: random-init backbones match its cache
     model = build_classifier(spec, len(splits.classes), HeadConfig()).to(device)
@@ -185,7 +180,7 @@ def _evaluate_candidate(spec, splits, *, seed: int, device: str, autocast, cache
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
-    from transferlab.training.io import atomic_write_text
+    from transferlab.io import atomic_write_text
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
@@ -221,12 +216,12 @@ def select(
     import torch
 
     from transferlab import _runtime
-    from transferlab.data import feature_cache
     from transferlab.data.multilabel import refuse_multilabel
     from transferlab.data.sources import load_splits
+    from transferlab.io import atomic_write_json, ensure_writable_dir
     from transferlab.models.registry import resolve_backbone
     from transferlab.reporting.selection_plots import plot_learning_curves, plot_selection
-    from transferlab.training.io import atomic_write_json, ensure_writable_dir
+    from transferlab.training import feature_cache
 
     start = time.perf_counter()
     import_seconds = start - imports_start

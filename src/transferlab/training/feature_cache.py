@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -28,16 +27,16 @@ from transferlab.data.images import ImageError, file_digest
 from transferlab.data.sources import Sample
 from transferlab.data.threaded import threaded_batches
 from transferlab.data.transforms import EvalView
+from transferlab.io import load_tensors, save_tensors, tensor_metadata
 from transferlab.models.heads import features_only, head_slot
-from transferlab.training.io import load_tensors, save_tensors, tensor_metadata
+from transferlab.paths import home
 from transferlab.training.memory import AdaptiveBatch, activation_budget, forward_in_passes
 
 log = logging.getLogger("transferlab")
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("TRANSFERLAB_HOME") or Path.home() / ".cache" / "transferlab"
-    return Path(root) / "features"
+    return home() / "features"
 
 
 def usable_cache_dir(cache_dir: str | Path | None) -> Path | None:
