@@ -17,6 +17,7 @@ from transferlab.classifier import PREDICT_BATCH, TOP_K
 from transferlab.config import TrainConfig
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.abstain import DEFAULT_TARGET_PRECISION, Abstainer, AbstainOptions
+from transferlab.evaluation.doctor import DoctorOptions
 from transferlab.logs import api_logging
 
 if TYPE_CHECKING:  # the heavy stack (torch, Lightning) loads only when a command needs it
@@ -261,8 +262,9 @@ def report(runs: str | Path | Iterable[str | Path], out: str | Path | None = Non
     return write_report(run_dirs, out, progress=progress)
 
 
-def doctor(data: str | Path, *, similarity: float = 0.97, folds: int = 5, imbalance: float = 0.2,
-           outlier_z: float = 3.5, top: int = 20, out: str | Path | None = None, progress: bool = True,
+def doctor(data: str | Path, *, similarity: float = DoctorOptions.similarity, folds: int = DoctorOptions.folds,
+           imbalance: float = DoctorOptions.imbalance, outlier_z: float = DoctorOptions.outlier_z,
+           top: int = DoctorOptions.top, out: str | Path | None = None, progress: bool = True,
            **options: Any) -> DoctorResult:
     """What is wrong with a dataset: unreadable files, exact and near-duplicate images (cosine similarity of
     frozen features >= `similarity`; across splits they leak), label-issue candidates (confident learning on
@@ -271,7 +273,7 @@ def doctor(data: str | Path, *, similarity: float = 0.97, folds: int = 5, imbala
     `data`: a dataset (then `options` are TrainConfig fields: backbone, img_size, val_split, seed, ...,
     default out runs/doctor-<time>) or a run directory (its own data and settings, out RUN/doctor).
     Writes OUT/findings.csv and OUT/doctor.json; `result.findings` lists them, `result.of_kind(kind)` one kind."""
-    from transferlab.evaluation.doctor import DoctorOptions, doctor_run, is_run_dir, run_doctor
+    from transferlab.evaluation.doctor import doctor_run, is_run_dir, run_doctor
 
     checks = DoctorOptions(similarity=similarity, folds=folds, imbalance=imbalance, outlier_z=outlier_z, top=top)
     checks.validate()

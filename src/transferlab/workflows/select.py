@@ -20,9 +20,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from transferlab.config import TrainConfig
+
 __all__ = ["SELECTION_COLUMNS", "SelectionResult", "candidate_names", "pareto_front", "rank_candidates", "select"]
 
 log = logging.getLogger("transferlab")
+_TRAIN = TrainConfig()  # the data and model settings a selection shares with `train`, defaults included
 
 MAX_CANDIDATES = 12  # beyond this a filter-driven selection asks for a narrower query
 SELECTION_COLUMNS = [
@@ -197,12 +200,12 @@ def select(
     search: str | None = None,
     budget_ms: float | None = None,
     out: str | Path | None = None,
-    pretrained: bool = True,
-    img_size: int | None = None,
-    val_split: float = 0.2,
-    seed: int = 0,
-    device: str = "auto",
-    precision: str = "auto",
+    pretrained: bool = _TRAIN.pretrained,
+    img_size: int | None = _TRAIN.img_size,
+    val_split: float = _TRAIN.val_split,
+    seed: int = _TRAIN.seed,
+    device: str = _TRAIN.device,
+    precision: str = _TRAIN.precision,
     batch_size: int = 64,
     cache_dir: str | Path | None = None,
     progress: bool = True,
