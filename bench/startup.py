@@ -10,6 +10,7 @@ A run directory is trained when `--run` holds none (the real default backbone, f
 `--data`) and exported to ONNX when it has no `export/model.onnx`; neither step is timed.
 
     PYTHONPATH=src .venv/bin/python bench/startup.py [--run RUN] [--data ../shared/data/hymenoptera_data] [--rounds 5]
+    .venv/bin/python bench/startup.py --src before=/tmp/before/src --src after=src --only predict   # A/B
 """
 
 from __future__ import annotations
@@ -54,19 +55,20 @@ def ensure_run(python: str, run: Path, data: Path) -> Path:
     return onnx
 
 
-def timed(argv: list[str], failed: dict[str, str], name: str) -> float:
+def timed(argv: list[str], failed: dict[str, str], name: str, env: dict[str, str] | None = None) -> float:
     """Wall seconds of one run; a failure is recorded with its last error line (and marked in the table)."""
     start = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True)
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         failed[name] = f"rc {done.returncode}: {(done.stderr.strip().splitlines() or [''])[-1][:200]}"
     return seconds
 
 
-def import_profile(argv: list[str]) -> dict[str, object]:
+def import_profile(argv: list[str], env: dict[str, str] | None = None) -> dict[str, object]:
     """Total import seconds (top-level entries of -X importtime) and each heavy package's cumulative seconds."""
-    done = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], capture_output=True, text=True)
+    done = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], capture_output=True, text=True, env=env,
+                          check=False)
     total, packages = 0.0, {}
     for line in done.stderr.splitlines():
         if not line.startswith("import time:") or "|" not in line or "cumulative" in line:
@@ -87,46 +89,55 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("../shared/data/hymenoptera_data"))
     ap.add_argument("--image", type=Path, help="the one image (default: the first of DATA/val)")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--label", default="", help="a name for this code state, kept in the JSON (e.g. before/after)")
+    ap.add_argument("--src", action="append", default=[], metavar="LABEL=PATH",
+                    help="a source tree to time (its PYTHONPATH), repeatable: the trees' commands are interleaved "
+                         "within each round, so a before/after pair shares the machine's load (default: as installed)")
+    ap.add_argument("--only", help="comma-separated substrings: time only the commands whose name holds one")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
     python = sys.executable
     onnx = ensure_run(python, args.run, args.data)
-    image = args.image or sorted(p for p in (args.data / "val").rglob("*.jpg"))[0]
+    image = args.image or min((args.data / "val").rglob("*.jpg"))
     todo = commands(python, args.run.resolve(), onnx.resolve(), image.resolve())
+    if args.only:
+        todo = {k: v for k, v in todo.items() if any(part in k for part in args.only.split(","))}
+    trees = dict(item.split("=", 1) for item in args.src) or {"installed": ""}
+    envs = {label: {**os.environ, "PYTHONPATH": str(Path(path).resolve())} if path else None
+            for label, path in trees.items()}
+    jobs = [(label, name) for name in todo for label in trees]
 
     loads = [os.getloadavg()[0]]
     failed: dict[str, str] = {}
-    for name, argv in todo.items():  # warm-up: page cache and .pyc files
-        timed(argv, failed, name)
-    times: dict[str, list[float]] = {name: [] for name in todo}
+    for label, name in jobs:  # warm-up: page cache and .pyc files
+        timed(todo[name], failed, f"{label}: {name}", envs[label])
+    times: dict[str, list[float]] = {f"{label}: {name}": [] for label, name in jobs}
     for _ in range(args.rounds):
-        for name, argv in todo.items():
-            times[name].append(timed(argv, failed, name))
+        for label, name in jobs:
+            times[f"{label}: {name}"].append(timed(todo[name], failed, f"{label}: {name}", envs[label]))
         loads.append(os.getloadavg()[0])
-    profiles = {name: import_profile(argv) for name, argv in todo.items()}
+    profiles = {f"{label}: {name}": import_profile(todo[name], envs[label]) for label, name in jobs}
 
-    print(f"load average (1 min) over the rounds: {min(loads):.2f}-{max(loads):.2f} on {os.cpu_count()} CPUs")
-    print("| command | median s | min-max s | imports s | heavy packages loaded (cumulative s) |")
+    print(f"load average (1 min) over the rounds: {min(loads):.2f}-{max(loads):.2f} on {os.cpu_count()} CPUs; "
+          f"{args.rounds} rounds")
+    print("| tree: command | median s | min-max s | imports s | heavy packages loaded (cumulative s) |")
     print("|---|---|---|---|---|")
-    for name, seconds in times.items():
-        profile = profiles[name]
+    for key, seconds in times.items():
+        profile = profiles[key]
         heavy = ", ".join(f"{k} {v:.2f}" for k, v in sorted(profile["packages_s"].items(), key=lambda kv: -kv[1])
                           if v >= 0.05)
-        mark = f" (failed: {failed[name]})" if name in failed else ""
-        print(f"| `{name}`{mark} | {statistics.median(seconds):.2f} | {min(seconds):.2f}-{max(seconds):.2f} "
+        mark = f" (failed: {failed[key]})" if key in failed else ""
+        print(f"| `{key}`{mark} | {statistics.median(seconds):.2f} | {min(seconds):.2f}-{max(seconds):.2f} "
               f"| {profile['imports_s']:.2f} | {heavy} |")
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    record = {"label": args.label, "argv": sys.argv, "run": str(args.run), "image": str(image), "loads": loads,
+    record = {"argv": sys.argv, "trees": trees, "run": str(args.run), "image": str(image), "loads": loads,
               "cpus": os.cpu_count(), "times": times, "failed": failed, "profiles": profiles}
     path = args.out / f"startup_{stamp}.json"
     path.write_text(json.dumps(record, indent=1))
-    medians = {name: statistics.median(s) for name, s in times.items()}
     print(f"-> {path}")
-    print(f"startup: predict_run_s={medians['transferlab predict RUN one.jpg']:.2f} "
-          f"predict_onnx_s={medians['transferlab predict model.onnx one.jpg']:.2f} "
-          f"api_run_s={medians['python -c load(RUN).predict']:.2f} help_s={medians['transferlab --help']:.2f}")
+    for label in trees:
+        medians = {name: statistics.median(times[f"{label}: {name}"]) for name in todo}
+        print(f"startup[{label}]: " + " ".join(f"{name.replace(' ', '_')}={s:.2f}" for name, s in medians.items()))
 
 
 if __name__ == "__main__":
