@@ -35,7 +35,8 @@ _REPORT = ("import atexit, json, sys\n"
 def loaded(code: str, *args: str, watched: set[str] = TRAINING_AND_REPORTS | MODEL_LIBRARIES) -> set[str]:
     """The watched top-level packages a fresh interpreter running `code` (with `args` as sys.argv[1:]) imported."""
     p = subprocess.run([sys.executable, "-c", _REPORT.format(watched=sorted(watched)) + code, *args],
-                       capture_output=True, text=True, env={**os.environ, "TRANSFERLAB_OFFLINE": "1"}, timeout=300)
+                       capture_output=True, text=True, env={**os.environ, "TRANSFERLAB_OFFLINE": "1"}, timeout=300,
+                       check=False)
     lines = [line for line in p.stderr.splitlines() if line.startswith("LOADED=")]
     assert p.returncode == 0 and lines, f"rc {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
     return set(json.loads(lines[-1][len("LOADED="):]))
@@ -58,11 +59,20 @@ def onnx_model(run) -> Path:
 
 @pytest.fixture(scope="module")
 def image(run) -> str:
-    return str(sorted((run.parent / "data" / "val").rglob("*.png"))[0])
+    return str(min((run.parent / "data" / "val").rglob("*.png")))
 
 
 def test_import_transferlab_loads_no_model_library():
     assert loaded("import transferlab") == set()
+
+
+def test_import_transferlab_defers_its_names_to_first_use():
+    assert loaded("import transferlab", watched={"numpy", "PIL", "yaml"}) == set()
+    every_name = "import transferlab\nprint([getattr(transferlab, n) for n in transferlab.__all__], transferlab.api)\n"
+    assert loaded(every_name) == set()
+    assert set(dir(transferlab)) >= set(transferlab.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        transferlab.nope  # noqa: B018
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["-h"], ["predict", "--help"], ["train", "--help"]])
@@ -143,6 +153,6 @@ def test_folding_runs_the_original_model_once():
             return self.inner(x)
 
     wrapped = Counted(model).eval()
-    folded, n = fold_batchnorm(wrapped, torch.randn(1, 3, 32, 32))
+    _, n = fold_batchnorm(wrapped, torch.randn(1, 3, 32, 32))
     assert n > 0
     assert sum(c is wrapped for c in calls) == 1  # the pair-finding pass is also the reference output
