@@ -110,8 +110,7 @@ def test_an_onnx_export_loads_as_the_same_object_without_torch(tiny_run, tmp_pat
     np.testing.assert_allclose(clf.probabilities([Image.open(p).convert("RGB") for p in images]),
                                transferlab.load(run).probabilities([Image.open(p).convert("RGB") for p in images]),
                                atol=1e-4)
-    with pytest.raises(TransferlabError, match="no torch module"):
-        clf.model  # noqa: B018
+    assert type(clf.model).__name__ == "InferenceSession"  # the object onnxruntime runs, not a torch module
     with pytest.raises(TransferlabError, match="needs the run directory"):
         clf.evaluate()
     code = ("import sys, transferlab; c = transferlab.load(sys.argv[1]); p = c.predict(sys.argv[2]); "

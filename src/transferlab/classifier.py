@@ -12,7 +12,7 @@ used gives a prediction with its ``error`` instead of stopping the others, as `t
     clf.predict(["a.jpg", "photos/"])     # several (files, folders, globs, PIL images) → a list
     p = clf.predict("odd.jpg", unknown="auto", sets=0.9)
     p.label, p.abstained, p.candidates, p.set  # 'unknown', True, (Candidate('bees', 0.55), ...), ('bees', 'ants')
-    clf.model                            # the torch.nn.Module (run-backed classifiers)
+    clf.model                            # the torch.nn.Module (an .onnx: its onnxruntime.InferenceSession)
     e = clf.explain("bee.jpg", out_dir="cams/")  # Explanation: label, heatmap (HxW in [0, 1]), overlay, path
 
 A multi-label model (``clf.task == "multilabel"``, trained on a path,labels CSV) answers with every label
@@ -34,6 +34,7 @@ from transferlab.errors import TransferlabError
 from transferlab.evaluation.abstain import DEFAULT_TARGET_PRECISION, UNKNOWN, Abstainer, AbstainOptions
 
 if TYPE_CHECKING:
+    import onnxruntime
     import torch
 
     from transferlab.evaluation.evaluate import EvalResult
@@ -179,14 +180,17 @@ class Classifier:
         return self._predictor.prepare
 
     @property
-    def model(self) -> torch.nn.Module:
-        """The network as a plain ``torch.nn.Module`` (eval mode, BatchNorm folded into the convolutions,
-        channels-last), taking `transform`'s outputs stacked into a batch and returning logits (before the
-        run's calibration: `probabilities` is the softmax of these divided by `temperature`)."""
+    def model(self) -> torch.nn.Module | onnxruntime.InferenceSession:
+        """The network. For a run: a plain ``torch.nn.Module`` (eval mode, BatchNorm folded into the
+        convolutions, channels-last), taking `transform`'s outputs stacked into a batch and returning logits
+        (before the run's calibration: `probabilities` is the softmax of these divided by `temperature`).
+        For an exported ``.onnx``: its ``onnxruntime.InferenceSession`` (torch is not imported for it)."""
         model = getattr(self._predictor, "model", None)
         if model is None:
-            raise TransferlabError(f"{self.path} is an ONNX model run by onnxruntime; it has no torch module. "
-                                   "Load the run directory it was exported from for one.")
+            model = getattr(self._predictor, "session", None)
+        if model is None:
+            raise TransferlabError(f"{self.path} is run by {self.runtime}; it has no model object to hand out. "
+                                   "Load the run directory it was exported from for the torch module.")
         return model
 
     def predict(self, inputs: Any, *, top_k: int = TOP_K, batch_size: int = PREDICT_BATCH,

@@ -21,7 +21,6 @@ from torch.nn import functional as F
 
 from transferlab.errors import RunDirError
 from transferlab.evaluation import abstain
-from transferlab.evaluation.metrics import ECE_BINS, classification_metrics
 
 __all__ = ["T_RANGE", "Tempered", "calibration_record", "fit_temperature", "scaled_softmax", "temperature_of"]
 
@@ -88,6 +87,9 @@ def calibration_record(logits: np.ndarray, targets: np.ndarray, classes: list[st
     """model.json's ``"calibration"`` entry from the val split's raw logits: T (1 without `fit`), val NLL
     and ECE before and after, and the val scores ``abstain.py`` computes thresholds and conformal
     quantiles from."""
+    # metrics loads sklearn and torchmetrics: a predict that only reads T (temperature_of) does without them
+    from transferlab.evaluation.metrics import ECE_BINS, classification_metrics
+
     targets = np.asarray(targets, dtype=np.int64)
     # Without a single val error the NLL falls for ever as T -> 0 (every val answer right, so sharper is
     # always better): val cannot measure over-confidence then, and any T would be the bound, not a fit.

@@ -51,9 +51,9 @@ def load_run_model(run: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise RunDirError(f"{meta_path} describes a model that cannot be built ({reason}); retrain it.") from None
-    _check_shapes({k: tuple(v.shape) for k, v in described.state_dict().items()}, tensor_shapes(weights_path),
+    expected = described.state_dict()
+    _check_shapes({k: tuple(v.shape) for k, v in expected.items()}, tensor_shapes(weights_path),
                   weights_path, meta_path)
-    model = build_classifier(spec, num_classes, head, load_weights=False)
     state = load_tensors(weights_path)
     broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if broken:
@@ -62,9 +62,27 @@ def load_run_model(run: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
             "the model would predict nothing but NaN. It came from a diverged or damaged run; retrain it "
             "(a run that diverges stops and keeps its last good model)."
         )
-    model.load_state_dict(state, strict=True)
+    model = _with_weights(described, {k: v.to(expected[k].dtype) for k, v in state.items()})
+    if model is None:
+        model = build_classifier(spec, num_classes, head, load_weights=False)
+        model.load_state_dict(state, strict=True)
     model.eval()
     return model, meta
+
+
+def _with_weights(described: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module | None:
+    """The meta-device model with the file's tensors as its parameters and buffers, or None when it
+    holds a tensor the file does not (a non-persistent buffer made at construction): then only a real
+    build has it. Spares a second construction, its weight init and a copy of every tensor."""
+    import torch
+
+    described.load_state_dict(state, strict=True, assign=True)
+    for module in described.modules():
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False),
+                   *(v for v in vars(module).values() if isinstance(v, torch.Tensor))]
+        if any(t.is_meta for t in tensors):
+            return None
+    return described
 
 
 def _architecture(meta: Any, meta_path: Path):

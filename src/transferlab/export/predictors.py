@@ -207,11 +207,11 @@ _LOADERS: dict[str, Callable[[Path], Predictor]] = {"run": TorchPredictor, "onnx
 def model_calibration(path: str | Path) -> dict[str, Any] | None:
     """The calibration entry of a model's metadata (model.json, or an export's sidecar) without loading
     the model; None when it has none (trained before calibration existed)."""
-    from transferlab.io import read_json
-
     path = Path(path)
     if model_kind(path) == "onnx":
         return read_sidecar(path).get("calibration")
+    from transferlab.io import read_json  # imports torch: not for the torch-free ONNX path
+
     meta_path = path / "model.json" if path.is_dir() else path.with_suffix(".json")
     if not meta_path.is_file():
         raise RunDirError(f"'{path}' holds no trained model (model.json + model.safetensors).")
