@@ -13,7 +13,8 @@ state.json back to running before its first epoch, so a killed one reads as inte
 when config.yaml exists without that, "new" otherwise.
 
 Nothing heavy is imported here (training, evaluation, reporting and the CLI's fast paths all read it):
-torch comes only with the atomic writes of `RunState.save` and with `load_classifier`.
+torch comes only with the atomic writes. The classifier is `transferlab.load(run_dir)` (a RunDir is a
+path-like): the model layer reads the run directory, not the other way round, so no import circle.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 from transferlab.errors import RunDirError
 
 if TYPE_CHECKING:
-    from transferlab.classifier import Classifier
     from transferlab.config import TrainConfig
 
 CONFIG = "config.yaml"
@@ -151,12 +151,6 @@ class RunDir:
                   if r.get("phase") == phase and isinstance(r.get("val_accuracy"), float)
                   and r["val_accuracy"] == r["val_accuracy"] and abs(r["val_accuracy"]) != float("inf")]
         return max(values) if values else None
-
-    def load_classifier(self) -> Classifier:
-        """The trained model as transferlab.load gives it."""
-        from transferlab.classifier import load
-
-        return load(self.path)
 
     # ---- writers
     def write_metrics(self, rows: list[dict]) -> None:

@@ -851,7 +851,7 @@ def _finetune(model, splits, cfg, spec, pre, state, run_dir, accelerator, precis
             kept = (f"the checkpoint of fine-tuning epoch {good} is kept in {checkpoints}" if good
                     else "no fine-tuning epoch finished")
             raise TrainingDiverged(f"{exc} Training stopped; {kept}, and the best model so far "
-                                   f"({run_dir / 'model.safetensors'}) is usable with `transferlab predict`. "
+                                   f"({RunDir(run_dir).weights_path}) is usable with `transferlab predict`. "
                                    "Train again with a lower --lr-finetune.") from None
         except SystemExit as exc:
             # Lightning turns Ctrl+C into sys.exit(1) after its graceful shutdown; API callers should
