@@ -101,7 +101,7 @@ def test_an_interrupted_extension_is_resumed(tiny_run, tmp_path, monkeypatch):
 def test_other_options_with_resume_are_refused_before_any_work(tiny_run, tmp_path, monkeypatch):
     run = _copy(tiny_run, tmp_path)
     before = {p.name: _digest(p) for p in run.iterdir() if p.is_file()}
-    monkeypatch.setattr(run_module, "_train_in", lambda *a, **k: pytest.fail("no work should start"))
+    monkeypatch.setattr(run_module.TrainingFlow, "run", lambda self: pytest.fail("no work should start"))
     r = cli("train", "--resume", run, "--lr-head", "0.1", "--epochs-finetune", "5")
     assert r.code == 2 and "Traceback" not in r.text
     assert "--lr-head" in r.text and "--epochs-finetune" not in r.text.split("cannot be changed")[0]
