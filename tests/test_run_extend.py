@@ -140,3 +140,26 @@ def test_the_extension_keeps_the_runs_settings(tiny_run, tmp_path):
     saved = TrainConfig.load(run / "config.yaml").to_dict()
     transferlab.train(resume=run, epochs_finetune=3, report=False)
     assert TrainConfig.load(run / "config.yaml").to_dict() == {**saved, "epochs_finetune": 3}
+
+
+def test_an_interrupted_boundary_extension_is_redone_from_where_its_cycle_started(tiny_data, tmp_path, monkeypatch):
+    first = transferlab.train(tiny_data, out=str(tmp_path / "run"), **{**BOUNDARY, "lr_finetune": 3e-2})
+    real_top = run_module.boundary.train_top
+
+    def killed_after_one_epoch(*args, on_epoch, **kwargs):
+        def then_die(rec, improved):
+            on_epoch({**rec, "val_accuracy": 1.0, "val_loss": -1.0}, True)  # an epoch no real one can beat
+            raise RuntimeError("killed")
+        return real_top(*args, on_epoch=then_die, **kwargs)
+
+    monkeypatch.setattr(run_module.boundary, "train_top", killed_after_one_epoch)
+    with pytest.raises(RuntimeError, match="killed"):
+        transferlab.train(resume=first.run_dir, epochs_finetune=4)
+    assert RunDir(first.run_dir).model_meta()["best"]["val_loss"] == -1.0  # the killed attempt's epoch was saved
+    monkeypatch.setattr(run_module.boundary, "train_top", real_top)
+    result = transferlab.train(resume=first.run_dir)
+    assert _finetune_epochs(result.rows) == [1, 2, 3, 4] and result.rows[: len(first.rows)] == first.rows
+    best = result.summary["best"]
+    assert any(r["phase"] == best["phase"] and r["epoch"] == best["epoch"]
+               and r["val_loss"] == best["val_loss"] for r in result.rows)  # a real epoch, not the killed one
+    assert best["val_loss"] != -1.0 and RunDir(first.run_dir).model_meta()["best"] == best

@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("transferlab")
 
 MODEL_FORMAT = "transferlab.model/1"
+CYCLE_START = "cycle_start.safetensors"  # in checkpoints/: the model a boundary extension's cycle starts from
 
 
 @dataclass
@@ -324,8 +325,12 @@ def _open_state(rd: RunDir, resuming: bool, extend_to: int | None = None) -> Run
         done = state.finetune_epochs_done
         log.info("extending %s: a new fine-tuning cycle of %d epoch(s) (epochs %d-%d) from its best model",
                  rd.path, extend_to - done, done + 1, extend_to)
-        state.extensions.append({"from_epochs": done, "to_epochs": extend_to,
+        state.extensions.append({"from_epochs": done, "to_epochs": extend_to, "best_before": state.best,
                                  "started_at": datetime.now(UTC).isoformat(timespec="seconds")})
+        if (state.finetune or {}).get("mode") == "boundary":
+            # an interrupted boundary stage is redone whole, so its cycle must find where it started
+            rd.checkpoints.mkdir(exist_ok=True)
+            shutil.copyfile(rd.weights_path, rd.checkpoints / CYCLE_START)
         state.status = "running"
         state.finetune_cycle_start = done
         state.finetune_epochs_planned = extend_to
@@ -559,9 +564,16 @@ class TrainingFlow:
         # An interrupted stage is redone whole (its epochs read views drawn once, and it takes minutes), from
         # the frozen stage's model (an extension's: the best model), which is the best again until an epoch beats it.
         state.rows = [r for r in state.rows if r["phase"] != "finetune" or r["epoch"] <= cycle]
+        # The stage commits state.json at its end only, so an interrupted attempt may have left its best epoch
+        # in model.json/model.safetensors alone: the starting model is saved as the best again then too.
+        saved_best = self.rd.model_meta().get("best")
         if extending:
-            model.load_state_dict(load_tensors(self.rd.weights_path))
-        elif state.best["phase"] == "finetune":
+            model.load_state_dict(load_tensors(self.rd.checkpoints / CYCLE_START))
+            before = state.extensions[-1]["best_before"]
+            if state.best != before or saved_best != before:
+                state.best = None
+                maybe_save_best(before["phase"], before["epoch"], before["val_accuracy"], before["val_loss"])
+        elif state.best["phase"] == "finetune" or saved_best != state.best:
             frozen = max((r for r in state.rows if r["phase"] == "frozen"),
                          key=lambda r: selection_score(r["val_accuracy"], r["val_loss"]))
             state.best = None
