@@ -297,7 +297,9 @@ def _plan_extension(rd: RunDir, cfg: TrainConfig, epochs: int | None) -> int | N
     state = rd.state()
     done = state.finetune_epochs_done
     if rd.status != "finished":
-        if epochs != cfg.epochs_finetune:
+        # an extension under way counts as asked for (so do the other processes of a multi-device one,
+        # which read the state after rank 0 has started it)
+        if epochs not in (cfg.epochs_finetune, *(e["to_epochs"] for e in state.extensions[-1:])):
             raise RunDirError(f"{rd.path} is an interrupted run of {cfg.epochs_finetune} fine-tuning epoch(s): "
                               f"finish it first (`transferlab train --resume {rd.path}`), then extend it with "
                               f"--epochs-finetune.")
@@ -399,8 +401,8 @@ class TrainingFlow:
     def run(self) -> TrainResult:
         cfg, ranks, rd = self.cfg, self.ranks, self.rd
         state = self.state = ranks.on_zero(lambda: _open_state(rd, self.resuming, self.extend_to))
-        if self.extend_to is not None:
-            cfg.epochs_finetune = self.extend_to
+        if state.extensions:  # the epochs the run trains to, as rank 0's state says on every rank
+            cfg.epochs_finetune = state.extensions[-1]["to_epochs"]
         self.elapsed_before = state.elapsed_seconds
         spec = self.spec
         log.info("run directory: %s", self.run_dir)
