@@ -68,14 +68,15 @@ def test_the_cli_extends_a_boundary_run_on_its_own_boundary_cache(tiny_data, tmp
     first = transferlab.train(tiny_data, out=str(tmp_path / "run"), **BOUNDARY)
     assert first.summary["finetune"]["mode"] == "boundary"
     old_model = _digest(first.run_dir / "model.safetensors")
-    r = cli("train", "--resume", first.run_dir, "--epochs-finetune", "3", "--no-progress")
+    # 4 is also the option's default: given on the command line, it still counts
+    r = cli("train", "--resume", first.run_dir, "--epochs-finetune", "4", "--no-progress")
     assert r.code == 0, r.text
     assert "extending" in r.text
     rd = RunDir(first.run_dir)
     result = run_module.TrainResult(run_dir=rd.path, summary=rd.summary(), rows=rd.state().rows)
-    _check_extended(first.rows, result, old_model, 3)
+    _check_extended(first.rows, result, old_model, 4)
     ft = rd.summary()["finetune"]
-    assert ft["mode"] == "boundary" and ft["epochs_run"] == 3
+    assert ft["mode"] == "boundary" and ft["epochs_run"] == 4
 
 
 def test_an_interrupted_extension_is_resumed(tiny_run, tmp_path, monkeypatch):

@@ -49,9 +49,6 @@ METRIC_COLUMNS = [
     "lr", "epoch_seconds", "elapsed_seconds",
 ]
 
-STATUSES = ("new", "interrupted", "finished")
-
-
 def _read_json(path: Path) -> Any:
     from transferlab.training.io import read_json
 
@@ -77,9 +74,6 @@ class RunDir:
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
-
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
 
     @classmethod
     def default(cls, backbone: str) -> RunDir:

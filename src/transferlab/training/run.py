@@ -271,13 +271,13 @@ def _remove_added(run_dir: Path, kept: set[str] | None) -> None:
 def _finished_result(rd: RunDir, asked: int | None = None) -> TrainResult:
     """A finished run's saved result: it is not trained, evaluated or reported again. `asked`: the
     --epochs-finetune given, not above the epochs the run did."""
-    state = rd.state()
-    best, done = state.best, state.finetune_epochs_done
+    state, summary = rd.state(), rd.summary()
+    best, done = summary["best"], state.finetune_epochs_done
     why = "" if asked is None else f" (--epochs-finetune {asked} is not above the {done} it did)"
     log.info("%s is a finished run (best val accuracy %.4f, %s epoch %d; %d fine-tuning epoch(s)): nothing to "
              "resume%s. To train longer, resume it with --epochs-finetune above %d.", rd.path, best["val_accuracy"],
              best["phase"], best["epoch"], done, why, done)
-    return TrainResult(run_dir=rd.path, summary=rd.summary(), rows=state.rows)
+    return TrainResult(run_dir=rd.path, summary=summary, rows=state.rows or rd.metrics())
 
 
 def _plan_extension(rd: RunDir, cfg: TrainConfig, epochs: int | None) -> int | None:
