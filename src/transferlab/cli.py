@@ -226,11 +226,14 @@ def _train_or_resume(api, data, resume, allow_changed_data: bool, options: dict)
     if resume is not None:
         import dataclasses
 
-        import click
+        try:  # the command's context tells a value given on the command line from its default
+            from typer._click.globals import get_current_context  # typer carries its own copy of click
+        except ImportError:
+            from click import get_current_context
 
         from transferlab.config import TrainConfig
 
-        ctx = click.get_current_context(silent=True)
+        ctx = get_current_context(silent=True)
 
         def on_command_line(name: str) -> bool:
             source = ctx.get_parameter_source({"loggers": "logger"}.get(name, name)) if ctx is not None else None
