@@ -164,3 +164,21 @@ def test_an_interrupted_boundary_extension_is_redone_from_where_its_cycle_starte
     assert any(r["phase"] == best["phase"] and r["epoch"] == best["epoch"]
                and r["val_loss"] == best["val_loss"] for r in result.rows)  # a real epoch, not the killed one
     assert best["val_loss"] != -1.0 and RunDir(first.run_dir).model_meta()["best"] == best
+
+
+def test_an_extension_killed_before_its_summary_is_not_taken_for_finished(tiny_run, tmp_path, monkeypatch):
+    run = _copy(tiny_run, tmp_path)
+    real_write = run_module.atomic_write_json
+
+    def killed_at_the_summary(path, data):
+        if path == RunDir(run).summary_path:
+            raise RuntimeError("killed")
+        real_write(path, data)
+
+    monkeypatch.setattr(run_module, "atomic_write_json", killed_at_the_summary)
+    with pytest.raises(RuntimeError, match="killed"):
+        transferlab.train(resume=run, epochs_finetune=3)
+    assert RunDir(run).status == "interrupted"  # the previous summary.json is still there, but stale
+    monkeypatch.setattr(run_module, "atomic_write_json", real_write)
+    result = transferlab.train(resume=run)
+    assert _finetune_epochs(result.rows) == [1, 2, 3] and RunDir(run).summary()["extensions"][0]["to_epochs"] == 3

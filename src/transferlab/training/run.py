@@ -109,10 +109,6 @@ class TrainResult:
                                                               else [inputs], top_k=top_k)]
 
 
-def default_run_dir(backbone: str) -> Path:
-    return RunDir.default(backbone).path
-
-
 def _planned(state: RunState, cfg: TrainConfig) -> int:
     """The fine-tuning epochs this run runs to: as planned (a --time-budget or an extension), else as asked."""
     return cfg.epochs_finetune if state.finetune_epochs_planned is None else state.finetune_epochs_planned
@@ -125,10 +121,6 @@ def _setup_file_log(run_dir: Path) -> logging.Handler:
     if log.level == logging.NOTSET or log.level > logging.INFO:
         log.setLevel(logging.INFO)
     return handler
-
-
-def write_metrics(run_dir: Path, rows: list[dict]) -> None:
-    RunDir(run_dir).write_metrics(rows)
 
 
 def model_metadata(spec: BackboneSpec, head: HeadConfig, classes: list[str], extra: dict) -> dict:
@@ -511,7 +503,7 @@ class TrainingFlow:
             state.phase_seconds["head_training"] = time.perf_counter() - t2
             state.frozen_done = True
             state.save()
-            write_metrics(self.run_dir, state.rows)
+            self.rd.write_metrics(state.rows)
             return best_state
 
         best_head = ranks.on_zero(head_stage)
@@ -525,7 +517,7 @@ class TrainingFlow:
         """Two-stage fine-tuning of the top stages on a boundary cache (training/boundary.py). False when this
         run fine-tunes with the full loop instead: --finetune full, several processes, an architecture with no
         chain to cut, activations that do not fit in memory, or full-loop epochs already done (a resumed run)."""
-        model, splits, cfg, spec, state, run_dir = self.model, self.splits, self.cfg, self.spec, self.state, self.run_dir
+        model, splits, cfg, spec, state = self.model, self.splits, self.cfg, self.spec, self.state
         ranks, decoded, autocast, tapped = self.ranks, self.decoded, self.autocast, self.tapped
         record, maybe_save_best = self.record, self.maybe_save_best
         if cfg.strategy != "two-stage" or cfg.finetune != "boundary" or not state.frozen_done:
@@ -612,7 +604,7 @@ class TrainingFlow:
             record("finetune", rec)
             if improved:
                 maybe_save_best("finetune", rec["epoch"], rec["val_accuracy"], rec["val_loss"])
-            write_metrics(run_dir, state.rows)
+            self.rd.write_metrics(state.rows)
 
         records, best_top, stopped = boundary.train_top(
             split.top, view_x, train_y, val_x, label_targets(splits.val, len(splits.classes), splits.multilabel),
@@ -652,7 +644,7 @@ class TrainingFlow:
         state.finetune_epochs_done = cycle + len(records)
         state.boundary_done = True
         state.save()
-        write_metrics(run_dir, state.rows)
+        self.rd.write_metrics(state.rows)
         return True
 
     def _finetune(self, deadline: float | None) -> None:
@@ -927,12 +919,13 @@ def _finish(run_dir: Path, cfg: TrainConfig, spec: BackboneSpec, splits: DataSpl
             "thresholds": state.thresholds} if splits.multilabel else {}),
         "versions": {"torch": torch.__version__, "lightning": L.__version__, "python": sys.version.split()[0]},
     }
-    state.status = "finished"
-    state.save()
-    write_metrics(run_dir, rows)
     rd = RunDir(run_dir)
+    rd.write_metrics(rows)
     plot_curves(rows, rd.curves_path, title=f"{spec.name} — {cfg.strategy}")
     atomic_write_json(rd.summary_path, summary)
+    # finished only once its summary is written: an extended run keeps its previous summary.json until then
+    state.status = "finished"
+    state.save()
     evaluated = _calibrate(run_dir, cfg, decoded, multilabel=splits.multilabel)
     if cfg.report:
         _write_report(run_dir, cfg.progress, decoded, evaluated)
@@ -1269,4 +1262,4 @@ class _RunCallback(L.Callback):
         save_training_state(RunDir(self.run_dir).checkpoints / "last", weights, trees,
                             {"epoch": epoch, "run_state": self.state.to_dict()})
         self.state.save()
-        write_metrics(self.run_dir, self.state.rows)
+        self.flow.rd.write_metrics(self.state.rows)
