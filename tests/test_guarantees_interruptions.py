@@ -89,7 +89,7 @@ def test_kill_between_checkpoint_and_state_json_loses_nothing(tiny_data, tmp_pat
     real_save = run_module.RunState.save
 
     def die_after_checkpoint_of_epoch_2(self):
-        if self.data["finetune_epochs_done"] == 2 and (self.path.parent / "checkpoints" / "last.json").exists():
+        if self.finetune_epochs_done == 2 and (self.run_dir.checkpoints / "last.json").exists():
             raise RuntimeError("killed")  # as if killed right after the checkpoint's rename
         real_save(self)
 

@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("_version", "errors", "_testing", "_runtime", "io", "paths", "network", "logs"),
     ("data",),
     ("models",),
-    ("config",),
+    ("config", "run_dir"),
     ("recipes",),
     ("training",),
     ("evaluation",),

@@ -73,14 +73,15 @@ def test_the_cli_has_version_and_short_help():
     assert p.returncode == 0 and "--epochs-finetune" in p.stdout
 
 
-def test_options_given_with_resume_are_named_as_ignored_not_dropped_silently(tiny_run, tmp_path, caplog):
+def test_options_given_with_resume_are_refused_by_name_not_dropped_silently(tiny_run, tmp_path, caplog):
+    """(test_run_extend.py: a larger --epochs-finetune trains a finished run longer.)"""
     import shutil
 
     from guarantees import cli as in_process
 
     run = shutil.copytree(tiny_run, tmp_path / "run")
-    r = in_process("train", "--resume", run, "--epochs-finetune", "3", "--no-progress", "--no-report")
-    assert r.code == 0, r.text
-    assert "ignored: epochs_finetune=3" in r.text and "config.yaml" in r.text
+    r = in_process("train", "--resume", run, "--seed", "3", "--no-progress", "--no-report")
+    assert r.code == 2 and "Traceback" not in r.text
+    assert "--seed cannot be changed on a resumed run" in r.text and "config.yaml" in r.text
     r = in_process("train", "--resume", run, "--no-progress", "--no-report")
-    assert r.code == 0 and "ignored" not in r.text
+    assert r.code == 0 and "nothing to resume" in r.text

@@ -1,5 +1,5 @@
 """A run directory's life: a run that fails before its first epoch leaves nothing behind; resuming a
-finished run says so and changes nothing."""
+finished run says so and changes nothing (test_run_extend.py: unless it asks for more epochs)."""
 
 from __future__ import annotations
 
@@ -35,9 +35,12 @@ def test_resuming_a_finished_run_says_so_and_redoes_nothing(tmp_path):
     watched = [p for p in watched if p.exists()]
     assert watched, "the run wrote none of its outputs"
     before = {p: os.stat(p).st_mtime_ns for p in watched}
-    r = cli("train", "--resume", first.run_dir, "--epochs-finetune", "3")
+    r = cli("train", "--resume", first.run_dir)
     assert r.code == 0, r.text
     assert "finished run" in r.text and "nothing to resume" in r.text
+    r = cli("train", "--resume", first.run_dir, "--epochs-finetune", "1")  # not above the 1 it did
+    assert r.code == 0, r.text
+    assert "nothing to resume" in r.text and "--epochs-finetune 1 is not above the 1 it did" in r.text
     assert {p: os.stat(p).st_mtime_ns for p in watched} == before
     again = transferlab.train(resume=first.run_dir)
     assert again.val_accuracy_best == first.val_accuracy_best and again.rows == first.rows

@@ -145,7 +145,7 @@ def test_resume_continues_an_interrupted_fine_tuning(tiny_data, tmp_path, monkey
 
     def interrupt_after_second(self, trainer, pl_module):
         real_end(self, trainer, pl_module)
-        if self.state.data["finetune_epochs_done"] == 2:
+        if self.state.finetune_epochs_done == 2:
             raise RuntimeError("simulated crash")
 
     monkeypatch.setattr(run_module._RunCallback, "on_train_epoch_end", interrupt_after_second)

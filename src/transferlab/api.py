@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,7 +54,9 @@ def train(data: str | Path | None = None, *, resume: str | Path | None = None, a
     """Train a classifier on `data` (ImageFolder tree, class folders, or CSV). `options` are
     TrainConfig fields (backbone, head, epochs_frozen, lr_decay, ...); `config` a YAML file of them (a
     run's config.yaml works) used as defaults, `data` included, that `options` override; `resume`
-    continues a run (refused when its data changed since it started, unless `allow_changed_data`).
+    continues a run (refused when its data changed since it started, unless `allow_changed_data`), and with
+    `epochs_finetune` above the fine-tuning epochs a finished run did, trains it longer (a new fine-tuning
+    cycle: training.run._plan_extension); other options with `resume` are refused.
     Progress (phases, one line per epoch) goes to stderr as the CLI prints it unless logging is configured
     (logs.api_logging); `verbose=False` keeps warnings only."""
     with api_logging(verbose):
@@ -72,13 +73,9 @@ def _train_api(data, resume, allow_changed_data: bool, config, options: dict[str
         defaults.pop("data", None)
         options = {**defaults, **options}
 
-    if resume is not None:
-        if data is not None or options:
-            ignored = ", ".join([*(["data"] if data is not None else []), *(f"{k}={v!r}" for k, v in options.items())])
-            logging.getLogger("transferlab").warning(
-                "--resume takes %s's settings from its config.yaml; ignored: %s (a new run with "
-                "another --out uses them)", resume, ignored)
-        return _train(TrainConfig(), resume=resume, allow_changed_data=allow_changed_data)
+    if resume is not None:  # only what a resumed run can honour (an extension's epochs_finetune); the rest is refused
+        return _train(TrainConfig(), resume=resume, allow_changed_data=allow_changed_data,
+                      resume_options={**({"data": data} if data is not None else {}), **options})
     return _train(TrainConfig.from_options("train", data, options))
 
 

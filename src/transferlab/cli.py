@@ -200,17 +200,28 @@ def _layered(ctx: typer.Context, defaults: dict, sets: dict, options: dict) -> d
 
 
 def _train_or_resume(api, data, resume, allow_changed_data: bool, options: dict):
-    """A resumed run takes its configuration from the run directory, not from the options: those given
-    with other values than the defaults are passed on only to be named in the warning."""
+    """A resumed run takes its configuration from the run directory: the options given (on the command
+    line, or by --config/--set with values other than the defaults) are passed on, where api.train accepts
+    a larger --epochs-finetune and the options that leave the model alone, and refuses the rest."""
     if resume is not None:
         import dataclasses
 
+        try:  # the command's context tells a value given on the command line from its default
+            from typer._click.globals import get_current_context  # typer carries its own copy of click
+        except ImportError:
+            from click import get_current_context
+
         from transferlab.config import TrainConfig
 
+        ctx = get_current_context(silent=True)
+
+        def on_command_line(name: str) -> bool:
+            source = ctx.get_parameter_source({"loggers": "logger"}.get(name, name)) if ctx is not None else None
+            return getattr(source, "name", None) == "COMMANDLINE"
+
         defaults = {f.name: getattr(TrainConfig(), f.name) for f in dataclasses.fields(TrainConfig)}
-        given = {k: v for k, v in options.items() if k in defaults and k not in ("progress", "report")
-                 and v != defaults[k]}
-        return api.train(resume=resume, allow_changed_data=allow_changed_data, **given)
+        given = {k: v for k, v in options.items() if k in defaults and (on_command_line(k) or v != defaults[k])}
+        return api.train(data, resume=resume, allow_changed_data=allow_changed_data, **given)
     return api.train(data, **options)
 
 

@@ -47,6 +47,7 @@ from transferlab.data.sources import DataSplits, Sample
 from transferlab.data.splits import SPLITS
 from transferlab.errors import RunDirError, TransferlabError
 from transferlab.logs import tracked
+from transferlab.run_dir import RunDir
 
 __all__ = ["CHECKS", "CSV_COLUMNS", "DOCTOR_FORMAT", "DoctorOptions", "DoctorResult", "Finding", "cached_by", "doctor_run",
            "is_run_dir", "load_doctor", "run_doctor"]
@@ -306,8 +307,8 @@ def load_doctor(path: Path) -> dict[str, Any]:
 
 def is_run_dir(path: str | Path) -> bool:
     """A training run's directory (its config.yaml and model.json), as opposed to a dataset."""
-    p = Path(path)
-    return p.is_dir() and (p / "config.yaml").is_file() and (p / "model.json").is_file()
+    rd = RunDir(path)
+    return rd.path.is_dir() and rd.is_run and rd.model_meta_path.is_file()
 
 
 def default_out_dir() -> Path:
@@ -328,7 +329,7 @@ def doctor_run(run_dir: str | Path, options: DoctorOptions | None = None, *, pro
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         raise RunDirError(f"'{run_dir}' is not a run directory (no config.yaml and model.json).")
-    cfg = TrainConfig.load(run_dir / "config.yaml")
+    cfg = RunDir(run_dir).config()
     if only_if_cached and not cached_by(cfg):
         raise TransferlabError(f"this run did not cache frozen features (strategy {cfg.strategy}, feature cache "
                                f"{cfg.feature_cache}); `transferlab doctor {run_dir}` runs it with one forward pass")

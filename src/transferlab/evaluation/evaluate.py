@@ -42,6 +42,7 @@ from transferlab.evaluation.samples import eval_data
 from transferlab.evaluation.tta import TTA_VIEWS, tta_logits
 from transferlab.io import atomic_write_json, read_json
 from transferlab.logs import progress_bar
+from transferlab.run_dir import model_files
 from transferlab.training.memory import AdaptiveBatch, forward_in_passes
 
 __all__ = ["EVAL_FORMAT", "EvalResult", "eval_json_paths", "evaluate_run", "load_eval"]
@@ -172,7 +173,7 @@ def evaluate_run(
         raise TransferlabError("--calibrate fits the temperature on the run's own val split: drop DATA and "
                                "--split (calibrating on the data you evaluate on would flatter it).")
     model, meta = load_inference_model(run_dir)
-    meta_path = Path(run_dir) / "model.json" if Path(run_dir).is_dir() else Path(run_dir).with_suffix(".json")
+    meta_path, _ = model_files(run_dir)
     run_dir = Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent
     classes = list(meta["classes"])
     multi = is_multilabel_model(meta)

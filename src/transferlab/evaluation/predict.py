@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from transferlab.data.images import IMAGE_EXTENSIONS
 from transferlab.errors import RunDirError
 from transferlab.paths import is_hidden
+from transferlab.run_dir import model_files
 
 if TYPE_CHECKING:
     import torch
@@ -33,8 +34,7 @@ def load_run_model(run: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     run = Path(run)
     if not run.exists():
         raise RunDirError(f"Run directory '{run}' does not exist.")
-    meta_path = run / "model.json" if run.is_dir() else run.with_suffix(".json")
-    weights_path = run / "model.safetensors" if run.is_dir() else run
+    meta_path, weights_path = model_files(run)
     if not meta_path.exists() or not weights_path.exists():
         raise RunDirError(
             f"'{run}' holds no trained model (model.json + model.safetensors). "

@@ -26,6 +26,7 @@ from transferlab.data.sources import LAYOUT_SPLIT_FOLDERS, Sample, load_splits
 from transferlab.data.splits import SPLITS, split_folder_names
 from transferlab.errors import DataError, RunDirError
 from transferlab.paths import is_hidden, slug
+from transferlab.run_dir import RunDir
 
 __all__ = ["EvalData", "eval_data"]
 
@@ -97,7 +98,7 @@ def _read_shards(data: str | Path, split: str) -> tuple[list[tuple[Path, str]], 
 
 
 def _run_config(run_dir: Path) -> dict | None:
-    path = Path(run_dir) / "config.yaml"
+    path = RunDir(run_dir).config_path
     if not path.is_file():
         return None
     try:

@@ -33,6 +33,7 @@ from transferlab.export.predictors import task_of
 from transferlab.export.sidecar import SIDECAR_FORMAT, sidecar_path
 from transferlab.export.torchscript import export_torchscript, load_torchscript
 from transferlab.io import atomic_write_json, ensure_writable_dir
+from transferlab.run_dir import model_files
 
 __all__ = ["FORMATS", "ExportFormat", "ExportResult", "export_run"]
 
@@ -98,7 +99,7 @@ def export_run(run: str | Path, fmt: str = "onnx", *, out: str | Path | None = N
     run = Path(run)
     model, meta = load_run_model(run)
     run_dir = run if run.is_dir() else run.parent
-    weights = run / "model.safetensors" if run.is_dir() else run
+    _, weights = model_files(run)
     path = Path(out) if out is not None else default_export_path(run_dir, fmt, fp16)
     if path.suffix.lower() != spec.extension:
         raise TransferlabError(f"A {fmt} export is written to a '{spec.extension}' file, got '{path.name}' "

@@ -18,6 +18,7 @@ from transferlab.data.multilabel import MULTILABEL, SINGLE, is_multilabel_model,
 from transferlab.errors import RunDirError
 from transferlab.export.preprocess import preprocess_image
 from transferlab.export.sidecar import read_sidecar
+from transferlab.run_dir import model_files
 
 __all__ = [
     "OnnxPredictor",
@@ -212,7 +213,7 @@ def model_calibration(path: str | Path) -> dict[str, Any] | None:
         return read_sidecar(path).get("calibration")
     from transferlab.io import read_json  # imports torch: not for the torch-free ONNX path
 
-    meta_path = path / "model.json" if path.is_dir() else path.with_suffix(".json")
+    meta_path, _ = model_files(path)
     if not meta_path.is_file():
         raise RunDirError(f"'{path}' holds no trained model (model.json + model.safetensors).")
     meta = read_json(meta_path)

@@ -13,10 +13,7 @@ its source published. Running one goes through the ordinary ``train``/``compare`
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
-import json
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -26,6 +23,7 @@ from typing import Any
 import yaml
 
 from transferlab.errors import TransferlabError
+from transferlab.run_dir import RunDir
 
 __all__ = ["KINDS", "METRICS", "Recipe", "RecipeError", "list_recipes", "load_recipe", "measured", "resolve_recipe"]
 
@@ -219,24 +217,13 @@ def resolve_recipe(recipe: Recipe | str, overrides: Iterable[str] = ()) -> Recip
 # ------------------------------------------------------------------------------------ source figures
 
 
-def _max_val_accuracy(run_dir: Path, phase: str) -> float | None:
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
-        return None
-    with open(path, newline="", encoding="utf-8") as f:
-        values = [float(r["val_accuracy"]) for r in csv.DictReader(f) if r.get("phase") == phase]
-    values = [v for v in values if math.isfinite(v)]
-    return max(values) if values else None
-
-
 def _best(run_dir: Path) -> float | None:
-    path = run_dir / "summary.json"
-    return json.loads(path.read_text(encoding="utf-8")).get("val_accuracy_best") if path.is_file() else None
+    return RunDir(run_dir).summary().get("val_accuracy_best")
 
 
 METRICS = {
-    "feature_extraction": lambda run: _max_val_accuracy(run, "frozen"),
-    "finetune": lambda run: _max_val_accuracy(run, "finetune"),
+    "feature_extraction": lambda run: RunDir(run).best_val_accuracy("frozen"),
+    "finetune": lambda run: RunDir(run).best_val_accuracy("finetune"),
     "best": _best,
 }
 """Published-figure metric -> the same number measured on a run directory (None when it has none)."""

@@ -8,7 +8,6 @@ Every string that comes from the user (class names, paths, config values) is HTM
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import json
 import logging
@@ -19,7 +18,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from transferlab.config import TrainConfig
 from transferlab.errors import RunDirError, TransferlabError
 from transferlab.evaluation.doctor import CHECKS, CSV_NAME, JSON_NAME, RUN_SUBDIR, doctor_run, load_doctor
 from transferlab.evaluation.evaluate import eval_json_paths, evaluate_run, load_eval
@@ -27,6 +25,7 @@ from transferlab.evaluation.explain import explain_evaluation
 from transferlab.io import atomic_write_text, is_writable_dir, read_json
 from transferlab.reporting.curves import plot_curves
 from transferlab.reporting.plots import doctor_plots, eval_plots
+from transferlab.run_dir import RunDir
 
 __all__ = ["write_report"]
 
@@ -95,23 +94,6 @@ def _img(path: Path, alt: str) -> _Html:
     return _Html(f'<img src="data:image/png;base64,{data}" alt="{_esc(alt)}">')
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    """metrics.csv with numbers as numbers (plot_curves and the tables need floats)."""
-    if not path.is_file():
-        return []
-    rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            parsed: dict[str, Any] = {}
-            for k, v in row.items():
-                try:
-                    parsed[k] = float(v) if k != "phase" else v
-                except (TypeError, ValueError):
-                    parsed[k] = v
-            rows.append(parsed)
-    return rows
-
-
 def _count_params(weights: Path) -> int | None:
     """Parameters from the safetensors header alone (no tensor is loaded); BatchNorm buffers excluded."""
     if not weights.is_file():
@@ -142,12 +124,12 @@ def _load_run(run_dir: Path, progress: bool, artefacts: Path) -> dict[str, Any]:
         log.info("%s has no evaluation yet: evaluating its val split", run_dir)
         evaluate_run(run_dir, split="val", progress=progress, out_dir=artefacts)
         evals = eval_json_paths(artefacts)
-    config_path = run_dir / "config.yaml"
-    config = TrainConfig.load(config_path).to_dict() if config_path.is_file() else {}
-    rows = _read_rows(run_dir / "metrics.csv")
-    curves = run_dir / "curves.png"
+    rd = RunDir(run_dir)
+    config = rd.config().to_dict() if rd.is_run else {}
+    rows = rd.metrics()
+    curves = rd.curves_path
     if not curves.is_file() and rows:
-        curves = plot_curves(rows, artefacts / "curves.png", title=run_dir.name)
+        curves = plot_curves(rows, RunDir(artefacts).curves_path, title=run_dir.name)
     evaluations = []
     for path in evals:
         ev = load_eval(path)
@@ -157,12 +139,12 @@ def _load_run(run_dir: Path, progress: bool, artefacts: Path) -> dict[str, Any]:
         "dir": run_dir,
         "doctor": _load_doctor(run_dir, progress, artefacts),
         "config": config,
-        "summary": _optional_json(run_dir / "summary.json"),
-        "data": _optional_json(run_dir / "data.json"),
-        "model": _optional_json(run_dir / "model.json"),
+        "summary": rd.summary(),
+        "data": rd.data_summary(),
+        "model": rd.model_meta(),
         "rows": rows,
         "curves": curves if curves.is_file() else None,
-        "params": _count_params(run_dir / "model.safetensors"),
+        "params": _count_params(rd.weights_path),
         "evaluations": evaluations,
         "recipe": _optional_json(run_dir / "recipe.json"),
     }
@@ -533,7 +515,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None, 
     for d in dirs:  # fail before evaluating anything
         if not d.is_dir():
             raise RunDirError(f"Run directory '{d}' does not exist.")
-    path = Path(out) if out is not None else (dirs[0] / "report.html" if len(dirs) == 1 else Path("report.html"))
+    path = Path(out) if out is not None else (RunDir(dirs[0] if len(dirs) == 1 else ".").report_path)
     if out is None and len(dirs) == 1 and not is_writable_dir(dirs[0]):
         raise RunDirError(f"Cannot write the report into '{dirs[0]}': the run directory is read-only. Write it "
                           "elsewhere with -o FILE (nothing is then written into the run).")

@@ -24,12 +24,12 @@ from typing import Any, Self
 from lightning.pytorch.loggers import Logger
 
 from transferlab.config import TrainConfig
+from transferlab.run_dir import CONFIG, CURVES, METRICS, MODEL_META, MODEL_WEIGHTS, REPORT, SUMMARY
 
 log = logging.getLogger("transferlab")
 
 # What MLflow receives as artefacts, those that exist (the report only when one was written).
-ARTEFACTS = ("model.safetensors", "model.json", "report.html", "metrics.csv", "config.yaml", "summary.json",
-             "curves.png")
+ARTEFACTS = (MODEL_WEIGHTS, MODEL_META, REPORT, METRICS, CONFIG, SUMMARY, CURVES)
 MLFLOW_EXPERIMENT = "transferlab"
 
 

@@ -2,8 +2,8 @@
 
 Each cell is an ordinary run directory ``DIR/<backbone>__<strategy>``, trained by ``transferlab.train``,
 so everything about it (report, evaluate, predict, resume) works as for any run. The grid is
-restartable: a cell with summary.json is finished and skipped; a cell with config.yaml but no
-summary.json was interrupted and is resumed (``train(resume=cell)``); a cell trained with other
+restartable: a finished cell is skipped, an interrupted one resumed (``train(resume=cell)``), as
+``RunDir.status`` tells them apart; a cell trained with other
 settings than the ones asked for is an error rather than a silently mixed comparison.
 """
 
@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from transferlab.paths import slug
+from transferlab.run_dir import RunDir
 
-__all__ = ["COMPARE_COLUMNS", "CompareResult", "cell_dir", "cell_status", "compare"]
+__all__ = ["COMPARE_COLUMNS", "CompareResult", "cell_dir", "compare"]
 
 log = logging.getLogger("transferlab")
 
@@ -63,20 +64,10 @@ def cell_dir(out_dir: Path, backbone: str, strategy: str) -> Path:
     return Path(out_dir) / f"{slug(backbone)}__{strategy}"
 
 
-def cell_status(run_dir: Path) -> str:
-    """'finished' (summary.json), 'unfinished' (config.yaml, no summary.json) or 'new'."""
-    if (run_dir / "summary.json").is_file():
-        return "finished"
-    if (run_dir / "config.yaml").is_file():
-        return "unfinished"
-    return "new"
-
-
 def _check_same_settings(run_dir: Path, wanted: Mapping[str, Any], data: str | Path) -> None:
-    from transferlab.config import TrainConfig
     from transferlab.errors import RunDirError
 
-    saved = TrainConfig.load(run_dir / "config.yaml")
+    saved = RunDir(run_dir).config()
     diffs = [f"{k}={getattr(saved, k)!r} (asked: {wanted[k]!r})" for k in _COMPARED_SETTINGS
              if k in wanted and wanted[k] is not None and getattr(saved, k) != wanted[k]]
     if Path(saved.data).expanduser().resolve() != Path(data).expanduser().resolve():
@@ -94,30 +85,15 @@ def _train_cell(run_dir: Path, status: str, data: str | Path, options: Mapping[s
     from transferlab.training.run import train
 
     with PeakMemory(device) as peak:
-        if status == "unfinished":
+        if status == "interrupted":
             log.info("resuming %s", run_dir)
             train(TrainConfig(), resume=run_dir)
         else:
             log.info("training %s", run_dir)
             train(TrainConfig.from_options("compare", data, {**options, "out": str(run_dir)}))
     atomic_write_json(run_dir / CELL_FILE, {"peak_train_mem_mb": round(peak.mb, 1), "peak_memory_exact": peak.exact,
-                                            "device": device, "resumed": status == "unfinished"})
-    return "resumed" if status == "unfinished" else "trained"
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        for k, v in r.items():
-            if k != "phase":
-                try:
-                    r[k] = float(v)
-                except (TypeError, ValueError):
-                    pass
-    return rows
+                                            "device": device, "resumed": status == "interrupted"})
+    return "resumed" if status == "interrupted" else "trained"
 
 
 def _best(rows: Sequence[Mapping[str, Any]], phase: str) -> float | None:
@@ -131,8 +107,8 @@ def _cell_row(run_dir: Path, backbone: str, strategy: str, status: str, device: 
     from transferlab.evaluation.predict import load_run_model
     from transferlab.io import read_json
 
-    summary = read_json(run_dir / "summary.json")
-    metrics = _read_metrics(run_dir / "metrics.csv")
+    rd = RunDir(run_dir)
+    summary, metrics = rd.summary(), rd.metrics()
     cell = read_json(run_dir / CELL_FILE) if (run_dir / CELL_FILE).is_file() else {}
     model, meta = load_run_model(run_dir)
     autocast = _runtime.autocast_dtype(_runtime.resolve_precision("auto", device, training=False))
@@ -186,7 +162,7 @@ def compare(
     rows, curves = [], {}
     for backbone, strategy, cell_options in grid:
         run_dir = cell_dir(out_dir, backbone, strategy)
-        status = cell_status(run_dir)
+        status = RunDir(run_dir).status
         if status != "new":
             _check_same_settings(run_dir, cell_options, data)
         if status == "finished":
