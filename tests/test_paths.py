@@ -14,8 +14,8 @@ from transferlab.evaluation.explain import overlay_file_name
 from transferlab.evaluation.predict import expand_inputs
 from transferlab.models.catalog import meta_cache_path
 from transferlab.paths import home, is_hidden, slug
+from transferlab.run_dir import RunDir
 from transferlab.training.feature_cache import default_cache_dir
-from transferlab.training.run import default_run_dir
 from transferlab.workflows.compare import cell_dir
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "transferlab"
@@ -29,7 +29,7 @@ def test_slug_keeps_letters_and_never_hides_the_name():
 
 
 def test_every_made_name_goes_through_the_one_slug(tmp_path):
-    assert default_run_dir("hf-hub:timm/x").name.endswith("-hf-hub-timm-x")
+    assert RunDir.default("hf-hub:timm/x").path.name.endswith("-hf-hub-timm-x")
     assert cell_dir(tmp_path, "hf-hub:timm/x", "boundary").name == "hf-hub-timm-x__boundary"
     assert overlay_file_name("/a/.my photo.jpg", "café au lait", 0.5, set()) == "my-photo.café-au-lait.50pct.png"
 

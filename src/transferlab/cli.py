@@ -150,7 +150,7 @@ def train(
     ctx: typer.Context,
     data: Annotated[Path | None, typer.Argument(help=_DATA_HELP)] = None,
     *,
-    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run directory", rich_help_panel=OUTPUT)] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run directory; with a larger --epochs-finetune, train a finished one longer", rich_help_panel=OUTPUT)] = None,
     allow_changed_data: Annotated[bool, typer.Option("--allow-changed-data", help="With --resume: continue even though the data changed since the run started", rich_help_panel=OUTPUT)] = False,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML of train options used as defaults (a run's config.yaml works, data included); options given on the command line win", rich_help_panel=OUTPUT)] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="Set any training option by its config.yaml name (YAML value), e.g. --set head_dropout=0.3; wins over --config and the options", rich_help_panel=OUTPUT)] = None,
@@ -176,7 +176,7 @@ def train(
     if resume is None and data is None:
         raise TransferlabError("Missing DATA: give a folder of images or a CSV file (or --resume RUN).")
     try:
-        result = _train_or_resume(api, data, resume, allow_changed_data, _layered(ctx, defaults, sets, {
+        result = _train_or_resume(ctx, api, data, resume, allow_changed_data, _layered(ctx, defaults, sets, {
             **_as_config(options), "lr_finetune": parse_lr_finetune(options["lr_finetune"])}))
     except KeyboardInterrupt:
         # Typer would print "Aborted!"; say instead how to continue: every finished epoch is saved.
@@ -199,27 +199,15 @@ def _layered(ctx: typer.Context, defaults: dict, sets: dict, options: dict) -> d
     return layered
 
 
-def _train_or_resume(api, data, resume, allow_changed_data: bool, options: dict):
+def _train_or_resume(ctx: typer.Context, api, data, resume, allow_changed_data: bool, options: dict):
     """A resumed run takes its configuration from the run directory: the options given (on the command
     line, or by --config/--set with values other than the defaults) are passed on, where api.train accepts
     a larger --epochs-finetune and the options that leave the model alone, and refuses the rest."""
     if resume is not None:
-        import dataclasses
+        def on_command_line(name: str) -> bool:  # a value typed equal to its default still counts as given
+            return getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
 
-        try:  # the command's context tells a value given on the command line from its default
-            from typer._click.globals import get_current_context  # typer carries its own copy of click
-        except ImportError:
-            from click import get_current_context
-
-        from transferlab.config import TrainConfig
-
-        ctx = get_current_context(silent=True)
-
-        def on_command_line(name: str) -> bool:
-            source = ctx.get_parameter_source({"loggers": "logger"}.get(name, name)) if ctx is not None else None
-            return getattr(source, "name", None) == "COMMANDLINE"
-
-        defaults = {f.name: getattr(TrainConfig(), f.name) for f in dataclasses.fields(TrainConfig)}
+        defaults = {f.name: field_default(f) for f in dataclasses.fields(TrainConfig)}
         given = {k: v for k, v in options.items() if k in defaults and (on_command_line(k) or v != defaults[k])}
         return api.train(data, resume=resume, allow_changed_data=allow_changed_data, **given)
     return api.train(data, **options)

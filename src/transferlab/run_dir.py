@@ -48,6 +48,7 @@ METRIC_COLUMNS = [
     "lr", "epoch_seconds", "elapsed_seconds",
 ]
 
+
 def _read_json(path: Path) -> Any:
     from transferlab.io import read_json
 
