@@ -12,12 +12,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from transferlab.classifier import PREDICT_BATCH, TOP_K
 from transferlab.config import TrainConfig
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.abstain import DEFAULT_TARGET_PRECISION, Abstainer, AbstainOptions
 from transferlab.evaluation.doctor import DoctorOptions
+from transferlab.export.limits import PREDICT_BATCH, TOP_K
 from transferlab.logs import api_logging
+from transferlab.workflows.compare import COMPARE_STRATEGIES
 
 if TYPE_CHECKING:  # the heavy stack (torch, Lightning) loads only when a command needs it
     from transferlab.evaluation.doctor import DoctorResult
@@ -294,7 +295,7 @@ def select(data: str | Path, backbones: str | Iterable[str] | None = None, **opt
     return _select(data, backbones, **options)
 
 
-def compare(data: str | Path, backbones: str | Iterable[str], strategies: str | Iterable[str] = ("head-only", "two-stage"),
+def compare(data: str | Path, backbones: str | Iterable[str], strategies: str | Iterable[str] = COMPARE_STRATEGIES,
             *, out: str | Path | None = None, **options: Any) -> CompareResult:
     """Train every backbone x strategy on `data` (run dirs DIR/<backbone>__<strategy>), then one table,
     plots and compare.html. Re-running with the same `out` skips finished cells and resumes unfinished

@@ -32,6 +32,7 @@ from PIL import Image
 from transferlab.data.images import ImageError, load_image
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.abstain import DEFAULT_TARGET_PRECISION, UNKNOWN, Abstainer, AbstainOptions
+from transferlab.export.limits import PREDICT_BATCH, TOP_K
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -42,9 +43,6 @@ if TYPE_CHECKING:
     from transferlab.export.predictors import Predictor
 
 __all__ = ["Candidate", "Classifier", "Explanation", "Prediction", "load"]
-
-# `predict` unless asked otherwise (here and in transferlab.predict): labels per image, images per forward pass.
-TOP_K, PREDICT_BATCH = 3, 32
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from transferlab.data.images import ImageError, load_image
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.abstain import Abstainer
 from transferlab.evaluation.predict import expand_inputs
+from transferlab.export.limits import PREDICT_BATCH, TOP_K
 from transferlab.export.predictors import Predictor
 
 __all__ = ["OUTPUT_FORMATS", "count_inputs", "iter_predictions", "labels_above", "top_k_labels", "write_predictions"]
@@ -90,8 +91,8 @@ def _decoded(predictor: Predictor, inputs: Iterable[str | Path], window: int
             yield finish(*pending.popleft())
 
 
-def iter_predictions(predictor: Predictor, inputs: Iterable[str | Path], *, top_k: int = 3,
-                     batch_size: int = 32, abstainer: Abstainer | None = None) -> Iterator[dict[str, Any]]:
+def iter_predictions(predictor: Predictor, inputs: Iterable[str | Path], *, top_k: int = TOP_K,
+                     batch_size: int = PREDICT_BATCH, abstainer: Abstainer | None = None) -> Iterator[dict[str, Any]]:
     """{"path", "predictions": [{"label", "probability"}, ...]} or {"path", "error"} per input, in order;
     with an `abstainer`, entries also get "label" and "abstained" (--unknown) and "set" (--sets)."""
     if top_k < 1:

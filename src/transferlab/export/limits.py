@@ -1,11 +1,15 @@
-"""What serving may cost: the request, connection and time limits of `transferlab serve`, apart from the
-server so the command line reads their defaults without loading the web stack."""
+"""What predicting answers by default and what serving may cost: the request, connection and time limits of
+`transferlab serve`, apart from the server so the command line reads their defaults without loading the web
+stack."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from transferlab.errors import TransferlabError
+
+# labels per image, and images per forward pass, of predict (CLI, API, Classifier) and serve unless told
+TOP_K, PREDICT_BATCH = 3, 32
 
 
 @dataclass(frozen=True)
@@ -17,7 +21,7 @@ class ServeLimits:
     max_files: int = 16
     max_pixels: int = 50_000_000
     max_batch: int = 32
-    top_k: int = 3
+    top_k: int = TOP_K
     header_timeout: float = 10.0  # seconds for a request's headers to arrive (from connect, or the last response)
     body_timeout: float = 60.0  # seconds for its body, from its headers: 20 MB at 2.8 Mbit/s
     max_connections: int = 256  # open connections in all: 503 past it

@@ -37,6 +37,7 @@ from transferlab.data.multilabel import resolve_task
 from transferlab.data.sources import DataSplits, load_splits
 from transferlab.data.transforms import eval_transform, eval_view, train_transform
 from transferlab.errors import RunDirError, TransferlabError
+from transferlab.export.limits import TOP_K
 from transferlab.io import (
     atomic_write_json,
     ensure_writable_dir,
@@ -102,7 +103,7 @@ class TrainResult:
             self._classifier = load(self.run_dir)
         return self._classifier
 
-    def predict(self, inputs, top_k: int = 3) -> list[dict]:
+    def predict(self, inputs, top_k: int = TOP_K) -> list[dict]:
         """transferlab.predict's dicts for `inputs` (files, folders, globs); `classifier.predict` gives
         typed Predictions and takes in-memory images too."""
         return [p.to_dict() for p in self.classifier.predict(list(inputs) if not isinstance(inputs, (str, Path))

@@ -23,6 +23,8 @@ from transferlab.run_dir import RunDir
 __all__ = ["COMPARE_COLUMNS", "CompareResult", "cell_dir", "compare"]
 
 log = logging.getLogger("transferlab")
+# the strategies a comparison trains unless told: the frozen head alone against the default recipe
+COMPARE_STRATEGIES = ("head-only", "two-stage")
 
 COMPARE_COLUMNS = [
     "backbone", "strategy", "status", "pretrained", "img_size", "val_accuracy_feature_extraction",
@@ -132,7 +134,7 @@ def _cell_row(run_dir: Path, backbone: str, strategy: str, status: str, device: 
 def compare(
     data: str | Path,
     backbones: str | Iterable[str],
-    strategies: str | Iterable[str] = ("head-only", "two-stage"),
+    strategies: str | Iterable[str] = COMPARE_STRATEGIES,
     *,
     out: str | Path | None = None,
     device: str = "auto",
