@@ -44,6 +44,7 @@ from transferlab.evaluation.doctor import DoctorOptions
 from transferlab.export.bench_infer import RUNTIMES
 from transferlab.export.bench_infer import bench_infer as bench_infer_run
 from transferlab.export.limits import ServeLimits
+from transferlab.export.onnx import DEFAULT_OPSET
 from transferlab.logs import PLAIN_FORMAT, StderrHandler, progress_bar
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -754,12 +755,12 @@ _DOCTOR, _CHECKS_AT = _defaults(api.doctor), _defaults(DoctorOptions)
 @app.command(rich_help_panel=_DATA_VERBS)
 def doctor(
     data: Annotated[Path, typer.Argument(help="ImageFolder tree (train/ val/ \\[test/]), class folders, a CSV of path,label, or a run directory (its data and settings)")],
-    backbone: Annotated[str | None, typer.Option(help="Backbone whose frozen features describe the images (default: train's, efficientnet_lite0)", rich_help_panel=MODEL)] = None,
-    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained", help="Pretrained weights (default: yes)", rich_help_panel=MODEL)] = None,
+    backbone: Annotated[str | None, typer.Option(help=f"Backbone whose frozen features describe the images (default: train's, {_TRAIN.backbone})", rich_help_panel=MODEL)] = None,
+    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained", help=f"Pretrained weights (default: {'yes' if _TRAIN.pretrained else 'no'})", rich_help_panel=MODEL)] = None,
     img_size: Annotated[int | None, typer.Option(help="As train's --img-size (default: the backbone's)", rich_help_panel=MODEL)] = None,
     eval_size: Annotated[int | None, typer.Option(help="As train's --eval-size: the size features are extracted at", rich_help_panel=MODEL)] = None,
-    val_split: Annotated[float | None, typer.Option(help="Validation fraction when the data has no val/ folder (default 0.2)", rich_help_panel=DATA)] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed of the split and the probe (default 0)", rich_help_panel=DATA)] = None,
+    val_split: Annotated[float | None, typer.Option(help=f"Validation fraction when the data has no val/ folder (default {_TRAIN.val_split})", rich_help_panel=DATA)] = None,
+    seed: Annotated[int | None, typer.Option(help=f"Random seed of the split and the probe (default {_TRAIN.seed})", rich_help_panel=DATA)] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | mps", rich_help_panel=HARDWARE)] = None,
     precision: Annotated[str | None, typer.Option(help="auto | 32-true | bf16-mixed | 16-mixed", rich_help_panel=HARDWARE)] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache directory (default: train's)", rich_help_panel=HARDWARE)] = None,
@@ -971,7 +972,7 @@ def export(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Model file (default: model.onnx, model-fp16.onnx or model.pt in RUN/export); metadata goes to FILE.json")] = _EXPORT.out,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch/--fixed-batch", help="Any batch size (default), or a fixed batch of 1: the edge/mobile shape some runtimes need")] = _EXPORT.dynamic_batch,
     fp16: Annotated[bool, typer.Option("--fp16", help="Half-precision weights and arithmetic (fp32 input/output; parity tolerance 1e-2)")] = _EXPORT.fp16,
-    opset: Annotated[int | None, typer.Option(help="ONNX opset (default 17)")] = _EXPORT.opset,
+    opset: Annotated[int | None, typer.Option(help=f"ONNX opset (default {DEFAULT_OPSET})")] = _EXPORT.opset,
     parity_images: Annotated[int, typer.Option(help="Validation images the parity check runs on")] = _EXPORT.parity_images,
     as_json: Annotated[bool, typer.Option("--json", help="Print the sidecar JSON")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,

@@ -991,7 +991,7 @@ def _plan_boundary_epochs(top: torch.nn.Module, val_x: torch.Tensor, n_train: in
     left = deadline - time.perf_counter()
     planned = budget_mod.plan_finetune_epochs(requested, left, per_epoch)
     state.time_budget = {**(state.time_budget or {}), "seconds_left_for_finetune": round(left, 3),
-                                 "estimated_epoch_seconds": round(per_epoch, 3), "planned_finetune_epochs": planned}
+                         "estimated_epoch_seconds": round(per_epoch, 3), "planned_finetune_epochs": planned}
     log.info("time budget: %.0fs left, ~%.1fs per boundary fine-tuning epoch -> %d of %d epoch(s)%s", left,
              per_epoch, planned, requested, "" if planned else "; the frozen stage's model is kept")
     return planned
