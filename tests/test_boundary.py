@@ -76,6 +76,26 @@ def test_train_top_keeps_its_best_epoch_and_only_if_it_beats_the_baseline():
     assert len(records) == 1 and stopped == "gate"
 
 
+def test_train_top_with_dropout_does_not_depend_on_what_drew_random_numbers_before():
+    # a warm feature cache and a cold one leave torch's global stream in different states (each DataLoader
+    # takes a seed from it): the same seed must still train the same top
+    y = torch.arange(64) % 2
+    views = [torch.randn(64, 4, 3, 3, generator=torch.Generator().manual_seed(1)) + y[:, None, None, None]]
+    val_x, val_y = views[0][:32].clone(), y[:32]
+    kw = dict(epochs=2, lr=1e-2, head_lr=1e-2, weight_decay=0.0, label_smoothing=0.0, batch_size=16, seed=3)
+
+    def trained(draws_before: int) -> tuple[list[float], torch.Tensor]:
+        torch.manual_seed(0)
+        top = nn.Sequential(nn.Conv2d(4, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.5),
+                            nn.Linear(8, 2))
+        torch.rand(draws_before)  # what ran before the stage
+        records, _, _ = boundary.train_top(top, views, y, val_x, val_y, baseline=(-1.0, -10.0), **kw)
+        return [r["train_loss"] for r in records], top[-1].weight.detach().clone()
+
+    (losses_a, weight_a), (losses_b, weight_b) = trained(0), trained(5)
+    assert losses_a == losses_b and torch.equal(weight_a, weight_b)
+
+
 @pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 7])
 def test_one_cycle_over_very_few_steps_does_not_divide_by_zero(steps):
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)

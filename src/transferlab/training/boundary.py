@@ -293,6 +293,10 @@ def train_top(
     steps = max(1, math.ceil(n / batch_size)) * epochs
     scheduler = build_scheduler("onecycle", optimizer, steps, pct_start=0.25)
     generator = torch.Generator().manual_seed(seed)
+    # Dropout draws from torch's global stream, which whatever ran before consumed unevenly (each DataLoader
+    # of a boundary pass takes a seed from it; activations taken from the feature pass do not): seeded
+    # here, a seed gives the same stage whether the activations were cached, taken or recomputed.
+    torch.manual_seed(seed)
     top.to(memory_format=torch.channels_last)
     records: list[dict] = []
     best, best_state, stopped = baseline, None, None
