@@ -64,6 +64,23 @@ def extraction_calls(monkeypatch) -> list[int]:
 
 
 @pytest.fixture
+def built_devices(monkeypatch) -> list[str]:
+    """Spy on model construction: the device type of each `build_classifier` result ("meta": no weights)."""
+    from transferlab.models import heads
+
+    devices: list[str] = []
+    real = heads.build_classifier
+
+    def counting(*args, **kwargs):
+        model = real(*args, **kwargs)
+        devices.append(next(model.parameters()).device.type)
+        return model
+
+    monkeypatch.setattr(heads, "build_classifier", counting)
+    return devices
+
+
+@pytest.fixture
 def tiny_data(tmp_path) -> Path:
     return make_image_folder(tmp_path / "data")
 

@@ -606,32 +606,21 @@ DAMAGED_MODELS = {
 
 
 @pytest.mark.parametrize("damage", list(DAMAGED_MODELS))
-def test_a_damaged_model_is_refused_with_a_clear_error_before_anything_is_allocated(tmp_path, damage, monkeypatch):
+def test_a_damaged_model_is_refused_with_a_clear_error_before_anything_is_allocated(tmp_path, damage, built_devices):
     """`predict` (and every command loading a run's model: evaluate, report, export, serve) on a model
     whose model.json and model.safetensors disagree: exit 2 and a message naming the fault. Nothing is
     built before the check: torch's allocator is not reached for a real (non-meta) model."""
     from PIL import Image
 
-    from transferlab.models import heads
-
     json_edit, tensor_edit, message = DAMAGED_MODELS[damage]
     run = _untrained_run(tmp_path / "run", "test_efficientnet", img_size=32, head="mlp")
     _edit_model(run, json_edit, tensor_edit)
     Image.new("RGB", (40, 40)).save(tmp_path / "a.png")
-    built = []
-    real_build = heads.build_classifier
-
-    def counting_build(*args, **kwargs):
-        model = real_build(*args, **kwargs)
-        built.append(next(model.parameters()).device.type)
-        return model
-
-    monkeypatch.setattr(heads, "build_classifier", counting_build)
     r = cli("predict", run, tmp_path / "a.png")
     assert r.code == 2, r.text
     assert message in r.text and "Traceback" not in r.text
     if "NaN" not in message and "infinite" not in message:
-        assert "cpu" not in built  # refused from the JSON and the file's header alone
+        assert "cpu" not in built_devices  # refused from the JSON and the file's header alone
 
 
 def test_config_yaml_that_is_not_the_runs_settings_is_a_clear_error_on_resume(tmp_path):

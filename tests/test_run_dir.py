@@ -13,7 +13,7 @@ import pytest
 import transferlab
 from transferlab import run_dir as run_dir_module
 from transferlab.errors import RunDirError
-from transferlab.run_dir import RunDir, RunState, model_files
+from transferlab.run_dir import RunDir, RunState, best_val_accuracy, model_files
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "transferlab"
 FILE_NAMES = {run_dir_module.CONFIG, run_dir_module.DATA, run_dir_module.STATE, run_dir_module.METRICS,
@@ -44,7 +44,7 @@ def test_status_is_new_interrupted_or_finished(tiny_run, tmp_path):
     assert RunDir(tmp_path / "nothing").status == "new"
     run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
     rd = RunDir(run)
-    assert rd.status == "finished" and rd.is_run and rd.has_model
+    assert rd.status == "finished" and rd.is_run and rd.model_meta_path.is_file() and rd.weights_path.is_file()
     state = json.loads(rd.state_path.read_text())
     rd.state_path.write_text(json.dumps({**state, "status": "running"}))  # e.g. an extension under way
     assert rd.status == "interrupted"
@@ -58,8 +58,10 @@ def test_readers_give_numbers_as_numbers(tiny_run):
     rows = rd.metrics()
     assert [r["phase"] for r in rows] == ["frozen"] * 3 + ["finetune"] * 2
     assert all(isinstance(r["epoch"], int) and isinstance(r["val_loss"], float) for r in rows)
-    assert rd.best_val_accuracy("frozen") == max(r["val_accuracy"] for r in rows if r["phase"] == "frozen")
-    assert rd.best_val_accuracy("none") is None
+    assert best_val_accuracy(rows, "frozen") == max(r["val_accuracy"] for r in rows if r["phase"] == "frozen")
+    assert best_val_accuracy(rows, "none") is None
+    assert best_val_accuracy([*rows, {"phase": "frozen", "val_accuracy": float("nan")}], "frozen") == \
+        best_val_accuracy(rows, "frozen")  # a diverged epoch's NaN is not a best
     assert rd.summary()["val_accuracy_best"] == rd.state().best["val_accuracy"]
     assert rd.config().epochs_finetune == 2 and rd.model_meta()["classes"] == ["blue", "red"]
     assert model_files(tiny_run) == (rd.model_meta_path, rd.weights_path)

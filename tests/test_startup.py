@@ -102,21 +102,12 @@ def test_predict_from_a_run_loads_no_training_or_report_library(run, image):
     assert not loaded(cli("predict", str(run), image)) & TRAINING_AND_REPORTS
 
 
-def test_a_run_is_built_once_on_the_meta_device_and_predicts_as_a_real_build(run, monkeypatch):
-    devices: list[str] = []
-    real_build = heads.build_classifier
-
-    def counting(*args, **kwargs):
-        model = real_build(*args, **kwargs)
-        devices.append(next(model.parameters()).device.type)
-        return model
-
-    monkeypatch.setattr(heads, "build_classifier", counting)
+def test_a_run_is_built_once_on_the_meta_device_and_predicts_as_a_real_build(run, built_devices):
     model, meta = predict_module.load_run_model(run)
-    assert devices == ["meta"]  # no second construction, no weight init that the file then overwrites
+    assert built_devices == ["meta"]  # no second construction, no weight init that the file then overwrites
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
 
-    reference = real_build(*predict_module._architecture(meta, run / "model.json"), load_weights=False)
+    reference = build_classifier(*predict_module._architecture(meta, run / "model.json"), load_weights=False)
     reference.load_state_dict(model.state_dict())
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -208,8 +208,8 @@ def _train_or_resume(ctx: typer.Context, api, data, resume, allow_changed_data: 
         def on_command_line(name: str) -> bool:  # a value typed equal to its default still counts as given
             return getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
 
-        defaults = {f.name: field_default(f) for f in dataclasses.fields(TrainConfig)}
-        given = {k: v for k, v in options.items() if k in defaults and (on_command_line(k) or v != defaults[k])}
+        given = {k: v for k, v in options.items()
+                 if hasattr(_TRAIN, k) and (on_command_line(k) or v != getattr(_TRAIN, k))}
         return api.train(data, resume=resume, allow_changed_data=allow_changed_data, **given)
     return api.train(data, **options)
 

@@ -30,3 +30,8 @@ def is_hidden(name: str | Path) -> bool:
     """A dot-file or a macOS metadata folder: listed on disk, but never the user's data."""
     name = Path(name).name
     return name.startswith(".") or name in _SYSTEM_NAMES
+
+
+def hidden_under(path: Path, root: Path) -> bool:
+    """`path`, found below `root`, is hidden or lies in a hidden folder on the way down."""
+    return any(is_hidden(part) for part in path.relative_to(root).parts)

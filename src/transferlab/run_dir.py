@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -102,10 +103,6 @@ class RunDir:
         return self.config_path.is_file()
 
     @property
-    def has_model(self) -> bool:
-        return self.model_meta_path.is_file() and self.weights_path.is_file()
-
-    @property
     def status(self) -> str:
         """'new', 'interrupted' or 'finished' (the module's docstring gives the rule)."""
         if self.summary_path.is_file() and (not self.state_path.is_file() or self.state().status == "finished"):
@@ -140,13 +137,6 @@ class RunDir:
         with open(self.metrics_path, newline="", encoding="utf-8") as f:
             return [{k: _number(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
 
-    def best_val_accuracy(self, phase: str) -> float | None:
-        """The highest finite val accuracy of `phase`'s epochs (None when it ran none)."""
-        values = [r["val_accuracy"] for r in self.metrics()
-                  if r.get("phase") == phase and isinstance(r.get("val_accuracy"), float)
-                  and r["val_accuracy"] == r["val_accuracy"] and abs(r["val_accuracy"]) != float("inf")]
-        return max(values) if values else None
-
     # ---- writers
     def write_metrics(self, rows: list[dict]) -> None:
         import io
@@ -168,6 +158,13 @@ class RunDir:
     @staticmethod
     def _optional_json(path: Path) -> dict[str, Any]:
         return _read_json(path) if path.is_file() else {}
+
+
+def best_val_accuracy(rows: list[dict[str, Any]], phase: str) -> float | None:
+    """The highest finite val accuracy of `phase`'s rows (RunDir.metrics()); None when it ran none."""
+    values = [r["val_accuracy"] for r in rows if r.get("phase") == phase
+              and isinstance(r.get("val_accuracy"), float) and math.isfinite(r["val_accuracy"])]
+    return max(values) if values else None
 
 
 def _number(key: str, value: str | None) -> Any:
@@ -246,4 +243,4 @@ class RunState:
         self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + seconds
 
 
-__all__ = ["METRIC_COLUMNS", "RunDir", "RunState", "model_files"]
+__all__ = ["METRIC_COLUMNS", "RunDir", "RunState", "best_val_accuracy", "model_files"]

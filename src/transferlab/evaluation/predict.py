@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from transferlab.data.images import IMAGE_EXTENSIONS
 from transferlab.errors import RunDirError
-from transferlab.paths import is_hidden
+from transferlab.paths import hidden_under
 from transferlab.run_dir import model_files
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ def expand_inputs(inputs: Iterable[str | Path]) -> Iterator[tuple[Path, str | No
         p = Path(item)
         if p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-                           and not any(is_hidden(part) for part in f.relative_to(p).parts))
+                           and not hidden_under(f, p))
             if not files:
                 yield p, "folder holds no images"
             yield from ((f, None) for f in files)

@@ -25,7 +25,7 @@ from transferlab.data.images import has_image_extension
 from transferlab.data.sources import LAYOUT_SPLIT_FOLDERS, Sample, load_splits
 from transferlab.data.splits import SPLITS, split_folder_names
 from transferlab.errors import DataError, RunDirError
-from transferlab.paths import is_hidden, slug
+from transferlab.paths import hidden_under, is_hidden, slug
 from transferlab.run_dir import RunDir
 
 __all__ = ["EvalData", "eval_data"]
@@ -186,7 +186,7 @@ def _read_folder(root: Path, split: str) -> tuple[list[tuple[Path, str]], list[d
     skipped: list[dict[str, str]] = []
     for class_dir in class_dirs:
         for path in sorted(class_dir.rglob("*")):
-            if not has_image_extension(path) or any(is_hidden(p) for p in path.relative_to(class_dir).parts):
+            if not has_image_extension(path) or hidden_under(path, class_dir):
                 continue
             if path.is_file():
                 pairs.append((path, class_dir.name))

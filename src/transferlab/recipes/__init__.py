@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from transferlab.errors import TransferlabError
-from transferlab.run_dir import RunDir
+from transferlab.run_dir import RunDir, best_val_accuracy
 
 __all__ = ["KINDS", "METRICS", "Recipe", "RecipeError", "list_recipes", "load_recipe", "measured", "resolve_recipe"]
 
@@ -222,8 +222,8 @@ def _best(run_dir: Path) -> float | None:
 
 
 METRICS = {
-    "feature_extraction": lambda run: RunDir(run).best_val_accuracy("frozen"),
-    "finetune": lambda run: RunDir(run).best_val_accuracy("finetune"),
+    "feature_extraction": lambda run: best_val_accuracy(RunDir(run).metrics(), "frozen"),
+    "finetune": lambda run: best_val_accuracy(RunDir(run).metrics(), "finetune"),
     "best": _best,
 }
 """Published-figure metric -> the same number measured on a run directory (None when it has none)."""

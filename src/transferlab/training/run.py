@@ -153,13 +153,16 @@ describes, so it is refused."""
 
 def check_resume_options(run_dir: str | Path, options: dict[str, Any]) -> None:
     """Refuse, before any work, options given with --resume that it cannot honour."""
+    def flag(name: str) -> str:  # as the command line spells it (the loggers field is --logger)
+        return "DATA" if name == "data" else "--" + {"loggers": "logger"}.get(name, name).replace("_", "-")
+
     refused = [k for k in options if k not in RESUME_OPTIONS]
     if refused:
-        names = ", ".join(("DATA" if k == "data" else "--" + k.replace("_", "-")) for k in refused)
+        others = ", ".join(flag(k) for k in RESUME_OPTIONS if k != "epochs_finetune")
         raise TransferlabError(
-            f"--resume {run_dir} trains with the settings in its config.yaml; {names} cannot be changed on a "
-            f"resumed run (only --epochs-finetune, to train a finished run longer, and --progress, --report, "
-            f"--logger, --num-workers). Start a new run with another --out to use other settings.")
+            f"--resume {run_dir} trains with the settings in its config.yaml; {', '.join(map(flag, refused))} "
+            f"cannot be changed on a resumed run (only --epochs-finetune, to train a finished run longer, and "
+            f"{others}). Start a new run with another --out to use other settings.")
 
 
 def train(cfg: TrainConfig, *, resume: str | Path | None = None, allow_changed_data: bool = False,

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from transferlab.paths import slug
-from transferlab.run_dir import RunDir
+from transferlab.run_dir import RunDir, best_val_accuracy
 
 __all__ = ["COMPARE_COLUMNS", "CompareResult", "cell_dir", "compare"]
 
@@ -98,11 +98,6 @@ def _train_cell(run_dir: Path, status: str, data: str | Path, options: Mapping[s
     return "resumed" if status == "interrupted" else "trained"
 
 
-def _best(rows: Sequence[Mapping[str, Any]], phase: str) -> float | None:
-    values = [float(r["val_accuracy"]) for r in rows if r["phase"] == phase]
-    return max(values) if values else None
-
-
 def _cell_row(run_dir: Path, backbone: str, strategy: str, status: str, device: str) -> tuple[dict[str, Any], list]:
     from transferlab import _runtime
     from transferlab.evaluation.benchmark import inference_cost
@@ -119,8 +114,8 @@ def _cell_row(run_dir: Path, backbone: str, strategy: str, status: str, device: 
     row = {
         "backbone": backbone, "strategy": strategy, "status": status, "pretrained": summary.get("pretrained"),
         "img_size": summary.get("img_size"),
-        "val_accuracy_feature_extraction": _best(metrics, "frozen"),
-        "val_accuracy_finetune": _best(metrics, "finetune"),
+        "val_accuracy_feature_extraction": best_val_accuracy(metrics, "frozen"),
+        "val_accuracy_finetune": best_val_accuracy(metrics, "finetune"),
         "val_accuracy_best": summary["val_accuracy_best"], "val_loss_best": summary.get("best", {}).get("val_loss"),
         "best_phase": summary.get("best", {}).get("phase"),
         "train_seconds": summary.get("total_seconds"), "epochs": len(metrics),
